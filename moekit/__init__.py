@@ -1,0 +1,19 @@
+"""moekit: a toolkit for Mixture-of-Experts language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from moekit.config import MoEConfig, ModelConfig
+from moekit.experts import ExpertLayout
+from moekit.layers.moe import MoEBlock
+from moekit.model.decoder import MoEDecoder
+from moekit.routing import RoutingSpec
+
+
+def from_config(config: ModelConfig) -> MoEDecoder:
+    """A model with random weights (seed with torch.manual_seed first for reproducibility)."""
+    return MoEDecoder(config)
+
+
+__all__ = ["ExpertLayout", "MoEBlock", "MoEConfig", "MoEDecoder", "ModelConfig", "RoutingSpec", "__version__", "from_config"]

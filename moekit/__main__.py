@@ -1,0 +1,5 @@
+import sys
+
+from moekit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""moekit.checkpoint"""

@@ -1,0 +1,77 @@
+"""The configuration of a whole decoder-only MoE transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moekit._validate import check_float, check_int, fail
+from moekit.config.moe import MoEConfig
+
+
+def place_moe_layers(num_layers: int, first_dense: int = 0, step: int = 1, dense_layers: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Which layers hold an MoE block: after the first `first_dense` dense ones (DeepSeek's first_k_dense_replace),
+    every `step`-th layer ((i + 1) % step == 0, Qwen's decoder_sparse_step, Llama 4's interleave step), except
+    `dense_layers` (Qwen's mlp_only_layers)."""
+    return tuple(i for i in range(num_layers) if i >= first_dense and (i + 1) % step == 0 and i not in dense_layers)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, and per layer either a dense SwiGLU FFN
+    (width dense_hidden) or an MoE block (moe) at the indices in moe_layers (None: every layer)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    moe: MoEConfig | None
+    vocab_size: int = 256
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    dense_hidden: int | None = None
+    moe_layers: tuple[int, ...] | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    attention_bias: bool = False
+    tie_embeddings: bool = False
+    max_position: int = 4096
+    init_std: float = 0.02
+    family: str = "moekit"
+    name: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        check_int("hidden_size", self.hidden_size, 1)
+        check_int("num_layers", self.num_layers, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_int("vocab_size", self.vocab_size, 1)
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        check_int("num_kv_heads", self.num_kv_heads, 1, self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                fail("num_heads", self.num_heads, f"a divisor of hidden_size={self.hidden_size} (or set head_dim)")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        check_int("head_dim", self.head_dim, 2)
+        if self.head_dim % 2:
+            fail("head_dim", self.head_dim, "an even number (rotary embedding pairs)")
+        if self.moe_layers is None:
+            object.__setattr__(self, "moe_layers", tuple(range(self.num_layers)) if self.moe else ())
+        object.__setattr__(self, "moe_layers", tuple(sorted(set(self.moe_layers))))
+        for i in self.moe_layers:
+            check_int("moe_layers[]", i, 0, self.num_layers - 1)
+        if self.moe_layers and self.moe is None:
+            fail("moe", None, "an MoEConfig when moe_layers is not empty")
+        if self.dense_hidden is None:
+            if len(self.moe_layers) < self.num_layers:
+                fail("dense_hidden", None, "an integer >= 1 when some layers are dense")
+        else:
+            check_int("dense_hidden", self.dense_hidden, 1)
+        check_float("rope_theta", self.rope_theta, 0.0, lo_open=True)
+        check_float("norm_eps", self.norm_eps, 0.0, lo_open=True)
+        check_int("max_position", self.max_position, 1)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layers

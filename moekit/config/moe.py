@@ -1,0 +1,110 @@
+"""The configuration of one MoE layer: router kind, routing spec, experts, shared experts and balancing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moekit._validate import check_choice, check_float, check_int, fail
+from moekit.experts.layout import ExpertLayout
+from moekit.routing.spec import RoutingSpec
+
+ROUTERS = ("token_choice", "expert_choice", "soft", "hash")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """routing            token-choice math (num_experts and top_k live here for every router kind).
+    router             token_choice, expert_choice (each expert takes C tokens), soft (Soft MoE slots) or hash.
+    expert_hidden      F, the hidden width of one routed expert.
+    router_bias        a learned bias in the router linear (GPT-OSS).
+    num_shared_experts, shared_hidden  always-on experts (hidden width shared_hidden, default
+                       num_shared_experts * expert_hidden); shared_gate scales them by sigmoid(x·w) (Qwen2-MoE).
+    capacity_factor    None: dropless. Otherwise each expert takes at most ceil(k*T*cf/E) assignments (token
+                       choice; drop_policy 'position' or 'score') or exactly that many (expert choice).
+    aux_loss_coef      Switch/GShard loss over the micro-batch; seq_aux_loss_coef: DeepSeek-V3's per sequence.
+    z_loss_coef        ST-MoE router z-loss.
+    bias_update_rate   u of the auxiliary-loss-free balancer (needs routing.selection_bias).
+    jitter             multiplicative router-input noise U[1-eps, 1+eps] while training.
+    slots_per_expert   soft MoE slots per expert.
+    backend            experts backend name (see moekit.experts.BACKENDS); 'auto' picks the fast one.
+    """
+
+    routing: RoutingSpec
+    expert_hidden: int
+    router: Literal["token_choice", "expert_choice", "soft", "hash"] = "token_choice"
+    layout: ExpertLayout = field(default_factory=ExpertLayout)
+    router_bias: bool = False
+    num_shared_experts: int = 0
+    shared_hidden: int | None = None
+    shared_gate: bool = False
+    capacity_factor: float | None = None
+    drop_policy: Literal["position", "score"] = "position"
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    jitter: float = 0.0
+    slots_per_expert: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.routing, RoutingSpec):
+            fail("routing", self.routing, "a RoutingSpec")
+        check_choice("router", self.router, ROUTERS)
+        check_int("expert_hidden", self.expert_hidden, 1)
+        check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_hidden is not None:
+            check_int("shared_hidden", self.shared_hidden, 1)
+        if self.capacity_factor is not None:
+            check_float("capacity_factor", self.capacity_factor, 0.0, lo_open=True)
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            object.__setattr__(self, "capacity_factor", 1.0)
+        check_choice("drop_policy", self.drop_policy, ("position", "score"))
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            check_float(name, getattr(self, name), 0.0)
+        check_float("jitter", self.jitter, 0.0, 1.0)
+        check_int("slots_per_expert", self.slots_per_expert, 1)
+        if self.bias_update_rate > 0 and not self.routing.selection_bias:
+            fail("bias_update_rate", self.bias_update_rate, "0 unless routing.selection_bias=True")
+        if self.router != "token_choice" and self.routing.selection_bias:
+            fail("routing.selection_bias", True, "False for the expert_choice, soft and hash routers")
+        from moekit.experts.backends import BACKENDS
+
+        check_choice("backend", self.backend, ("auto", *BACKENDS))
+
+    @property
+    def num_experts(self) -> int:
+        return self.routing.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared expert block (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_hidden if self.shared_hidden is not None else self.num_shared_experts * self.expert_hidden
+
+    @property
+    def breaks_causality(self) -> bool:
+        """Expert choice and soft MoE mix information across the tokens of a batch or sequence."""
+        return self.router in ("expert_choice", "soft")
+
+    def describe(self) -> str:
+        if self.router == "expert_choice":
+            s = f"expert choice: each of {self.num_experts} experts takes its best ceil({self.top_k}*T*{self.capacity_factor:g}/E) tokens"
+        elif self.router == "soft":
+            s = f"soft MoE: {self.num_experts} experts x {self.slots_per_expert} slots"
+        elif self.router == "hash":
+            s = f"hash routing to {self.top_k} of {self.num_experts} experts"
+        else:
+            s = self.routing.describe()
+            if self.capacity_factor is not None:
+                s += f", capacity factor {self.capacity_factor:g} (drop by {self.drop_policy})"
+        if self.num_shared_experts:
+            s += f"; {self.num_shared_experts} shared expert(s) of width {self.shared_width}"
+            s += " behind a sigmoid gate" if self.shared_gate else ""
+        return s

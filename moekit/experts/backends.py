@@ -1,0 +1,128 @@
+"""Expert compute backends. Each takes the rows routed to experts, sorted by expert (counts[e] rows for expert e),
+and returns each row's expert output. The per-expert loop is the reference every other backend is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moekit.experts.layout import apply_activation
+from moekit.experts.segment_mm import segment_mm, torch_grouped_mm
+from moekit.experts.weights import ExpertWeights
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class ExpertsBackend:
+    """name: registry key; describe: one line for --help and inspect."""
+
+    name = "base"
+    describe = ""
+
+    def unsupported(self, experts: ExpertWeights, x_SD: torch.Tensor) -> str | None:
+        """Why this backend cannot run this case, or None."""
+        if x_SD.dtype not in _FLOAT_DTYPES:
+            return f"dtype {x_SD.dtype} (supported: float32, float16, bfloat16, float64)"
+        return None
+
+    def __call__(self, x_SD: torch.Tensor, counts: Sequence[int], experts: ExpertWeights) -> torch.Tensor:
+        reason = self.unsupported(experts, x_SD)
+        if reason is not None:
+            raise ValueError(f"experts backend {self.name!r} does not support {reason}")
+        return self.forward(x_SD, counts, experts)
+
+    def forward(self, x_SD: torch.Tensor, counts: Sequence[int], experts: ExpertWeights) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoopBackend(ExpertsBackend):
+    """One F.linear per expert and projection: plain, obviously right, the reference."""
+
+    name = "loop"
+    describe = "per-expert loop (reference)"
+
+    def forward(self, x_SD, counts, experts):
+        layout = experts.layout
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            w_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]
+            if layout.transposed:
+                w_up, w_down = w_up.t(), w_down.t()
+            b_up = experts.gate_up_proj_bias[e] if layout.bias else None
+            b_down = experts.down_proj_bias[e] if layout.bias else None
+            h = F.linear(x_SD[start : start + c], w_up, b_up)
+            outs.append(F.linear(apply_activation(h, layout), w_down, b_down))
+            start += c
+        if not outs:
+            return x_SD.new_zeros(0, experts.hidden_size)
+        return torch.cat(outs)
+
+
+class GroupedBackend(ExpertsBackend):
+    """Dropless grouped compute: two segment matmuls around one activation over all rows. matmul picks the kernel:
+    'auto' uses torch's grouped matmul on GPUs (where it is a real kernel) and the worker-pool segment matmul on
+    CPU (where it is faster)."""
+
+    def __init__(self, name: str, describe: str, matmul: str = "auto"):
+        self.name, self.describe, self.matmul = name, describe, matmul
+
+    def _mm(self, x_SD: torch.Tensor) -> Callable[..., torch.Tensor]:
+        if self.matmul == "torch_grouped_mm" or (self.matmul == "auto" and x_SD.is_cuda and _aligned(x_SD)):
+            return torch_grouped_mm
+        return segment_mm
+
+    def unsupported(self, experts, x_SD):
+        reason = super().unsupported(experts, x_SD)
+        if reason is None and self.matmul == "torch_grouped_mm":
+            if not hasattr(torch, "_grouped_mm"):
+                return f"torch {torch.__version__} (it has no grouped matmul)"
+            if not _aligned(x_SD, experts):
+                return "dimensions whose rows are not 16-byte aligned (hidden and expert sizes must be multiples of 8)"
+        return reason
+
+    def forward(self, x_SD, counts, experts):
+        layout, mm = experts.layout, self._mm(x_SD)
+        if layout.bias:
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(len(counts), device=x_SD.device), torch.tensor(list(counts), device=x_SD.device)
+            )
+        h = mm(x_SD, experts.gate_up_proj, counts, layout.transposed)
+        if layout.bias:
+            h = h + experts.gate_up_proj_bias[expert_of_row]
+        y = mm(apply_activation(h, layout).contiguous(), experts.down_proj, counts, layout.transposed)
+        if layout.bias:
+            y = y + experts.down_proj_bias[expert_of_row]
+        return y
+
+
+def _aligned(x_SD: torch.Tensor, experts: ExpertWeights | None = None) -> bool:
+    dims = [x_SD.shape[-1]] + ([experts.expert_hidden] if experts is not None else [])
+    return all((d * x_SD.element_size()) % 16 == 0 for d in dims)
+
+
+BACKENDS: dict[str, ExpertsBackend] = {
+    b.name: b
+    for b in (
+        LoopBackend(),
+        GroupedBackend("grouped", "dropless grouped segments (worker-pool matmuls on CPU, grouped_mm on GPU)"),
+        GroupedBackend("torch_grouped_mm", "torch's grouped matmul kernel", matmul="torch_grouped_mm"),
+    )
+}
+
+
+def get_backend(name: str) -> ExpertsBackend:
+    if name == "auto":
+        name = "grouped"
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is invalid: allowed one of 'auto', " + ", ".join(map(repr, BACKENDS)))
+    return BACKENDS[name]
+
+
+def register_backend(backend: ExpertsBackend) -> None:
+    """Add a backend to the registry (it then can be named in MoEConfig.backend)."""
+    BACKENDS[backend.name] = backend

@@ -1,0 +1,120 @@
+"""The decoder-only transformer assembled from a ModelConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moekit.config.model import ModelConfig
+from moekit.layers.attention import Attention, causal_mask
+from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.moe import MoEBlock, MoEInfo
+from moekit.layers.norm import RMSNorm
+from moekit.layers.rope import RotaryEmbedding
+from moekit.routing.router import warn_causality
+
+
+@dataclass
+class DecoderOutput:
+    """logits [B, T, V]; aux_loss: sum of all balancing losses; moe: {layer index: MoEInfo}."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    moe: dict[int, MoEInfo] = field(default_factory=dict)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.is_moe_layer(index):
+            self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
+        else:
+            layout = dense_layout(cfg.moe.layout) if cfg.moe else None
+            self.mlp = FeedForward(cfg.hidden_size, cfg.dense_hidden, layout)
+
+    def forward(self, x_BTD, rope, mask, token_ids_BT, token_mask_BT) -> tuple[torch.Tensor, MoEInfo | None]:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope, mask)
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if isinstance(self.mlp, MoEBlock):
+            y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
+            return x_BTD + y_BTD, info
+        return x_BTD + self.mlp(h_BTD), None
+
+
+class MoEDecoder(nn.Module):
+    """Embedding, decoder layers, final norm, LM head. Random init N(0, init_std) like Hugging Face models."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        if cfg.moe is not None and cfg.moe_layers:
+            warn_causality(cfg.moe)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoEBlock):
+                module.experts.reset_parameters(std)
+                if getattr(module.router, "weight", None) is not None:
+                    nn.init.normal_(module.router.weight, std=std)
+
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEBlock)}
+
+    def routers(self) -> list[nn.Module]:
+        return [block.router for block in self.moe_blocks().values()]
+
+    def set_backend(self, name: str) -> None:
+        for block in self.moe_blocks().values():
+            block.set_backend(name)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_routing: bool = False,
+    ) -> torch.Tensor | DecoderOutput:
+        """input_ids [B, T] -> logits [B, T, V]; with return_routing, a DecoderOutput that also carries the balancing
+        loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid: allowed [batch, tokens]")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids hold ids outside the vocabulary: allowed [0, {self.config.vocab_size - 1}]")
+        b, t = input_ids.shape
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} is invalid: allowed {(b, t)}")
+            positions_BT = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            positions_BT = torch.arange(t, device=input_ids.device).expand(b, t)
+        x_BTD = self.embed_tokens(input_ids)
+        rope = self.rotary(positions_BT, x_BTD.dtype)
+        mask = causal_mask(attention_mask, t, t, input_ids.device)
+        infos: dict[int, MoEInfo] = {}
+        for i, layer in enumerate(self.layers):
+            x_BTD, info = layer(x_BTD, rope, mask, input_ids, attention_mask)
+            if info is not None:
+                infos[i] = info
+        logits = self.lm_head(self.norm(x_BTD))
+        if not return_routing:
+            return logits
+        aux = sum((info.aux_loss for info in infos.values()), logits.new_zeros((), dtype=torch.float32))
+        return DecoderOutput(logits, aux, infos)

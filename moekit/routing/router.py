@@ -1,0 +1,127 @@
+"""Router modules: the learned (or fixed) part of routing. They own the router weights and the selection bias;
+the math is in topk.py and other.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config.moe import MoEConfig
+from moekit.routing.balancing import apply_capacity, jitter
+from moekit.routing.other import SoftPlan, expert_choice_route, hash_route, soft_route
+from moekit.routing.plan import RoutingPlan
+from moekit.routing.topk import topk_route
+
+
+def _check_input(x_TD: torch.Tensor, hidden_size: int) -> None:
+    if x_TD.dim() != 2 or x_TD.shape[-1] != hidden_size:
+        raise ValueError(f"router input shape {tuple(x_TD.shape)} is invalid: allowed [tokens, {hidden_size}]")
+    if not torch.isfinite(x_TD).all():
+        raise ValueError("router input contains NaN or inf: allowed finite values only")
+
+
+class TokenChoiceRouter(nn.Module):
+    """weight [E, D] (+ bias [E]); selection_bias_E and its load counter load_E when the spec has a selection bias."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg, self.spec, self.hidden_size = cfg, cfg.routing, hidden_size
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_experts)) if cfg.router_bias else None
+        if self.spec.selection_bias:
+            self.register_buffer("selection_bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32))
+            self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        else:
+            self.selection_bias_E = None
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.spec.router_dtype == "float32":
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(x_TD.float(), self.weight.float(), b)
+        return F.linear(x_TD, self.weight, self.bias)
+
+    def forward(
+        self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None, token_mask_T: torch.Tensor | None = None
+    ) -> RoutingPlan:
+        _check_input(x_TD, self.hidden_size)
+        if self.training:
+            x_TD = jitter(x_TD, self.cfg.jitter)
+        logits_TE = self.logits(x_TD)
+        topk_ids_TK, weights_TK, probs_TE = topk_route(logits_TE, self.spec, self.selection_bias_E)
+        if self.training and self.selection_bias_E is not None:
+            ids = topk_ids_TK if token_mask_T is None else topk_ids_TK[token_mask_T.reshape(-1).bool()]
+            self.load_E += torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).float()
+        plan = RoutingPlan.from_topk(topk_ids_TK, weights_TK, self.spec.num_experts, self.spec.apply_to, probs_TE, logits_TE)
+        if self.cfg.capacity_factor is not None:
+            plan = apply_capacity(plan, self.cfg.capacity_factor, self.cfg.drop_policy)
+        return plan
+
+
+class ExpertChoiceRouter(TokenChoiceRouter):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of the batch."""
+
+    def forward(self, x_TD, token_ids_T=None, token_mask_T=None):
+        _check_input(x_TD, self.hidden_size)
+        if self.training:
+            x_TD = jitter(x_TD, self.cfg.jitter)
+        logits_TE = self.logits(x_TD)
+        if token_mask_T is not None:  # padding is never chosen
+            logits_TE = logits_TE.masked_fill(~token_mask_T.reshape(-1, 1).bool(), -1e9)
+        return expert_choice_route(logits_TE, self.spec.top_k, self.cfg.capacity_factor or 1.0)
+
+
+class HashRouter(nn.Module):
+    """A fixed hash of the token id picks the experts; no weights."""
+
+    selection_bias_E = None
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x_TD, token_ids_T=None, token_mask_T=None):
+        if token_ids_T is None:
+            raise ValueError("token_ids=None is invalid for router='hash': allowed the input token ids")
+        return hash_route(token_ids_T.reshape(-1), self.cfg.num_experts, self.cfg.top_k)
+
+
+class SoftRouter(nn.Module):
+    """Soft MoE slot parameters phi [E * slots_per_expert, D]."""
+
+    selection_bias_E = None
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg, self.hidden_size = cfg, hidden_size
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts * cfg.slots_per_expert, hidden_size))
+
+    def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> SoftPlan:
+        _check_input(x_BTD.reshape(-1, x_BTD.shape[-1]), self.hidden_size)
+        logits_BTS = F.linear(x_BTD.float(), self.weight.float())
+        return soft_route(logits_BTS, self.cfg.num_experts, token_mask_BT)
+
+
+ROUTER_CLASSES = {
+    "token_choice": TokenChoiceRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "soft": SoftRouter,
+    "hash": HashRouter,
+}
+
+
+def build_router(hidden_size: int, cfg: MoEConfig) -> nn.Module:
+    return ROUTER_CLASSES[cfg.router](hidden_size, cfg)
+
+
+def warn_causality(cfg: MoEConfig) -> None:
+    """Expert choice and soft MoE see every token of a batch at once: in a causal LM, information leaks from later
+    tokens into earlier ones (Wang et al. 2024, App. D), so training loss looks better than it is."""
+    if cfg.breaks_causality:
+        warnings.warn(
+            f"router={cfg.router!r} breaks causality in a causal LM: a token's routing depends on later tokens, "
+            "so training loss is optimistic and decoding differs from training",
+            stacklevel=3,
+        )
