@@ -110,6 +110,7 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
         f = _need(c, "intermediate_size")
         spec_kw = {"score_func": "sigmoid", "apply_to": "input"}
         kw.update(num_shared_experts=1, shared_hidden=f)
+        layout = ExpertLayout(transposed=True)
         dense = c.get("intermediate_size_mlp")
         moe_layers = c.get("moe_layers")
         step = c.get("interleave_moe_layer_step", 1) or 1

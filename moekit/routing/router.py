@@ -36,6 +36,7 @@ class TokenChoiceRouter(nn.Module):
             self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         else:
             self.selection_bias_E = None
+        nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.spec.router_dtype == "float32":
@@ -97,6 +98,7 @@ class SoftRouter(nn.Module):
         super().__init__()
         self.cfg, self.hidden_size = cfg, hidden_size
         self.weight = nn.Parameter(torch.empty(cfg.num_experts * cfg.slots_per_expert, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> SoftPlan:
         _check_input(x_BTD.reshape(-1, x_BTD.shape[-1]), self.hidden_size)
