@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from moekit.config import MoEConfig, ModelConfig
+from moekit.config import ModelConfig, MoEConfig
 from moekit.experts import ExpertLayout
 from moekit.layers.moe import MoEBlock
 from moekit.model.decoder import MoEDecoder
@@ -16,4 +16,13 @@ def from_config(config: ModelConfig) -> MoEDecoder:
     return MoEDecoder(config)
 
 
-__all__ = ["ExpertLayout", "MoEBlock", "MoEConfig", "MoEDecoder", "ModelConfig", "RoutingSpec", "__version__", "from_config"]
+__all__ = [
+    "ExpertLayout",
+    "MoEBlock",
+    "MoEConfig",
+    "MoEDecoder",
+    "ModelConfig",
+    "RoutingSpec",
+    "__version__",
+    "from_config",
+]

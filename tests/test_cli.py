@@ -20,7 +20,20 @@ def test_help_and_version():
 
 
 def test_probe_json_on_stdlib_text():
-    r = _run("probe", "--model", "mixtral-8x7b", "--hidden", "64", "--layers", "2", "--batch", "2", "--seq-len", "64", "--json")
+    r = _run(
+        "probe",
+        "--model",
+        "mixtral-8x7b",
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["tokens"] == 128

@@ -31,7 +31,7 @@ RENAMES = [
 def _moekit_name(hf_name: str) -> str:
     for old, new in RENAMES:
         if hf_name.startswith(old):
-            return new + hf_name[len(old):]
+            return new + hf_name[len(old) :]
     return hf_name
 
 
@@ -40,9 +40,19 @@ def test_block_matches_transformers(family):
     module = family.replace("_text", "")
     hf_mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     cfg = transformers.AutoConfig.for_model(
-        family, hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_local_experts=8, num_experts=8,
-        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, shared_expert_intermediate_size=40,
-        norm_topk_prob=True, num_hidden_layers=2,
+        family,
+        hidden_size=32,
+        intermediate_size=24,
+        moe_intermediate_size=24,
+        num_local_experts=8,
+        num_experts=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=True,
+        num_hidden_layers=2,
     )
     torch.manual_seed(0)
     hf_block = getattr(hf_mod, FAMILIES[family])(cfg).eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moekit
-from moekit import MoEConfig, ModelConfig, RoutingSpec
+from moekit import ModelConfig, MoEConfig, RoutingSpec
 from moekit.config import place_moe_layers
 from moekit.config.hf import published_names, scaled_down
 from moekit.model.count import count_parameters
@@ -15,8 +15,9 @@ from moekit.model.count import count_parameters
 def _cfg(router="token_choice", **moe_kw):
     spec = RoutingSpec(num_experts=8, top_k=2, normalize=True)
     moe = MoEConfig(routing=spec, expert_hidden=32, router=router, **moe_kw)
-    return ModelConfig(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, moe=moe, dense_hidden=96,
-                       moe_layers=(1, 2))
+    return ModelConfig(
+        hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, moe=moe, dense_hidden=96, moe_layers=(1, 2)
+    )
 
 
 def test_forward_backward_and_placement():

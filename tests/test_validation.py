@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moekit
-from moekit import ExpertLayout, MoEBlock, MoEConfig, ModelConfig, RoutingSpec
+from moekit import ExpertLayout, ModelConfig, MoEBlock, MoEConfig, RoutingSpec
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,9 @@ def test_bad_layout_and_model():
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=3, moe=None, dense_hidden=8)
     with pytest.raises(ValueError, match="dense_hidden"):
-        ModelConfig(hidden_size=64, num_layers=2, num_heads=4, moe=MoEConfig(routing=SPEC, expert_hidden=8), moe_layers=(1,))
+        ModelConfig(
+            hidden_size=64, num_layers=2, num_heads=4, moe=MoEConfig(routing=SPEC, expert_hidden=8), moe_layers=(1,)
+        )
 
 
 def test_bad_tensors():
@@ -66,7 +68,9 @@ def test_bad_tensors():
     x[0, 1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         blk(x)
-    model = moekit.from_config(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, moe=MoEConfig(routing=SPEC, expert_hidden=8)))
+    model = moekit.from_config(
+        ModelConfig(hidden_size=16, num_layers=1, num_heads=2, moe=MoEConfig(routing=SPEC, expert_hidden=8))
+    )
     with pytest.raises(ValueError, match="vocabulary"):
         model(torch.tensor([[1, 300]]))
     with pytest.raises(ValueError, match="attention_mask"):

@@ -37,13 +37,20 @@ def _probe(args: argparse.Namespace) -> int:
     print(f"model    {report['model']}")
     print(f"routing  {report['routing']}")
     print(f"params   {p['total'] / 1e6:.2f}M total, {p['active'] / 1e6:.2f}M active per token")
-    print(f"text     {report['tokens']} byte tokens of {'the Python standard library' if not args.data else args.data}"
-          f" ({report['tokens_per_s']:.0f} tokens/s, loss {report['loss']:.3f} at random init)")
-    print(f"\n{'layer':>5} {'min':>6} {'mean':>7} {'max':>6} {'MaxVio':>7} {'entropy':>8} {'CV':>6} {'dead':>5} {'dropped':>8}")
+    print(
+        f"text     {report['tokens']} byte tokens of {'the Python standard library' if not args.data else args.data}"
+        f" ({report['tokens_per_s']:.0f} tokens/s, loss {report['loss']:.3f} at random init)"
+    )
+    print(
+        f"\n{'layer':>5} {'min':>6} {'mean':>7} {'max':>6} {'MaxVio':>7} {'entropy':>8} {'CV':>6} {'dead':>5}"
+        f" {'dropped':>8}"
+    )
     for layer, s in report["layers"].items():
         t = s["tokens_per_expert"]
-        print(f"{layer:>5} {min(t):>6} {sum(t) / len(t):>7.1f} {max(t):>6} {s['max_vio']:>7.3f} {s['entropy']:>8.3f}"
-              f" {s['cv']:>6.3f} {s['dead_experts']:>5} {s['dropped_fraction']:>8.2%}")
+        print(
+            f"{layer:>5} {min(t):>6} {sum(t) / len(t):>7.1f} {max(t):>6} {s['max_vio']:>7.3f} {s['entropy']:>8.3f}"
+            f" {s['cv']:>6.3f} {s['dead_experts']:>5} {s['dropped_fraction']:>8.2%}"
+        )
     return 0
 
 
@@ -53,7 +60,9 @@ def _models(args: argparse.Namespace) -> int:
     rows = []
     for name in published_names():
         moe, layers, _ = moe_from_hf(load_hf_config(name))
-        rows.append({"name": name, "moe_layers": len(layers), "routing": moe.describe(), "experts": moe.layout.describe()})
+        rows.append(
+            {"name": name, "moe_layers": len(layers), "routing": moe.describe(), "experts": moe.layout.describe()}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -69,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {moekit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("probe", help="run real text through a scaled-down published MoE and print per-layer routing",
-                       description="Build a scaled-down copy of a published MoE (its routing, experts and layer pattern, "
-                       "small widths), run byte tokens of real text through it, and print each MoE layer's expert load.")
-    p.add_argument("--model", default="deepseek-v3", help="published config name or config.json path (default: deepseek-v3)")
+    p = sub.add_parser(
+        "probe",
+        help="run real text through a scaled-down published MoE and print per-layer routing",
+        description="Build a scaled-down copy of a published MoE (its routing, experts and layer pattern, "
+        "small widths), run byte tokens of real text through it, and print each MoE layer's expert load.",
+    )
+    p.add_argument(
+        "--model", default="deepseek-v3", help="published config name or config.json path (default: deepseek-v3)"
+    )
     p.add_argument("--hidden", type=int, default=256, help="model width D (default 256)")
     p.add_argument("--layers", type=int, default=4, help="number of layers (default 4)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")

@@ -18,7 +18,11 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 
 def published_names() -> list[str]:
     """The published configs that ship with moekit (usable by name)."""
-    return sorted(p.name[:-5] for p in resources.files("moekit.config").joinpath("published").iterdir() if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("moekit.config").joinpath("published").iterdir()
+        if p.name.endswith(".json")
+    )
 
 
 def load_hf_config(name_or_path: str | Path) -> dict:
@@ -30,7 +34,10 @@ def load_hf_config(name_or_path: str | Path) -> dict:
         if str(name_or_path) in published_names():
             text = resources.files("moekit.config").joinpath("published", f"{name_or_path}.json").read_text()
             return json.loads(text)
-        raise ValueError(f"model {str(name_or_path)!r} is unknown: allowed a config.json path, a model directory, or one of {', '.join(published_names())}")
+        raise ValueError(
+            f"model {str(name_or_path)!r} is unknown: allowed a config.json path, a model directory, "
+            f"or one of {', '.join(published_names())}"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -78,7 +85,9 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
         if family == "qwen2_moe" and c.get("shared_expert_intermediate_size"):
             kw.update(num_shared_experts=1, shared_hidden=c["shared_expert_intermediate_size"], shared_gate=True)
         if family != "olmoe":
-            layers = place_moe_layers(n_layers, step=c.get("decoder_sparse_step", 1) or 1, dense_layers=tuple(c.get("mlp_only_layers") or ()))
+            layers = place_moe_layers(
+                n_layers, step=c.get("decoder_sparse_step", 1) or 1, dense_layers=tuple(c.get("mlp_only_layers") or ())
+            )
     elif family in ("deepseek_v2", "deepseek_v3"):
         f = _need(c, "moe_intermediate_size")
         v3 = family == "deepseek_v3"
@@ -103,8 +112,13 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
         f = _need(c, "intermediate_size")
         spec_kw = {"softmax_after_topk": True}
         kw["router_bias"] = True
-        layout = ExpertLayout(gate_up="interleaved", transposed=True, bias=True, activation="clamped_swiglu",
-                              swiglu_limit=float(c.get("swiglu_limit", 7.0)))
+        layout = ExpertLayout(
+            gate_up="interleaved",
+            transposed=True,
+            bias=True,
+            activation="clamped_swiglu",
+            swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+        )
         dense = None
     else:  # llama4_text
         f = _need(c, "intermediate_size")
@@ -145,11 +159,23 @@ def scaled_down(
     spec = moe.routing
     if max_experts is not None and spec.num_experts > max_experts:
         shrink = spec.num_experts // max_experts
-        spec = RoutingSpec(**{**spec.__dict__, "num_experts": max_experts, "top_k": max(1, spec.top_k // shrink),
-                              "n_group": max(1, spec.n_group // shrink) if spec.n_group > 1 else 1,
-                              "topk_group": max(1, spec.topk_group // shrink) if spec.n_group > 1 else 1})
-    moe = MoEConfig(**{**moe.__dict__, "routing": spec, "expert_hidden": width(moe.expert_hidden),
-                       "shared_hidden": width(moe.shared_hidden) if moe.shared_hidden else None})
+        spec = RoutingSpec(
+            **{
+                **spec.__dict__,
+                "num_experts": max_experts,
+                "top_k": max(1, spec.top_k // shrink),
+                "n_group": max(1, spec.n_group // shrink) if spec.n_group > 1 else 1,
+                "topk_group": max(1, spec.topk_group // shrink) if spec.n_group > 1 else 1,
+            }
+        )
+    moe = MoEConfig(
+        **{
+            **moe.__dict__,
+            "routing": spec,
+            "expert_hidden": width(moe.expert_hidden),
+            "shared_hidden": width(moe.shared_hidden) if moe.shared_hidden else None,
+        }
+    )
     kv_ratio = c["num_attention_heads"] // (c.get("num_key_value_heads") or c["num_attention_heads"])
     return ModelConfig(
         hidden_size=hidden_size,

@@ -8,7 +8,9 @@ from moekit._validate import check_float, check_int, fail
 from moekit.config.moe import MoEConfig
 
 
-def place_moe_layers(num_layers: int, first_dense: int = 0, step: int = 1, dense_layers: tuple[int, ...] = ()) -> tuple[int, ...]:
+def place_moe_layers(
+    num_layers: int, first_dense: int = 0, step: int = 1, dense_layers: tuple[int, ...] = ()
+) -> tuple[int, ...]:
     """Which layers hold an MoE block: after the first `first_dense` dense ones (DeepSeek's first_k_dense_replace),
     every `step`-th layer ((i + 1) % step == 0, Qwen's decoder_sparse_step, Llama 4's interleave step), except
     `dense_layers` (Qwen's mlp_only_layers)."""

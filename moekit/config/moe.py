@@ -95,7 +95,8 @@ class MoEConfig:
 
     def describe(self) -> str:
         if self.router == "expert_choice":
-            s = f"expert choice: each of {self.num_experts} experts takes its best ceil({self.top_k}*T*{self.capacity_factor:g}/E) tokens"
+            cf = f"{self.capacity_factor:g}"
+            s = f"expert choice: each of {self.num_experts} experts takes its best ceil({self.top_k}*T*{cf}/E) tokens"
         elif self.router == "soft":
             s = f"soft MoE: {self.num_experts} experts x {self.slots_per_expert} slots"
         elif self.router == "hash":

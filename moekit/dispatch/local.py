@@ -34,8 +34,9 @@ class LocalDispatcher:
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched, plan: RoutingPlan) -> torch.Tensor:
         num_tokens, hidden = plan.num_tokens, y_SD.shape[-1]
-        y_ND = torch.empty_like(y_SD)
-        y_ND[d.order_S] = y_SD
+        inverse_N = torch.empty_like(d.order_S)
+        inverse_N[d.order_S] = torch.arange(d.order_S.numel(), device=d.order_S.device)
+        y_ND = y_SD[inverse_N]
         if plan.apply_to == "output":
             y_ND = y_ND * plan.weights_N.unsqueeze(-1).to(y_ND.dtype)
         if plan.dense:

@@ -6,6 +6,12 @@ from moekit.experts.segment_mm import segment_mm
 from moekit.experts.weights import ExpertWeights
 
 __all__ = [
-    "BACKENDS", "ExpertLayout", "ExpertWeights", "ExpertsBackend", "apply_activation", "get_backend",
-    "register_backend", "segment_mm",
+    "BACKENDS",
+    "ExpertLayout",
+    "ExpertWeights",
+    "ExpertsBackend",
+    "apply_activation",
+    "get_backend",
+    "register_backend",
+    "segment_mm",
 ]

@@ -47,10 +47,13 @@ class LoopBackend(ExpertsBackend):
     def forward(self, x_SD, counts, experts):
         layout = experts.layout
         outs, start = [], 0
+        # unbind once: indexing the stacked tensor per expert would make autograd allocate a full-size gradient
+        # for every expert touched
+        ups, downs = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            w_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]
+            w_up, w_down = ups[e], downs[e]
             if layout.transposed:
                 w_up, w_down = w_up.t(), w_down.t()
             b_up = experts.gate_up_proj_bias[e] if layout.bias else None

@@ -18,6 +18,14 @@ import torch
 
 # Segments shorter than this are never split across workers: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
+# Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
+# about where a CPU's FLOP rate per byte of bandwidth crosses over.
+_MEMORY_BOUND_ROWS = 16
+
+
+def _cost(rows: int, width: int) -> float:
+    return max(rows, _MEMORY_BOUND_ROWS) * width
+
 
 _pool_lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None
@@ -90,7 +98,7 @@ def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transpo
     def piece(e: int, a: int, b: int) -> None:
         torch.mm(x_SK[a:b], w[e] if transposed else w[e].t(), out=y_SN[a:b])
 
-    _run([((p[2] - p[1]) * n_out, lambda p=p: piece(*p)) for p in _row_pieces(counts)])
+    _run([(_cost(p[2] - p[1], n_out), lambda p=p: piece(*p)) for p in _row_pieces(counts)])
     return y_SN
 
 
@@ -101,7 +109,7 @@ def _grad_input(dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], tra
     def piece(e: int, a: int, b: int) -> None:
         torch.mm(dy_SN[a:b], w[e].t() if transposed else w[e], out=dx_SK[a:b])
 
-    _run([((p[2] - p[1]) * n_in, lambda p=p: piece(*p)) for p in _row_pieces(counts)])
+    _run([(_cost(p[2] - p[1], n_in), lambda p=p: piece(*p)) for p in _row_pieces(counts)])
     return dx_SK
 
 
@@ -112,11 +120,11 @@ def _grad_weight(
     dw = torch.empty_like(w)
     total = sum(counts) or 1
     workers = max(torch.get_num_threads(), 1)
-    tasks: list[Task] = []
+    # Untouched experts get zero gradient; zeroing runs on the workers too (first touch of fresh pages is slow).
+    tasks: list[Task] = [(w[e].numel() / 4, lambda e=e: dw[e].zero_()) for e, c in enumerate(counts) if c == 0]
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
-            dw[e].zero_()
             continue
         x_e, dy_e = x_SK[start : start + c], dy_SN[start : start + c]
         rows = dw.shape[1]
@@ -126,7 +134,7 @@ def _grad_weight(
                 fn = lambda e=e, a=a, b=b, x_e=x_e, dy_e=dy_e: torch.mm(x_e[:, a:b].t(), dy_e, out=dw[e, a:b])
             else:
                 fn = lambda e=e, a=a, b=b, x_e=x_e, dy_e=dy_e: torch.mm(dy_e[:, a:b].t(), x_e, out=dw[e, a:b])
-            tasks.append((c * (b - a), fn))
+            tasks.append((_cost(c, b - a), fn))
         start += c
     _run(tasks)
     return dw
@@ -153,7 +161,9 @@ def segment_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], trans
     return _SegmentMatmul.apply(x_SK, w, tuple(int(c) for c in counts), transposed)
 
 
-def torch_grouped_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False) -> torch.Tensor:
+def torch_grouped_mm(
+    x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False
+) -> torch.Tensor:
     """The same through torch's grouped matmul kernel (needs 16-byte aligned strides)."""
     offsets = torch.tensor(list(counts), device=x_SK.device).cumsum(0).to(torch.int32)
     grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm

@@ -63,7 +63,9 @@ class MoEBlock(nn.Module):
         """x_BTD [B, T, D] -> (y_BTD, info). token_ids feed hash routing; token_mask (True = real token) keeps padding
         out of the balancing losses, the statistics and soft MoE slots."""
         if x_BTD.dim() != 3 or x_BTD.shape[-1] != self.hidden_size:
-            raise ValueError(f"MoE input shape {tuple(x_BTD.shape)} is invalid: allowed [batch, tokens, {self.hidden_size}]")
+            raise ValueError(
+                f"MoE input shape {tuple(x_BTD.shape)} is invalid: allowed [batch, tokens, {self.hidden_size}]"
+            )
         b, t, d = x_BTD.shape
         if self.cfg.router == "soft":
             y_BTD, info = self._soft(x_BTD, token_mask_BT)
@@ -99,7 +101,9 @@ class MoEBlock(nn.Module):
             if cfg.seq_aux_loss_coef > 0:
                 k = plan.topk_ids_TK.shape[1]
                 aux = aux + sequence_aux_loss(
-                    plan.probs_TE.view(b, t, -1), plan.topk_ids_TK.view(b, t, k), cfg.seq_aux_loss_coef,
+                    plan.probs_TE.view(b, t, -1),
+                    plan.topk_ids_TK.view(b, t, k),
+                    cfg.seq_aux_loss_coef,
                     None if mask_T is None else mask_T.view(b, t),
                 )
         if cfg.z_loss_coef > 0 and plan.logits_TE is not None:

@@ -19,8 +19,13 @@ from moekit.routing.topk import topk_route
 def _check_input(x_TD: torch.Tensor, hidden_size: int) -> None:
     if x_TD.dim() != 2 or x_TD.shape[-1] != hidden_size:
         raise ValueError(f"router input shape {tuple(x_TD.shape)} is invalid: allowed [tokens, {hidden_size}]")
-    if not torch.isfinite(x_TD).all():
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Non-finite input shows in the (much smaller) logits; top-k over NaN would route silently wrong."""
+    if not torch.isfinite(logits).all():
         raise ValueError("router input contains NaN or inf: allowed finite values only")
+    return logits
 
 
 class TokenChoiceRouter(nn.Module):
@@ -50,12 +55,14 @@ class TokenChoiceRouter(nn.Module):
         _check_input(x_TD, self.hidden_size)
         if self.training:
             x_TD = jitter(x_TD, self.cfg.jitter)
-        logits_TE = self.logits(x_TD)
+        logits_TE = _check_logits(self.logits(x_TD))
         topk_ids_TK, weights_TK, probs_TE = topk_route(logits_TE, self.spec, self.selection_bias_E)
         if self.training and self.selection_bias_E is not None:
             ids = topk_ids_TK if token_mask_T is None else topk_ids_TK[token_mask_T.reshape(-1).bool()]
             self.load_E += torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).float()
-        plan = RoutingPlan.from_topk(topk_ids_TK, weights_TK, self.spec.num_experts, self.spec.apply_to, probs_TE, logits_TE)
+        plan = RoutingPlan.from_topk(
+            topk_ids_TK, weights_TK, self.spec.num_experts, self.spec.apply_to, probs_TE, logits_TE
+        )
         if self.cfg.capacity_factor is not None:
             plan = apply_capacity(plan, self.cfg.capacity_factor, self.cfg.drop_policy)
         return plan
@@ -68,7 +75,7 @@ class ExpertChoiceRouter(TokenChoiceRouter):
         _check_input(x_TD, self.hidden_size)
         if self.training:
             x_TD = jitter(x_TD, self.cfg.jitter)
-        logits_TE = self.logits(x_TD)
+        logits_TE = _check_logits(self.logits(x_TD))
         if token_mask_T is not None:  # padding is never chosen
             logits_TE = logits_TE.masked_fill(~token_mask_T.reshape(-1, 1).bool(), -1e9)
         return expert_choice_route(logits_TE, self.spec.top_k, self.cfg.capacity_factor or 1.0)
@@ -102,7 +109,7 @@ class SoftRouter(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> SoftPlan:
         _check_input(x_BTD.reshape(-1, x_BTD.shape[-1]), self.hidden_size)
-        logits_BTS = F.linear(x_BTD.float(), self.weight.float())
+        logits_BTS = _check_logits(F.linear(x_BTD.float(), self.weight.float()))
         return soft_route(logits_BTS, self.cfg.num_experts, token_mask_BT)
 
 

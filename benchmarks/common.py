@@ -1,0 +1,41 @@
+"""Shared measuring tools for the benchmarks: timing, the machine's read bandwidth and matmul rate."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timeit(fn: Callable[[], object], min_reps: int = 3, budget_s: float = 2.0) -> float:
+    """Median seconds of fn() after one warm-up call; repeats until min_reps and budget_s are both reached."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Bytes per second of a large fp32 sum: what streaming weights from memory can reach here."""
+    x = torch.ones(nbytes // 4)
+    return nbytes / timeit(lambda: x.sum(), min_reps=5, budget_s=1.0)
+
+
+def matmul_rate() -> float:
+    """Dense fp32 FLOP/s, the best of a few large shapes."""
+    best = 0.0
+    for m, k, n in ((2048, 1024, 4096), (1024, 1024, 3584), (4096, 1024, 768)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = max(best, 2 * m * k * n / timeit(lambda a=a, b=b: a @ b, min_reps=3, budget_s=1.0))
+    return best
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

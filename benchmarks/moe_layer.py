@@ -1,0 +1,156 @@
+"""One MoE layer, forward and forward+backward: moekit's fast backend and loop against transformers' own block
+with each experts implementation that runs here, on the same weights and inputs, next to the floor.
+
+Floor = max(bytes of the experts actually touched / measured read bandwidth, FLOPs / measured dense matmul rate).
+Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
+gradient (all E experts) written once.
+
+    python benchmarks/moe_layer.py [--tokens 1 16 256 2048] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, matmul_rate, read_bandwidth, timeit  # noqa: E402
+
+from moekit import MoEBlock  # noqa: E402
+from moekit.config.hf import moe_from_hf  # noqa: E402
+
+SHAPES = {
+    "qwen3-like (D=1024, E=64, F=384, top-8)": (
+        "qwen3_moe",
+        "Qwen3MoeSparseMoeBlock",
+        dict(num_experts=64, num_experts_per_tok=8, moe_intermediate_size=384, norm_topk_prob=True),
+    ),
+    "mixtral-like (D=1024, E=8, F=3584, top-2)": (
+        "mixtral",
+        "MixtralSparseMoeBlock",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=3584),
+    ),
+}
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+
+
+def build(family: str, cls: str, kw: dict):
+    import importlib
+
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(family, hidden_size=1024, num_hidden_layers=1, **kw)
+    hf_block = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), cls)(cfg)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.normal_(std=0.02)
+    moe_cfg, _, _ = moe_from_hf(cfg.to_dict())
+    block = MoEBlock(1024, moe_cfg)
+    block.load_state_dict({k.replace("gate.weight", "router.weight"): v for k, v in hf_block.state_dict().items()})
+    return cfg, hf_block, block
+
+
+def run(tokens: list[int]) -> dict:
+    torch.manual_seed(0)
+    bw, rate = read_bandwidth(), matmul_rate()
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "read_GBps": bw / 1e9,
+        "matmul_GFLOPs": rate / 1e9,
+        "rows": [],
+    }
+    print(f"# {results['machine']}; read {bw / 1e9:.1f} GB/s, matmul {rate / 1e9:.0f} GFLOP/s")
+    for shape, (family, cls, kw) in SHAPES.items():
+        cfg, hf_block, block = build(family, cls, kw)
+        e, k, f = block.cfg.num_experts, block.cfg.top_k, block.cfg.expert_hidden
+        expert_bytes = 3 * 1024 * f * 4
+        for t in tokens:
+            x = torch.randn(1, t, 1024) * 0.5
+            with torch.no_grad():
+                plan = block.router(x.view(-1, 1024))
+            touched = int((plan.tokens_per_expert_E > 0).sum())
+            floor_fwd = max(touched * expert_bytes / bw, 2 * t * k * 3 * 1024 * f / rate)  # noqa: E501
+            impls = {"moekit grouped": lambda: block(x)[0], "moekit loop": lambda: block(x)[0]}
+            for name in HF_IMPLS:
+                if name == "batched_mm" and t * k * expert_bytes > 4e9:
+                    continue  # it gathers one weight copy per (token, expert): out of memory here
+                impls[f"transformers {name}"] = lambda name=name: _hf(cfg, hf_block, x, name)
+            flops = 2 * t * k * 3 * 1024 * f
+            floor_bwd = max((2 * touched + e) * expert_bytes / bw, 3 * flops / rate)
+            for mode in ("fwd", "fwd+bwd"):
+                floor = floor_fwd if mode == "fwd" else floor_bwd
+                row = {"shape": shape, "tokens": t, "mode": mode, "floor_ms": floor * 1e3, "ms": {}}
+                for name, fn in impls.items():
+                    block.set_backend("loop" if name == "moekit loop" else "grouped")
+                    row["ms"][name] = 1e3 * timeit(_step(fn, mode, block, hf_block, x))
+                results["rows"].append(row)
+                best_hf = min(v for n, v in row["ms"].items() if n.startswith("transformers"))
+                cells = "  ".join(f"{n} {v:8.2f} ({v / row['floor_ms']:.2f}x)" for n, v in row["ms"].items())
+                print(
+                    f"{shape[:12]} T={t:<5} {mode:<8} floor {row['floor_ms']:8.2f} ms | {cells} | "
+                    "moekit vs best transformers: "
+                    f"{best_hf / row['ms']['moekit grouped']:.2f}x faster",
+                    flush=True,
+                )
+    return results
+
+
+def _hf(cfg, hf_block, x, impl):
+    cfg._experts_implementation = impl
+    out = hf_block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _step(fn, mode, block, hf_block, x):
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                fn()
+
+        return fwd
+
+    def fwd_bwd():
+        block.zero_grad(set_to_none=True)
+        hf_block.zero_grad(set_to_none=True)
+        fn().sum().backward()
+
+    return fwd_bwd
+
+
+def markdown(results: dict) -> str:
+    names = list(results["rows"][0]["ms"])
+    lines = [
+        f"Measured {results['date']} on {results['machine']} (read {results['read_GBps']:.1f} GB/s, "
+        f"matmul {results['matmul_GFLOPs']:.0f} GFLOP/s). Cells: ms (multiple of the floor).",
+        "",
+        "| layer | T | pass | floor ms | " + " | ".join(names) + " |",
+        "|" + "---|" * (4 + len(names)),
+    ]
+    for r in results["rows"]:
+        cells = [f"{r['ms'][n]:.1f} ({r['ms'][n] / r['floor_ms']:.2f}x)" if n in r["ms"] else "n/a" for n in names]
+        lines.append(
+            f"| {r['shape'].split(' ')[0]} | {r['tokens']} | {r['mode']} | {r['floor_ms']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    args = ap.parse_args()
+    res = run(args.tokens)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    if args.markdown:
+        print(markdown(res))
