@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moekit._validate import check_float, check_int
+from moekit.routing.balancing import expert_capacity
 from moekit.routing.plan import RoutingPlan, slots_within_token
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """C = ceil(k * T * capacity_factor / E) tokens per expert (Zhou et al. 2022), at most T."""
-    return min(num_tokens, math.ceil(top_k * num_tokens * capacity_factor / num_experts))
+    return min(num_tokens, expert_capacity(num_tokens, num_experts, top_k, capacity_factor))
 
 
 def expert_choice_route(logits_TE: torch.Tensor, top_k: int, capacity_factor: float = 1.0) -> RoutingPlan:
