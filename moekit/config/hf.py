@@ -8,7 +8,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from moekit.config.model import ModelConfig, place_moe_layers
+from moekit.config.model import place_moe_layers
 from moekit.config.moe import MoEConfig
 from moekit.experts.layout import ExpertLayout
 from moekit.routing.spec import RoutingSpec
@@ -49,7 +49,7 @@ def text_config(hf: dict) -> dict:
     return hf["text_config"] if isinstance(hf.get("text_config"), dict) else hf
 
 
-def _family(hf: dict) -> str:
+def family_of(hf: dict) -> str:
     family = text_config(hf).get("model_type", hf.get("model_type"))
     if family == "llama4":
         family = "llama4_text"
@@ -67,7 +67,7 @@ def _need(cfg: dict, *keys: str):
 
 def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
     """(MoEConfig, MoE layer indices, dense FFN width) of a published family's config."""
-    c, family = text_config(hf), _family(hf)
+    c, family = text_config(hf), family_of(hf)
     n_layers = _need(c, "num_hidden_layers")
     e = _need(c, "num_local_experts", "num_experts", "n_routed_experts")
     k = _need(c, "num_experts_per_tok", "experts_per_token")
@@ -131,65 +131,3 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
         layers = tuple(moe_layers) if moe_layers is not None else place_moe_layers(n_layers, step=step)
     spec = RoutingSpec(num_experts=e, top_k=k, **spec_kw)
     return MoEConfig(routing=spec, expert_hidden=f, layout=layout, **kw), layers, dense
-
-
-def scaled_down(
-    name_or_path: str | Path,
-    hidden_size: int = 256,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    vocab_size: int = 256,
-    max_experts: int | None = None,
-) -> ModelConfig:
-    """A small trainable model with a published family's routing: the same experts, top-k, routing spec, shared
-    experts, expert layout and dense/MoE layer pattern; hidden sizes shrunk by hidden_size / D (expert widths at
-    least 16), the layers cut to num_layers keeping the first-dense pattern, byte vocabulary, grouped-query
-    attention with the published query/KV head ratio. max_experts caps the expert count (top-k and groups shrink
-    in proportion) for the smallest machines."""
-    hf = load_hf_config(name_or_path)
-    c = text_config(hf)
-    moe, layers, dense = moe_from_hf(hf)
-    scale = hidden_size / c["hidden_size"]
-    width = lambda w: max(16, int(round(w * scale / 16)) * 16)
-    n_layers_full = c["num_hidden_layers"]
-    first_dense = min(1, min(layers)) if layers else 0  # DeepSeek's 3 dense layers of 61 become 1 of a few
-    step = (layers[1] - layers[0]) if len(layers) > 1 else 1
-    phase = min(layers) % step if layers else 0
-    moe_layers = tuple(i for i in range(first_dense, num_layers) if i % step == phase) if layers else ()
-    spec = moe.routing
-    if max_experts is not None and spec.num_experts > max_experts:
-        shrink = spec.num_experts // max_experts
-        spec = RoutingSpec(
-            **{
-                **spec.__dict__,
-                "num_experts": max_experts,
-                "top_k": max(1, spec.top_k // shrink),
-                "n_group": max(1, spec.n_group // shrink) if spec.n_group > 1 else 1,
-                "topk_group": max(1, spec.topk_group // shrink) if spec.n_group > 1 else 1,
-            }
-        )
-    moe = MoEConfig(
-        **{
-            **moe.__dict__,
-            "routing": spec,
-            "expert_hidden": width(moe.expert_hidden),
-            "shared_hidden": width(moe.shared_hidden) if moe.shared_hidden else None,
-        }
-    )
-    kv_ratio = c["num_attention_heads"] // (c.get("num_key_value_heads") or c["num_attention_heads"])
-    return ModelConfig(
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=max(1, num_heads // kv_ratio),
-        moe=moe,
-        moe_layers=moe_layers,
-        dense_hidden=width(dense) if dense else width(moe.expert_hidden * spec.top_k),
-        vocab_size=vocab_size,
-        qk_norm=bool(c.get("use_qk_norm")) or _family(hf) in ("qwen3_moe", "olmoe"),
-        attention_bias=bool(c.get("attention_bias")) or _family(hf) == "qwen2_moe",
-        rope_theta=float(c.get("rope_theta", 10000.0)),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        family=_family(hf),
-        name=f"{Path(str(name_or_path)).stem} scaled to D={hidden_size}, {num_layers} layers (from {n_layers_full})",
-    )

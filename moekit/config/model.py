@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit._validate import check_float, check_int, fail
+from moekit.config.attention import AttentionConfig, RopeScaling
 from moekit.config.moe import MoEConfig
 
 
@@ -19,8 +20,10 @@ def place_moe_layers(
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, and per layer either a dense SwiGLU FFN
-    (width dense_hidden) or an MoE block (moe) at the indices in moe_layers (None: every layer)."""
+    """A decoder-only transformer: RMSNorm, RoPE, attention as configured (grouped-query or MLA), and per layer
+    either a dense gated FFN (width dense_hidden) or an MoE block (moe) at the indices in moe_layers (None: every
+    layer). mtp_layers: DeepSeek-V3's multi-token-prediction modules (each one extra decoder layer predicting one
+    token further ahead); they are not used by the plain forward pass."""
 
     hidden_size: int
     num_layers: int
@@ -31,10 +34,11 @@ class ModelConfig:
     head_dim: int | None = None
     dense_hidden: int | None = None
     moe_layers: tuple[int, ...] | None = None
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
-    qk_norm: bool = False
-    attention_bias: bool = False
+    mtp_layers: int = 0
     tie_embeddings: bool = False
     max_position: int = 4096
     init_std: float = 0.02
@@ -74,6 +78,15 @@ class ModelConfig:
         check_float("rope_theta", self.rope_theta, 0.0, lo_open=True)
         check_float("norm_eps", self.norm_eps, 0.0, lo_open=True)
         check_int("max_position", self.max_position, 1)
+        check_int("mtp_layers", self.mtp_layers, 0)
+        if not isinstance(self.attention, AttentionConfig):
+            fail("attention", self.attention, "an AttentionConfig")
+        self.attention.check_layers(self.num_layers)
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotary width of a head: all of it (GQA) or MLA's decoupled rope part."""
+        return self.attention.qk_rope_head_dim if self.attention.kind == "mla" else self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return i in self.moe_layers

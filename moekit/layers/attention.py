@@ -1,6 +1,9 @@
-"""Grouped-query attention with RoPE, optional QK-norm and qkv bias; causal, with a padding mask."""
+"""Grouped-query attention with the published variants: qkv/output bias, QK-norm (per head, full projection, or
+weightless L2), clip_qkv, attention sinks, sliding-window and chunked layers, NoPE layers with temperature tuning."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +14,24 @@ from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope
 
 
-def causal_mask(attention_mask_BT: torch.Tensor | None, num_queries: int, num_keys: int, device) -> torch.Tensor:
+def causal_mask(
+    attention_mask_BT: torch.Tensor | None,
+    num_queries: int,
+    num_keys: int,
+    device,
+    window: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Boolean [B or 1, 1, Tq, Tk] mask, True where a query may attend; the queries are the last Tq positions.
+    window: only the last `window` keys (the query's own included); chunk: only keys in the query's chunk.
     Padded queries keep their own position open so softmax never sees an all-masked row."""
     q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
-    allowed_QK = torch.arange(num_keys, device=device).unsqueeze(0) <= q_pos
+    k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
+    allowed_QK = k_pos <= q_pos
+    if window is not None:
+        allowed_QK = allowed_QK & (k_pos > q_pos - window)
+    if chunk is not None:
+        allowed_QK = allowed_QK & (k_pos // chunk == q_pos // chunk)
     if attention_mask_BT is None:
         return allowed_QK[None, None]
     keys_B1K = attention_mask_BT.bool()[:, None, :]
@@ -24,26 +40,81 @@ def causal_mask(attention_mask_BT: torch.Tensor | None, num_queries: int, num_ke
     return allowed_BQK[:, None]
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
+    layer type (see causal_mask), and the index of each query in the sequence [T] (NoPE temperature tuning)."""
 
-    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    rope: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    query_index_T: torch.Tensor
+
+
+def attend(
+    q_BHTd: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    sinks_H: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention over keys S, with GQA head sharing; sinks_H adds one logit per head to the
+    softmax denominator (GPT-OSS), done as an extra key of zero key and value whose additive bias is the sink."""
+    h, kv_h = q_BHTd.shape[1], k_BHSd.shape[1]
+    if sinks_H is not None:
+        b, _, t, _ = q_BHTd.shape
+        zeros = k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])
+        k_BHSd = torch.cat((k_BHSd, zeros), dim=2)
+        v_BHSd = torch.cat((v_BHSd, zeros[..., : v_BHSd.shape[-1]]), dim=2)
+        bias = torch.zeros(mask.shape[:-1], dtype=q_BHTd.dtype, device=q_BHTd.device).masked_fill(~mask, float("-inf"))
+        sink = sinks_H.to(q_BHTd.dtype).view(1, h, 1, 1).expand(bias.shape[0], h, t, 1)
+        mask = torch.cat((bias.expand(bias.shape[0], h, t, bias.shape[-1]), sink), dim=-1)
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, scale=scale, enable_gqa=h != kv_h)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        a, d, hd = cfg.attention, cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.layer_type, self.use_rope = a.layer_type(layer), layer not in a.nope_layers
+        self.qk_norm, self.clip_qkv, self.interleave = a.qk_norm, a.clip_qkv, a.rope_interleave
+        self.temperature = (a.attn_scale, a.floor_scale) if a.temperature_tuning and not self.use_rope else None
+        self.norm_eps = cfg.norm_eps
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=a.out_bias)
+        norm_width = {"head": (hd, hd), "full": (cfg.num_heads * hd, cfg.num_kv_heads * hd)}.get(a.qk_norm)
+        self.q_norm = RMSNorm(norm_width[0], cfg.norm_eps) if norm_width else None
+        self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.sinks else None
+        self.scale = hd**-0.5
+
+    def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.use_rope:
+            q, k = apply_rope(q, *inputs.rope, self.interleave), apply_rope(k, *inputs.rope, self.interleave)
+            if self.qk_norm == "l2":
+                q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
+        if self.temperature is not None:
+            attn_scale, floor_scale = self.temperature
+            pos = inputs.query_index_T.float()
+            q = q * (torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0).view(1, 1, t, 1)
+        out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)

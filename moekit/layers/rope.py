@@ -1,22 +1,77 @@
-"""Rotary position embedding (the half-split form used by Llama, Mixtral, Qwen and DeepSeek in Hugging Face)."""
+"""Rotary position embedding with the context-extension schemes of the published MoE families (yarn, llama3,
+linear), in the split-half form (Llama, Mixtral, Qwen) or the interleaved-pair form (DeepSeek, Llama 4)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from moekit.config.attention import RopeScaling
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2], attention factor multiplying cos and sin)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if scaling is None or scaling.type == "default":
+        return inv_freq, 1.0
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor, 1.0
+    if scaling.type == "llama3":
+        old = scaling.original_max_position
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate the low frequencies, keep the high ones, ramp in between
+    factor = scaling.factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        attention_factor = yarn_mscale(factor, scaling.mscale) / yarn_mscale(factor, scaling.mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(head_dim: int, scaling: RopeScaling | None) -> float:
+    """1/sqrt(head_dim), times DeepSeek's yarn correction mscale(factor, mscale_all_dim)^2 when it applies."""
+    scale = head_dim**-0.5
+    if scaling is not None and scaling.type == "yarn" and scaling.mscale_all_dim:
+        scale *= yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
+    return scale
+
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, head_dim]."""
-        freqs_BTH = positions_BT.float().unsqueeze(-1) * self.inv_freq
+        """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""
+        freqs_BTH = positions_BT.float().unsqueeze(-1) * self.inv_freq.float()
         emb = torch.cat((freqs_BTH, freqs_BTH), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +79,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x_BHTd: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor, interleave: bool = False
+) -> torch.Tensor:
+    """Rotate x by the positions' angles. interleave: pairs (x0, x1), (x2, x3)... are rotated together and the
+    result is laid out as [evens, odds] (what DeepSeek's and Llama 4's weights expect after de-interleaving)."""
     cos, sin = cos_BTd.unsqueeze(1), sin_BTd.unsqueeze(1)
+    if interleave:
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        x1, x2 = x_BHTd[..., 0::2], x_BHTd[..., 1::2]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return x_BHTd * cos + rotate_half(x_BHTd) * sin

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from moekit.config.model import ModelConfig
-from moekit.layers.attention import Attention, causal_mask
+from moekit.layers.attention import Attention, AttentionInputs, causal_mask
 from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import RotaryEmbedding
+from moekit.model.mtp import MultiTokenPrediction
 from moekit.routing.router import warn_causality
 
 
@@ -26,19 +28,22 @@ class DecoderOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int):
+    def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
+        """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = (LatentAttention if cfg.attention.kind == "mla" else Attention)(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        if cfg.is_moe_layer(index):
+        if cfg.is_moe_layer(index) if moe is None else moe:
             self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
         else:
             layout = dense_layout(cfg.moe.layout) if cfg.moe else None
             self.mlp = FeedForward(cfg.hidden_size, cfg.dense_hidden, layout)
 
-    def forward(self, x_BTD, rope, mask, token_ids_BT, token_mask_BT) -> tuple[torch.Tensor, MoEInfo | None]:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), rope, mask)
+    def forward(
+        self, x_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT: torch.Tensor, token_mask_BT
+    ) -> tuple[torch.Tensor, MoEInfo | None]:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
         h_BTD = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoEBlock):
             y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
@@ -58,7 +63,8 @@ class MoEDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -77,7 +83,18 @@ class MoEDecoder(nn.Module):
                     nn.init.normal_(module.router.weight, std=std)
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
-        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEBlock)}
+        """The MoE blocks by layer index (multi-token-prediction layers follow the main ones)."""
+        layers = [*self.layers, *(m.layer for m in self.mtp)]
+        return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock)}
+
+    def attention_inputs(self, positions_BT: torch.Tensor, attention_mask, num_queries: int, num_keys: int, dtype):
+        """Rotary cos/sin and one mask per layer type in use, shared by all layers of a forward pass."""
+        a, device = self.config.attention, positions_BT.device
+        kinds = set(a.layer_types or ()) | {"full"}
+        limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
+        masks = {kind: causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind]) for kind in kinds}
+        index_T = torch.arange(num_keys - num_queries, num_keys, device=device)
+        return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T)
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
@@ -106,11 +123,10 @@ class MoEDecoder(nn.Module):
         else:
             positions_BT = torch.arange(t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
-        rope = self.rotary(positions_BT, x_BTD.dtype)
-        mask = causal_mask(attention_mask, t, t, input_ids.device)
+        inputs = self.attention_inputs(positions_BT, attention_mask, t, t, x_BTD.dtype)
         infos: dict[int, MoEInfo] = {}
         for i, layer in enumerate(self.layers):
-            x_BTD, info = layer(x_BTD, rope, mask, input_ids, attention_mask)
+            x_BTD, info = layer(x_BTD, inputs, input_ids, attention_mask)
             if info is not None:
                 infos[i] = info
         logits = self.lm_head(self.norm(x_BTD))

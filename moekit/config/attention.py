@@ -1,0 +1,151 @@
+"""The attention of a decoder layer as data: grouped-query or multi-head latent (MLA), norms, sinks, windows, rope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moekit._validate import check_choice, check_float, check_int, fail
+
+ATTENTION_KINDS = ("gqa", "mla")
+QK_NORMS = ("none", "head", "full", "l2")
+LAYER_TYPES = ("full", "sliding", "chunked")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context extension of the rotary embedding, as in Hugging Face's rope_scaling / rope_parameters.
+
+    yarn: factor, original_max_position, beta_fast, beta_slow, mscale, mscale_all_dim, truncate (DeepSeek also
+    scales the softmax by mscale(factor, mscale_all_dim)^2, GPT-OSS does not: its mscale_all_dim is 0).
+    llama3: factor, low_freq_factor, high_freq_factor, original_max_position. linear: factor."""
+
+    type: Literal["default", "linear", "yarn", "llama3"] = "default"
+    factor: float = 1.0
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_choice("rope_scaling.type", self.type, ROPE_TYPES)
+        check_float("rope_scaling.factor", self.factor, 0.0, lo_open=True)
+        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+            fail("rope_scaling.original_max_position", None, f"an integer >= 1 for {self.type} scaling")
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> RopeScaling | None:
+        if not d:
+            return None
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "default":
+            return None
+        if kind not in ROPE_TYPES:
+            fail("rope_scaling.type", kind, f"one of {', '.join(ROPE_TYPES)}")
+        get = lambda k, default: default if d.get(k) is None else d[k]
+        return cls(
+            type=kind,
+            factor=float(get("factor", 1.0)),
+            original_max_position=d.get("original_max_position_embeddings"),
+            beta_fast=float(get("beta_fast", 32.0)),
+            beta_slow=float(get("beta_slow", 1.0)),
+            mscale=float(get("mscale", 0.0)),
+            mscale_all_dim=float(get("mscale_all_dim", 0.0)),
+            truncate=bool(get("truncate", True)),
+            low_freq_factor=float(get("low_freq_factor", 1.0)),
+            high_freq_factor=float(get("high_freq_factor", 4.0)),
+        )
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """kind            gqa (grouped-query; MHA when kv heads = heads) or mla (DeepSeek's multi-head latent attention:
+                    the cache holds one kv_lora_rank latent plus one shared qk_rope_head_dim key per token).
+    qkv_bias, out_bias  biases of the q/k/v projections and of the output projection.
+    qk_norm         none, head (RMSNorm per head: Qwen3), full (RMSNorm over the whole q / k projection: OLMoE),
+                    l2 (weightless L2 norm after rope, on rope layers: Llama 4).
+    clip_qkv        clamp q, k, v to ±clip_qkv (OLMoE).
+    sinks           a learned per-head logit that absorbs attention mass (GPT-OSS).
+    layer_types     per layer full / sliding (window sliding_window) / chunked (chunk_size); None: all full.
+    nope_layers     layers without rotary embedding (Llama 4); temperature_tuning scales their queries by
+                    1 + attn_scale·log(1 + floor((pos + 1) / floor_scale)).
+    rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
+    q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection)."""
+
+    kind: Literal["gqa", "mla"] = "gqa"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    clip_qkv: float | None = None
+    sinks: bool = False
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    chunk_size: int | None = None
+    nope_layers: tuple[int, ...] = ()
+    temperature_tuning: bool = False
+    attn_scale: float = 0.1
+    floor_scale: float = 8192.0
+    rope_interleave: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("attention.kind", self.kind, ATTENTION_KINDS)
+        check_choice("attention.qk_norm", self.qk_norm, QK_NORMS)
+        if self.clip_qkv is not None:
+            check_float("attention.clip_qkv", self.clip_qkv, 0.0, lo_open=True)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            for t in self.layer_types:
+                check_choice("attention.layer_types[]", t, LAYER_TYPES)
+            if "sliding" in self.layer_types:
+                check_int("attention.sliding_window", self.sliding_window, 1)
+            if "chunked" in self.layer_types:
+                check_int("attention.chunk_size", self.chunk_size, 1)
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
+        if self.kind == "mla":
+            check_int("attention.kv_lora_rank", self.kv_lora_rank, 1)
+            check_int("attention.qk_nope_head_dim", self.qk_nope_head_dim, 0)
+            check_int("attention.qk_rope_head_dim", self.qk_rope_head_dim, 2)
+            check_int("attention.v_head_dim", self.v_head_dim, 1)
+            if self.q_lora_rank is not None:
+                check_int("attention.q_lora_rank", self.q_lora_rank, 1)
+            if self.qk_rope_head_dim % 2:
+                fail("attention.qk_rope_head_dim", self.qk_rope_head_dim, "an even number (rotary pairs)")
+            if self.sinks or self.qk_norm != "none":
+                fail("attention.kind", "mla", "gqa when sinks or qk_norm are set")
+
+    def layer_type(self, i: int) -> str:
+        """full, sliding or chunked; layers past the listed ones (multi-token-prediction modules) are full."""
+        return self.layer_types[i] if self.layer_types and i < len(self.layer_types) else "full"
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.layer_types is not None and len(self.layer_types) != num_layers:
+            fail("attention.layer_types", f"{len(self.layer_types)} entries", f"one per layer ({num_layers})")
+        for i in self.nope_layers:
+            check_int("attention.nope_layers[]", i, 0, num_layers - 1)
+
+    def describe(self) -> str:
+        if self.kind == "mla":
+            q = f"q rank {self.q_lora_rank}" if self.q_lora_rank else "full-rank q"
+            text = f"MLA (latent {self.kv_lora_rank} + rope key {self.qk_rope_head_dim}, {q})"
+        else:
+            text = "GQA"
+        extras = [f"qk-norm {self.qk_norm}"] if self.qk_norm != "none" else []
+        if self.sinks:
+            extras.append("sinks")
+        if self.layer_types and "sliding" in self.layer_types:
+            extras.append(f"{self.layer_types.count('sliding')} sliding-window layers ({self.sliding_window})")
+        if self.layer_types and "chunked" in self.layer_types:
+            extras.append(f"{self.layer_types.count('chunked')} chunked layers ({self.chunk_size})")
+        if self.nope_layers:
+            extras.append(f"{len(self.nope_layers)} NoPE layers")
+        return text + (f", {', '.join(extras)}" if extras else "")

@@ -1,0 +1,80 @@
+"""What the planner needs to know about a model, read off the model moekit builds on the `meta` device (no
+memory): parameter counts by part, the MoE layers' shapes, the KV cache per token, the attention FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moekit.config.model import ModelConfig
+from moekit.model.count import count_parameters
+
+
+@dataclass(frozen=True)
+class MoELayerShape:
+    num_experts: int
+    top_k: int
+    params_per_expert: int
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    """Cache elements one token adds to one layer, and how many tokens the layer keeps (None: all)."""
+
+    elements_per_token: int
+    window: int | None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    config: ModelConfig
+    params: dict[str, int]
+    moe_layers: tuple[MoELayerShape, ...]
+    kv_layers: tuple[KVLayer, ...]
+    attention_flops_per_key: int  # multiply-adds x2 per query token per cached key, all layers
+
+    @property
+    def always_read_params(self) -> int:
+        """Weights every decode step reads whatever the routing: all but routed experts and the embedding table
+        (a step reads one row of it per token)."""
+        return self.params["total"] - self.params["routed_experts"] - self.params["embedding"]
+
+    def kv_bytes_per_token(self, kv_bytes: float) -> float:
+        """Bytes one more token adds to the cache when every layer still keeps it (windows not yet full)."""
+        return sum(layer.elements_per_token for layer in self.kv_layers) * kv_bytes
+
+    def kv_bytes_per_sequence(self, context: int, kv_bytes: float) -> float:
+        """Cache bytes of one sequence at `context` tokens: windowed layers keep at most their window."""
+        return (
+            sum(
+                layer.elements_per_token * (context if layer.window is None else min(context, layer.window))
+                for layer in self.kv_layers
+            )
+            * kv_bytes
+        )
+
+
+def model_stats(cfg: ModelConfig) -> ModelStats:
+    from moekit.model.decoder import MoEDecoder
+
+    with torch.device("meta"):
+        model = MoEDecoder(cfg)
+    params = count_parameters(model)
+    moe = tuple(
+        MoELayerShape(
+            b.cfg.num_experts, b.cfg.top_k, sum(p.numel() for p in b.experts.parameters()) // b.cfg.num_experts
+        )
+        for i, b in model.moe_blocks().items()
+        if i < cfg.num_layers
+    )
+    a = cfg.attention
+    if a.kind == "mla":
+        per_token = a.kv_lora_rank + a.qk_rope_head_dim
+        flops_per_key = 2 * cfg.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    else:
+        per_token = 2 * cfg.num_kv_heads * cfg.head_dim
+        flops_per_key = 2 * cfg.num_heads * 2 * cfg.head_dim
+    windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
+    kv = tuple(KVLayer(per_token, windows[a.layer_type(i)]) for i in range(cfg.num_layers))
+    return ModelStats(cfg, params, moe, kv, flops_per_key * cfg.num_layers)

@@ -1,0 +1,67 @@
+"""Bits per stored weight or cache element, scales included, and mixed expert/rest precisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Effective bits per weight: block formats carry their scales (MXFP4: 4-bit values + one 8-bit scale per 32;
+# GGUF Q8_0: 8 + 16-bit scale per 32; Q4_0: 4 + 16/32; Q4_K_M: llama.cpp's mixed 4/6-bit recipe, ~4.85 on average;
+# int4: 4 + a 16-bit scale per group of 128).
+BITS = {
+    "fp32": 32.0,
+    "bf16": 16.0,
+    "fp16": 16.0,
+    "fp8": 8.0,
+    "int8": 8.0,
+    "q8_0": 8.5,
+    "q6_k": 6.5625,
+    "q4_k_m": 4.85,
+    "q4_0": 4.5,
+    "int4": 4.125,
+    "mxfp4": 4.25,
+}
+
+
+def bits(name: str, what: str = "weights") -> float:
+    key = name.lower().replace("-", "_")
+    if key not in BITS:
+        raise ValueError(f"{what}={name!r} is unknown: allowed one of {', '.join(BITS)}")
+    return BITS[key]
+
+
+@dataclass(frozen=True)
+class WeightPrecision:
+    """Routed experts at one precision, everything else (attention, dense and shared FFNs, head) at another."""
+
+    experts: str = "bf16"
+    rest: str = "bf16"
+
+    @property
+    def expert_bits(self) -> float:
+        return bits(self.experts)
+
+    @property
+    def rest_bits(self) -> float:
+        return bits(self.rest)
+
+    def describe(self) -> str:
+        if self.experts == self.rest:
+            return self.experts
+        return f"experts {self.experts}, rest {self.rest}"
+
+    @classmethod
+    def parse(cls, text: str | WeightPrecision) -> WeightPrecision:
+        """'int4' (everything), or 'experts=mxfp4,rest=bf16' (either part may be left out: bf16)."""
+        if isinstance(text, WeightPrecision):
+            return text
+        if "=" not in text:
+            bits(text)
+            return cls(text, text)
+        parts = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in ("experts", "rest"):
+                raise ValueError(f"weights={text!r} is invalid: allowed PREC or experts=PREC,rest=PREC")
+            bits(value.strip())
+            parts[key.strip()] = value.strip()
+        return cls(**parts)

@@ -1,0 +1,111 @@
+"""Tiny random configs of every published family, made with transformers (the oracle), for tests."""
+
+from __future__ import annotations
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=40,
+    moe_intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_local_experts=8,
+    num_experts=8,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+EXTRA = {
+    "mixtral": {"sliding_window": 5},
+    "qwen2_moe": {"shared_expert_intermediate_size": 40, "decoder_sparse_step": 2},
+    "qwen3_moe": {"mlp_only_layers": [1], "norm_topk_prob": True},
+    "olmoe": {"clip_qkv": 3.0},
+    "deepseek_v2": {
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "group_limited_greedy",
+        "routed_scaling_factor": 1.5,
+        "num_key_value_heads": 4,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    },
+    "deepseek_v3": {
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 12,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "n_group": 4,
+        "topk_group": 2,
+        "num_key_value_heads": 4,
+        "routed_scaling_factor": 2.5,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    },
+    "gpt_oss": {
+        "sliding_window": 4,
+        "intermediate_size": 24,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+    },
+    "llama4_text": {
+        "intermediate_size": 24,
+        "intermediate_size_mlp": 40,
+        "interleave_moe_layer_step": 2,
+        "attention_chunk_size": 6,
+        "num_experts_per_tok": 1,
+        "floor_scale": 4,
+        "attn_scale": 0.5,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+}
+
+FAMILIES = list(EXTRA)
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    return transformers.AutoConfig.for_model(family, **{**TINY, **EXTRA[family], **overrides})
