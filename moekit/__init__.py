@@ -8,6 +8,7 @@ from moekit.config import ModelConfig, MoEConfig
 from moekit.experts import ExpertLayout
 from moekit.layers.moe import MoEBlock
 from moekit.model.decoder import MoEDecoder
+from moekit.plan import plan  # noqa: F811 (moekit.plan(...) is the function; the package stays importable)
 from moekit.routing import RoutingSpec
 
 
@@ -25,4 +26,5 @@ __all__ = [
     "RoutingSpec",
     "__version__",
     "from_config",
+    "plan",
 ]

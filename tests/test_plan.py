@@ -222,3 +222,25 @@ def test_plan_json_cli(capsys):
         assert key in r
     assert isinstance(r["params"]["total"], int) and isinstance(r["params"]["active_without_embeddings"], int)
     assert r["kv_cache"]["bytes_per_token"] == 131072
+
+
+def test_inspect_json_and_directory(tmp_path, capsys):
+    from moekit.config.hf import load_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(load_hf_config("qwen3-30b-a3b")))
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["family"] == "qwen3_moe" and r["experts"] == 128 and r["top_k"] == 8
+    assert r["kv_cache_bytes_per_token_bf16"] == 98304
+    assert r["weight_bytes"]["bf16"] == 2 * r["params"]["total"]
+    assert main(["inspect", "deepseek-v3"]) == 0
+    assert "MLA" in capsys.readouterr().out
+
+
+def test_python_api_equals_cli(capsys):
+    import moekit
+
+    assert main(["plan", "olmoe-1b-7b-0924", "--hardware", "l4", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    api = moekit.plan("olmoe-1b-7b-0924", hardware="l4")
+    assert json.loads(json.dumps(api)) == cli

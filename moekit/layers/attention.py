@@ -66,7 +66,7 @@ def attend(
         zeros = k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])
         k_BHSd = torch.cat((k_BHSd, zeros), dim=2)
         v_BHSd = torch.cat((v_BHSd, zeros[..., : v_BHSd.shape[-1]]), dim=2)
-        bias = torch.zeros(mask.shape[:-1], dtype=q_BHTd.dtype, device=q_BHTd.device).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=q_BHTd.dtype, device=q_BHTd.device).masked_fill(~mask, float("-inf"))
         sink = sinks_H.to(q_BHTd.dtype).view(1, h, 1, 1).expand(bias.shape[0], h, t, 1)
         mask = torch.cat((bias.expand(bias.shape[0], h, t, bias.shape[-1]), sink), dim=-1)
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=mask, scale=scale, enable_gqa=h != kv_h)
