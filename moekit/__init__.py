@@ -12,6 +12,14 @@ from moekit.plan import plan  # noqa: F811 (moekit.plan(...) is the function; th
 from moekit.routing import RoutingSpec
 
 
+def from_pretrained(path, dtype=None) -> MoEDecoder:
+    """A Hugging Face model directory (config.json + safetensors, sharded or not) of a supported family; dtype None
+    keeps the checkpoint's (torch.float32 / torch.bfloat16 / "float32" ...)."""
+    from moekit.checkpoint.hf_checkpoint import load_pretrained
+
+    return load_pretrained(path, dtype)
+
+
 def from_config(config: ModelConfig) -> MoEDecoder:
     """A model with random weights (seed with torch.manual_seed first for reproducibility)."""
     return MoEDecoder(config)
@@ -26,5 +34,6 @@ __all__ = [
     "RoutingSpec",
     "__version__",
     "from_config",
+    "from_pretrained",
     "plan",
 ]

@@ -41,8 +41,6 @@ def test_model_matches_transformers(family):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected
     assert not [k for k in missing if not k.endswith("load_E") and not k.startswith("mtp.")]
-    for hf_name in hf_model.state_dict():  # the map inverts
-        assert keymap.to_hf(keymap.to_moekit(hf_name)) == hf_name
     ids = torch.randint(3, cfg.vocab_size, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 8:] = 0  # the second sequence is 8 tokens long, padded on the right

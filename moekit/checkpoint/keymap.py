@@ -4,6 +4,7 @@ guessed from shapes. DeepSeek-V3's multi-token-prediction layer (model.layers.{n
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from moekit.config.model import ModelConfig
 
@@ -28,6 +29,9 @@ class KeyMap:
     def __init__(self, cfg: ModelConfig):
         self.num_layers, self.mtp_layers = cfg.num_layers, cfg.mtp_layers
         self.rules = RENAMES.get(cfg.family, ROUTER)
+        container = EXPERT_KEYS.get(cfg.family, PER_EXPERT).container
+        if container != "mlp":  # Mixtral's files name the MoE block block_sparse_moe
+            self.rules = [(f".{container}.gate.", ".mlp.gate."), *self.rules]
 
     def to_moekit(self, hf_name: str) -> str | None:
         """The moekit name of a checkpoint tensor; None for tensors moekit keeps once elsewhere (MTP copies of the
@@ -64,3 +68,40 @@ class KeyMap:
     def mtp_copies(self) -> list[str]:
         """Checkpoint names of the embedding/head copies stored beside each MTP layer."""
         return [f"model.layers.{self.num_layers + j}.{c}" for j in range(self.mtp_layers) for c in MTP_COPIES]
+
+
+@dataclass(frozen=True)
+class ExpertKeys:
+    """How a family's checkpoints store routed experts: stacked 3-D tensors under the moekit names, or one 2-D
+    tensor per expert and projection (gate [F, D], up [F, D], down [D, F]) inside `container`."""
+
+    per_expert: bool
+    container: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def pattern(self) -> re.Pattern:
+        names = "|".join(re.escape(n) for n in (self.gate, self.up, self.down))
+        return re.compile(rf"^(.*layers\.\d+)\.{re.escape(self.container)}\.experts\.(\d+)\.({names})\.weight$")
+
+    def names(self, layer_prefix: str, expert: int) -> dict[str, str]:
+        """{gate|up|down: checkpoint name} of one expert of the layer whose checkpoint prefix is layer_prefix."""
+        base = f"{layer_prefix}.{self.container}.experts.{expert}"
+        return {
+            "gate": f"{base}.{self.gate}.weight",
+            "up": f"{base}.{self.up}.weight",
+            "down": f"{base}.{self.down}.weight",
+        }
+
+
+PER_EXPERT = ExpertKeys(per_expert=True)
+EXPERT_KEYS = {
+    "mixtral": ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="w3", down="w2"),
+    "gpt_oss": ExpertKeys(per_expert=False),
+    "llama4_text": ExpertKeys(per_expert=False),
+}
+
+
+def expert_keys(family: str) -> ExpertKeys:
+    return EXPERT_KEYS.get(family, PER_EXPERT)

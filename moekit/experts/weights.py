@@ -28,7 +28,8 @@ class ExpertWeights(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
-        self.reset_parameters()
+        if not self.gate_up_proj.is_meta:  # a meta model (counting, loading) has nothing to initialise
+            self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)

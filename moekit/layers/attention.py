@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config.model import ModelConfig
+from moekit.infer.cache import KVCache
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope
 
@@ -43,11 +44,13 @@ def causal_mask(
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
-    layer type (see causal_mask), and the index of each query in the sequence [T] (NoPE temperature tuning)."""
+    layer type (see causal_mask), the index of each query in the sequence [T] (NoPE temperature tuning), and the
+    KV cache when generating (None otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     masks: dict[str, torch.Tensor]
     query_index_T: torch.Tensor
+    cache: KVCache | None = None
 
 
 def attend(
@@ -77,7 +80,7 @@ class Attention(nn.Module):
         super().__init__()
         a, d, hd = cfg.attention, cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.layer_type, self.use_rope = a.layer_type(layer), layer not in a.nope_layers
+        self.layer, self.layer_type, self.use_rope = layer, a.layer_type(layer), layer not in a.nope_layers
         self.qk_norm, self.clip_qkv, self.interleave = a.qk_norm, a.clip_qkv, a.rope_interleave
         self.temperature = (a.attn_scale, a.floor_scale) if a.temperature_tuning and not self.use_rope else None
         self.norm_eps = cfg.norm_eps
@@ -112,6 +115,8 @@ class Attention(nn.Module):
             attn_scale, floor_scale = self.temperature
             pos = inputs.query_index_T.float()
             q = q * (torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0).view(1, 1, t, 1)
+        if inputs.cache is not None:
+            k, v = inputs.cache.extend(self.layer, (2, 2), k, v)
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

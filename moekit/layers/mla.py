@@ -17,6 +17,7 @@ class LatentAttention(nn.Module):
         super().__init__()
         a, d, h = cfg.attention, cfg.hidden_size, cfg.num_heads
         self.num_heads, self.layer_type, self.interleave = h, a.layer_type(layer), a.rope_interleave
+        self.layer = layer
         self.nope_dim, self.rope_dim, self.v_dim, self.kv_rank = (
             a.qk_nope_head_dim,
             a.qk_rope_head_dim,
@@ -53,6 +54,8 @@ class LatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat((q_nope, apply_rope(q_rope, *inputs.rope, self.interleave)), dim=-1)
         latent_BTC, k_rope_BTR = self.latents(x_BTD, inputs)
+        if inputs.cache is not None:  # the cache holds latents: keys and values are re-expanded from them
+            latent_BTC, k_rope_BTR = inputs.cache.extend(self.layer, (1, 1), latent_BTC, k_rope_BTR)
         s = latent_BTC.shape[1]
         kv = self.kv_b_proj(latent_BTC).view(b, s, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)

@@ -16,8 +16,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
-    """(inv_freq [dim/2], attention factor multiplying cos and sin)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    """(inv_freq [dim/2], attention factor multiplying cos and sin). Always computed on the CPU (also inside a
+    meta-device build, where arange would pull in torch's decomposition machinery)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     if scaling is None or scaling.type == "default":
         return inv_freq, 1.0
     if scaling.type == "linear":
@@ -47,7 +48,7 @@ def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> tup
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, float(attention_factor)
@@ -64,8 +65,13 @@ def softmax_scale(head_dim: int, scaling: RopeScaling | None) -> float:
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
+        self.dim, self.theta, self.scaling = dim, theta, scaling
         inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (after the module was built on the meta device and materialised)."""
+        self.inv_freq = rope_frequencies(self.dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""

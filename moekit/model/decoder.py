@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moekit.config.model import ModelConfig
+from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.mla import LatentAttention
@@ -65,7 +66,8 @@ class MoEDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise
+            self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -81,6 +83,20 @@ class MoEDecoder(nn.Module):
                 module.experts.reset_parameters(std)
                 if getattr(module.router, "weight", None) is not None:
                     nn.init.normal_(module.router.weight, std=std)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Continue input_ids [B, T] by max_new_tokens with a KV cache: greedy by default; temperature, top_k,
+        top_p, eos_token_id, attention_mask (left padding), seed and on_token (streaming) as in
+        moekit.infer.generate.generate."""
+        from moekit.infer.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the model as a Hugging Face directory (config.json + safetensors) that transformers loads."""
+        from moekit.checkpoint.hf_checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes)
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
         """The MoE blocks by layer index (multi-token-prediction layers follow the main ones)."""
@@ -108,27 +124,37 @@ class MoEDecoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_routing: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | DecoderOutput:
         """input_ids [B, T] -> logits [B, T, V]; with return_routing, a DecoderOutput that also carries the balancing
-        loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side)."""
+        loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side). With a
+        KVCache the tokens continue the cached ones and attention_mask covers cached + new tokens [B, S + T]."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid: allowed [batch, tokens]")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids hold ids outside the vocabulary: allowed [0, {self.config.vocab_size - 1}]")
         b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        token_mask_BT = None
         if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} is invalid: allowed {(b, t)}")
-            positions_BT = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            if attention_mask.shape != (b, past + t):
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} is invalid: allowed {(b, past + t)}"
+                )
+            positions_BT = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+            token_mask_BT = attention_mask[:, past:]
         else:
-            positions_BT = torch.arange(t, device=input_ids.device).expand(b, t)
+            positions_BT = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
-        inputs = self.attention_inputs(positions_BT, attention_mask, t, t, x_BTD.dtype)
+        inputs = self.attention_inputs(positions_BT, attention_mask, t, past + t, x_BTD.dtype)
+        inputs.cache = cache
         infos: dict[int, MoEInfo] = {}
         for i, layer in enumerate(self.layers):
-            x_BTD, info = layer(x_BTD, inputs, input_ids, attention_mask)
+            x_BTD, info = layer(x_BTD, inputs, input_ids, token_mask_BT)
             if info is not None:
                 infos[i] = info
+        if cache is not None:
+            cache.length += t
         logits = self.lm_head(self.norm(x_BTD))
         if not return_routing:
             return logits

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from moekit.config.model import ModelConfig
 from moekit.model.count import count_parameters
+from moekit.model.meta import meta_model
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,7 @@ class ModelStats:
 
 
 def model_stats(cfg: ModelConfig) -> ModelStats:
-    from moekit.model.decoder import MoEDecoder
-
-    with torch.device("meta"):
-        model = MoEDecoder(cfg)
+    model = meta_model(cfg)
     params = count_parameters(model)
     moe = tuple(
         MoELayerShape(

@@ -1,0 +1,140 @@
+"""Finding and reading the safetensors files of a Hugging Face model directory, with one-line errors naming the
+file: no config, pickled checkpoints (refused, never unpickled), missing shards, corrupt or truncated files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a Hugging Face model directory with config.json)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    return path
+
+
+def weight_map(path: Path) -> dict[str, Path]:
+    """{tensor name: file} from the shard index, or every tensor of model.safetensors."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid shard index ({e})") from None
+        files = {name: path / file for name, file in entries.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise ValueError(f"{file}: shard listed in {INDEX} is missing")
+        return files
+    single = path / SINGLE
+    if single.is_file():
+        return dict.fromkeys(SafetensorsFile(single).keys(), single)
+    pickled = [name for name in PICKLED if (path / name).exists()] + [p.name for p in path.glob("*.bin")][:1]
+    if pickled:
+        raise ValueError(
+            f"{path / pickled[0]}: pickled checkpoints are refused (unpickling runs arbitrary code); convert it once "
+            "in a trusted environment: transformers' from_pretrained(...).save_pretrained(dir) writes safetensors"
+        )
+    raise ValueError(f"{path}: no {SINGLE} or {INDEX}")
+
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsFile:
+    """One safetensors file read tensor by tensor with plain reads straight into the destination's memory (no
+    mapping, no intermediate copy when dtypes agree), so loading costs the model's own size and nothing more.
+    The header is checked against the file's size: a corrupt or truncated file fails here, naming the file."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+                if not 2 <= n <= min(MAX_HEADER, size - 8):
+                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{file}: corrupt safetensors header (not a JSON object)")
+        header.pop("__metadata__", None)
+        self.data_start, data_size = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+                count = math.prod(shape)
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{file}: corrupt safetensors header entry for {name!r}") from None
+            if end - begin != count * dtype.itemsize or not 0 <= begin <= end:
+                raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+            if end > data_size:
+                raise ValueError(f"{file}: truncated: tensor {name!r} ends at byte {end} of {data_size}")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Fill dst (any dtype, same shape) with the tensor."""
+        dtype, shape, begin, end = self.entries[name]
+        buffer = dst if dst.dtype == dtype and dst.is_contiguous() else torch.empty(shape, dtype=dtype)
+        with open(self.file, "rb") as fh:
+            fh.seek(self.data_start + begin)
+            view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
+            if fh.readinto(view) != end - begin:
+                raise ValueError(f"{self.file}: truncated while reading {name!r}")
+        if buffer is not dst:
+            dst.copy_(buffer)
+
+
+class Shards:
+    """The files of a checkpoint: shape, dtype and read_into by tensor name."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._handles = {file: SafetensorsFile(file) for file in sorted(set(files.values()))}
+        for name, file in files.items():
+            if name not in self._handles[file].entries:
+                raise ValueError(f"{file}: lacks tensor {name!r} that {INDEX} places there")
+
+    def __enter__(self) -> Shards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._handles[self.files[name]].entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._handles[self.files[name]].entries[name][0]
+
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        self._handles[self.files[name]].read_into(name, dst)

@@ -1,0 +1,223 @@
+"""Load and save Hugging Face model directories (config.json + safetensors, sharded or not).
+
+Loading builds the model on the `meta` device, allocates it once in the target dtype and copies each tensor from
+the memory-mapped files, so peak memory stays near the model's own size. Per-expert checkpoint tensors are
+stacked into moekit's [E, 2F, D] / [E, D, F] layout by the family's declared ExpertKeys, and split back on save.
+Saving writes every file to a temporary name, fsyncs it and renames it into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map
+from moekit.checkpoint.keymap import KeyMap, expert_keys
+from moekit.config.hf import FAMILIES, family_of, load_hf_config
+from moekit.config.hf_model import model_from_hf
+from moekit.layers.rope import RotaryEmbedding
+from moekit.model.decoder import MoEDecoder
+from moekit.model.meta import materialize, meta_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> MoEDecoder:
+    """The model in a Hugging Face directory; dtype None keeps the checkpoint's. model.load_notes lists what the
+    loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
+    path = checkpoint_dir(path)
+    hf = load_hf_config(path)
+    family_of(hf)  # a family moekit can run, or a ValueError listing them
+    cfg = model_from_hf(hf, name=path.name)
+    cfg = replace(cfg, extra={**cfg.extra, "hf_config": hf})
+    files = weight_map(path)
+    notes = []
+    if cfg.mtp_layers and not any(re.match(rf"model\.layers\.{cfg.num_layers}\.", n) for n in files):
+        notes.append(f"config announces {cfg.mtp_layers} multi-token-prediction layer(s) the files do not hold")
+        cfg = replace(cfg, mtp_layers=0)
+    elif cfg.mtp_layers:
+        notes.append(f"loaded {cfg.mtp_layers} multi-token-prediction layer(s) (used by training and speculation)")
+    with Shards(files) as shards:
+        dtype = _resolve_dtype(dtype, shards, files)
+        model = _empty_model(cfg, dtype)
+        _fill(model, shards, files)
+    model.load_notes = notes
+    return model.eval()
+
+
+def _resolve_dtype(dtype, shards: Shards, files: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid: allowed one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    found = {shards.dtype(name) for name in files}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # the checkpoint's own (the narrowest, if mixed)
+        if dtype in found:
+            return dtype
+    return torch.float32
+
+
+def _empty_model(cfg, dtype: torch.dtype) -> MoEDecoder:
+    model = materialize(meta_model(cfg, dtype))
+    for module in model.modules():  # buffers the checkpoint does not hold
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+        for name in module._non_persistent_buffers_set:
+            if not isinstance(module, RotaryEmbedding):
+                getattr(module, name).zero_()
+    return model
+
+
+def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
+    cfg, keymap, experts = model.config, KeyMap(model.config), expert_keys(model.config.family)
+    targets = model.state_dict(keep_vars=True)
+    filled: set[str] = set()
+    pattern = experts.pattern() if experts.per_expert else None
+    f = cfg.moe.expert_hidden if cfg.moe else 0
+    for name in files:
+        m = pattern.match(name) if pattern else None
+        if m:
+            layer, e, proj = m[1], int(m[2]), m[3]
+            which = {experts.gate: "gate", experts.up: "up", experts.down: "down"}[proj]
+            target_name = keymap.to_moekit(f"{layer}.mlp.experts.{'down_proj' if which == 'down' else 'gate_up_proj'}")
+            target = _target(targets, target_name, name, files)
+            if e >= target.shape[0]:
+                raise ValueError(f"{files[name]}: {name} names expert {e}, the config has {target.shape[0]}")
+            view = {"gate": lambda t: t[e, :f], "up": lambda t: t[e, f:], "down": lambda t: t[e]}[which](target.data)
+            _copy(view, shards, name, files)
+            filled.add(f"{target_name}#{e}{which}")
+            continue
+        target_name = keymap.to_moekit(name)
+        if target_name is None:  # a copy of a shared tensor (DeepSeek's MTP embedding/head)
+            continue
+        _copy(_target(targets, target_name, name, files).data, shards, name, files)
+        filled.add(target_name)
+    missing = []
+    for target_name, tensor in targets.items():
+        if target_name in filled:
+            continue
+        if pattern and target_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            parts = ("down",) if target_name.endswith("down_proj") else ("gate", "up")
+            lost = [f"{e}{p}" for e in range(tensor.shape[0]) for p in parts if f"{target_name}#{e}{p}" not in filled]
+            if not lost:
+                continue
+        if cfg.tie_embeddings and target_name == "lm_head.weight":
+            continue
+        missing.append(keymap.to_hf(target_name))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"{next(iter(files.values())).parent}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def _target(targets: dict, target_name: str, name: str, files: dict) -> torch.Tensor:
+    if target_name not in targets:
+        raise ValueError(f"{files[name]}: unexpected tensor {name!r} (this config has no such weight)")
+    return targets[target_name]
+
+
+def _copy(dst: torch.Tensor, shards: Shards, name: str, files: dict) -> None:
+    shape = shards.shape(name)
+    if shape != tuple(dst.shape):
+        raise ValueError(
+            f"{files[name]}: tensor {name!r} has shape {list(shape)}, the config implies {list(dst.shape)}"
+        )
+    with torch.no_grad():
+        shards.read_into(name, dst)
+
+
+def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors in the family's checkpoint layout (sharded above max_shard_bytes, with
+    model.safetensors.index.json). Each file is written under a temporary name, fsynced, then renamed."""
+    cfg = model.config
+    hf = cfg.extra.get("hf_config")
+    if hf is None:
+        raise ValueError(
+            "this model has no Hugging Face config (it was not built from one): cannot save it in HF layout"
+        )
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"model_type={cfg.family!r} is unsupported for saving: allowed one of {', '.join(FAMILIES)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_tensors(model)
+    shards = _shard(tensors, max_shard_bytes)
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for file, shard in zip(names, shards, strict=True):
+        # clones: split experts and tied copies share storage, which safetensors refuses; one shard at a time
+        owned = {k: v.clone() for k, v in shard.items()}
+        _atomic(path / file, lambda tmp, owned=owned: save_file(owned, str(tmp), metadata={"format": "pt"}))
+        del owned
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {n: file for file, shard in zip(names, shards, strict=True) for n in shard},
+        }
+        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    for stale in path.glob("model*.safetensors"):  # shards of an earlier save with a different count
+        if stale.name not in names:
+            stale.unlink()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config = {**hf, "torch_dtype": dtype, "dtype": dtype}
+    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def checkpoint_tensors(model: MoEDecoder) -> dict[str, torch.Tensor]:
+    """{checkpoint name: tensor} in the family's layout (per-expert tensors split out of the stacked ones)."""
+    cfg, keymap, experts = model.config, KeyMap(model.config), expert_keys(model.config.family)
+    f = cfg.moe.expert_hidden if cfg.moe else 0
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        hf_name = keymap.to_hf(name)
+        if experts.per_expert and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            prefix = hf_name[: hf_name.index(".mlp.experts.")]
+            for e in range(tensor.shape[0]):
+                keys = experts.names(prefix, e)
+                if name.endswith("gate_up_proj"):
+                    out[keys["gate"]], out[keys["up"]] = tensor[e, :f], tensor[e, f:]
+                else:
+                    out[keys["down"]] = tensor[e]
+            continue
+        out[hf_name] = tensor
+    for copy in keymap.mtp_copies():  # DeepSeek-V3 files keep the embedding and head beside each MTP layer
+        out[copy] = model.embed_tokens.weight if copy.endswith("embed_tokens.weight") else model.lm_head.weight
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

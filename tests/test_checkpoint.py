@@ -1,0 +1,198 @@
+"""Hugging Face checkpoints: load every family from transformers' own files, equal logits and greedy tokens, save
+back so transformers loads it unchanged; lazy loading; one-line errors for bad directories and files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit.checkpoint.files import SafetensorsFile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_tiny import FAMILIES, tiny_config  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+SHARDED = ("mixtral", "deepseek_v3")
+
+
+def _tensors(directory: Path) -> dict:
+    out = {}
+    for file in directory.glob("*.safetensors"):
+        f = SafetensorsFile(file)
+        out.update({name: (shape, dtype) for name, (dtype, shape, _, _) in f.entries.items()})
+    return out
+
+
+def _hf_model(family: str, directory: Path, **overrides):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    with torch.no_grad():  # norms, biases, sinks are 1/0 at init: perturb them so loading them is tested
+        for name, p in hf.named_parameters():
+            if "norm" in name or "sinks" in name or "bias" in name:
+                p.normal_(std=0.3).add_(1.0 if "norm" in name else 0.0)
+    hf.save_pretrained(directory, max_shard_size="60KB" if family in SHARDED else "5GB")
+    return hf
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_generate_save_round_trip(family, tmp_path):
+    hf = _hf_model(family, tmp_path / "hf")
+    if family in SHARDED:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = moekit.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ids = torch.randint(3, 96, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out = model(ids, mask)
+    assert float((out[real] - ref[real]).norm() / ref[real].norm()) < 1e-4
+
+    prompt = ids[:1, :9]
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert model.generate(prompt, 16).tolist() == expected.tolist()
+
+    model.save_pretrained(tmp_path / "out", max_shard_bytes=60_000 if family in SHARDED else 5 * 2**30)
+    assert _tensors(tmp_path / "out") == _tensors(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, ref)
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_dtype_on_load_and_checkpoint_default(tmp_path):
+    hf = _hf_model("qwen3_moe", tmp_path / "hf")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert next(moekit.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    assert next(moekit.from_pretrained(tmp_path / "bf16", dtype="float32").parameters()).dtype == torch.float32
+    assert next(moekit.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_mtp_layer_is_loaded_or_noted(tmp_path):
+    _hf_model("deepseek_v3", tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf")
+    assert "multi-token-prediction" in model.load_notes[0] and len(model.mtp) == 0
+    # a checkpoint that holds the MTP layer (as DeepSeek-V3's own files do) loads it, and saves it back
+    full = moekit.from_config(model.config.__class__(**{**model.config.__dict__, "mtp_layers": 1}))
+    full.load_state_dict(model.state_dict(), strict=False)
+    full.save_pretrained(tmp_path / "mtp")
+    names = _tensors(tmp_path / "mtp")
+    assert "model.layers.4.eh_proj.weight" in names and "model.layers.4.shared_head.head.weight" in names
+    loaded = moekit.from_pretrained(tmp_path / "mtp")
+    assert len(loaded.mtp) == 1 and "loaded 1" in loaded.load_notes[0]
+    assert torch.equal(loaded.mtp[0].eh_proj.weight, full.mtp[0].eh_proj.weight)
+
+
+def test_loading_costs_the_model_size_once(tmp_path):
+    """Peak resident memory while loading grows by about the model's own size (files are read tensor by tensor
+    straight into the model's memory; no second copy)."""
+    directory = tmp_path / "big"
+    _hf_model("mixtral", directory, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=1024)
+    size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    code = (  # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current resident size
+        "import re, torch, moekit\n"
+        "kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kb('VmRSS')\n"
+        f"model = moekit.from_pretrained({str(directory)!r})\n"
+        "print(kb('VmHWM') - before)\n"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert size > 50e6
+    assert grown < 1.2 * size, (grown, size)
+
+
+def _corrupt(directory: Path, how: str) -> None:
+    files = sorted(directory.glob("*.safetensors"))
+    data = files[0].read_bytes()
+    if how == "truncate":
+        files[0].write_bytes(data[: len(data) // 2])
+    elif how == "header":
+        files[0].write_bytes(b"\xff" * 8 + data[8:])
+    elif how == "missing_shard":
+        files[-1].unlink()
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "truncated"),
+        ("header", "corrupt or truncated safetensors"),
+        ("missing_shard", "is missing"),
+    ],
+)
+def test_damaged_files(tmp_path, damage, message):
+    _hf_model("mixtral", tmp_path / "hf")
+    _corrupt(tmp_path / "hf", damage)
+    with pytest.raises(ValueError, match=message) as e:
+        moekit.from_pretrained(tmp_path / "hf")
+    assert ".safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        moekit.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type='bert' is unsupported: allowed one of mixtral"):
+        moekit.from_pretrained(tmp_path)
+    _hf_model("qwen3_moe", tmp_path / "hf")
+    os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled checkpoints are refused"):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _hf_model("qwen3_moe", tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    good = load_file(file)
+    save_file({**good, "model.norm.weight": torch.ones(7)}, file)
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[7\], the config implies \[32\]"):
+        moekit.from_pretrained(tmp_path / "hf")
+    save_file({**good, "model.extra.weight": torch.ones(3)}, file)
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        moekit.from_pretrained(tmp_path / "hf")
+    save_file({k: v for k, v in good.items() if k != "model.layers.0.mlp.experts.3.up_proj.weight"}, file)
+    with pytest.raises(ValueError, match="missing tensors model.layers.0.mlp.experts.gate_up_proj"):
+        moekit.from_pretrained(tmp_path / "hf")
+
+
+def test_generation_cache_equals_recompute_with_left_padding(tmp_path):
+    _hf_model("deepseek_v3", tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(3, 96, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    out = model.generate(ids, 6, attention_mask=mask)
+    full, full_mask = ids, mask
+    for _ in range(6):
+        with torch.no_grad():
+            nxt = model(full, full_mask)[:, -1].argmax(-1, keepdim=True)
+        full, full_mask = torch.cat((full, nxt), 1), torch.cat((full_mask, torch.ones_like(nxt)), 1)
+    assert out.tolist() == full.tolist()
+    # the padded row continues exactly as the same prompt alone
+    alone = model.generate(ids[1:, 3:], 6)
+    assert out[1, 7:].tolist() == alone[0, 4:].tolist()
+
+
+def test_sampling_is_seeded_and_filtered(tmp_path):
+    _hf_model("qwen3_moe", tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(3, 96, (1, 5))
+    a = model.generate(ids, 8, temperature=0.8, top_p=0.9, seed=1)
+    assert torch.equal(a, model.generate(ids, 8, temperature=0.8, top_p=0.9, seed=1))
+    top1 = model.generate(ids, 8, temperature=1.0, top_k=1, seed=3)
+    assert torch.equal(top1, model.generate(ids, 8))  # top-k 1 is greedy
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, 2, top_p=0.0)
+    streamed = []
+    model.generate(ids, 4, on_token=lambda t: streamed.append(int(t[0])))
+    assert len(streamed) == 4
