@@ -74,6 +74,17 @@ EXTRA = {
             "beta_slow": 1,
         },
     },
+    "glm4_moe": {
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 4,
+        "topk_group": 2,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "use_qk_norm": True,
+        "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+    },
     "gpt_oss": {
         "sliding_window": 4,
         "intermediate_size": 24,

@@ -75,6 +75,7 @@ class AttentionConfig:
     nope_layers     layers without rotary embedding (Llama 4); temperature_tuning scales their queries by
                     1 + attn_scale·log(1 + floor((pos + 1) / floor_scale)).
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
+    partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection)."""
 
     kind: Literal["gqa", "mla"] = "gqa"
@@ -91,6 +92,7 @@ class AttentionConfig:
     attn_scale: float = 0.1
     floor_scale: float = 8192.0
     rope_interleave: bool = False
+    partial_rotary: float = 1.0
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -111,6 +113,7 @@ class AttentionConfig:
             if "chunked" in self.layer_types:
                 check_int("attention.chunk_size", self.chunk_size, 1)
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
+        check_float("attention.partial_rotary", self.partial_rotary, 0.0, 1.0, lo_open=True)
         if self.kind == "mla":
             check_int("attention.kv_lora_rank", self.kv_lora_rank, 1)
             check_int("attention.qk_nope_head_dim", self.qk_nope_head_dim, 0)
@@ -140,6 +143,8 @@ class AttentionConfig:
         else:
             text = "GQA"
         extras = [f"qk-norm {self.qk_norm}"] if self.qk_norm != "none" else []
+        if self.partial_rotary < 1:
+            extras.append(f"rope on {self.partial_rotary:g} of each head")
         if self.sinks:
             extras.append("sinks")
         if self.layer_types and "sliding" in self.layer_types:

@@ -13,7 +13,17 @@ from moekit.config.moe import MoEConfig
 from moekit.experts.layout import ExpertLayout
 from moekit.routing.spec import RoutingSpec
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4_text")
+FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+    "llama4_text",
+)
 
 
 def published_names() -> list[str]:
@@ -88,9 +98,9 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
             layers = place_moe_layers(
                 n_layers, step=c.get("decoder_sparse_step", 1) or 1, dense_layers=tuple(c.get("mlp_only_layers") or ())
             )
-    elif family in ("deepseek_v2", "deepseek_v3"):
+    elif family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
         f = _need(c, "moe_intermediate_size")
-        v3 = family == "deepseek_v3"
+        v3 = family in ("deepseek_v3", "glm4_moe")  # GLM-4.5 routes exactly like DeepSeek-V3
         grouped = v3 or c.get("topk_method") == "group_limited_greedy"
         spec_kw = {
             "score_func": c.get("scoring_func", "sigmoid" if v3 else "softmax"),

@@ -78,6 +78,14 @@ def attention_from_hf(c: dict, family: str) -> AttentionConfig:
             layer_types=types,
             sliding_window=window if types else None,
         )
+    if family == "glm4_moe":
+        return AttentionConfig(
+            qkv_bias=bias,
+            qk_norm="head" if c.get("use_qk_norm") else "none",
+            partial_rotary=float(
+                c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor") or 0.5
+            ),
+        )
     if family == "olmoe":
         return AttentionConfig(qkv_bias=bias, qk_norm="full", clip_qkv=c.get("clip_qkv"))
     if family == "gpt_oss":
@@ -139,7 +147,7 @@ def model_from_hf(hf: dict, name: str = "", assumptions: list[str] | None = None
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         max_position=int(c.get("max_position_embeddings") or 4096),
-        mtp_layers=int(c.get("num_nextn_predict_layers") or 0) if family == "deepseek_v3" else 0,
+        mtp_layers=int(c.get("num_nextn_predict_layers") or 0) if family in ("deepseek_v3", "glm4_moe") else 0,
         family=family,
         name=name,
     )

@@ -85,8 +85,10 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """The rotary width of a head: all of it (GQA) or MLA's decoupled rope part."""
-        return self.attention.qk_rope_head_dim if self.attention.kind == "mla" else self.head_dim
+        """The rotary width of a head: all of it or its partial_rotary fraction (GQA), MLA's decoupled rope part."""
+        if self.attention.kind == "mla":
+            return self.attention.qk_rope_head_dim
+        return int(self.head_dim * self.attention.partial_rotary) // 2 * 2
 
     def is_moe_layer(self, i: int) -> bool:
         return i in self.moe_layers

@@ -108,7 +108,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if self.use_rope:
-            q, k = apply_rope(q, *inputs.rope, self.interleave), apply_rope(k, *inputs.rope, self.interleave)
+            q, k = self._rope(q, inputs.rope), self._rope(k, inputs.rope)
             if self.qk_norm == "l2":
                 q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
         if self.temperature is not None:
@@ -119,6 +119,13 @@ class Attention(nn.Module):
             k, v = inputs.cache.extend(self.layer, (2, 2), k, v)
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _rope(self, x_BHTd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        r = rope[0].shape[-1]
+        if r == self.head_dim:
+            return apply_rope(x_BHTd, *rope, self.interleave)
+        return torch.cat((apply_rope(x_BHTd[..., :r], *rope, self.interleave), x_BHTd[..., r:]), dim=-1)
 
 
 def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
