@@ -85,6 +85,21 @@ EXTRA = {
         "attention_bias": True,
         "partial_rotary_factor": 0.5,
     },
+    "phimoe": {
+        "attention_bias": True,
+        "lm_head_bias": True,
+        "router_jitter_noise": 0.3,
+        "sliding_window": 6,
+        "max_position_embeddings": 128,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0],
+            "short_mscale": 1.1,
+            "long_mscale": 1.3,
+            "original_max_position_embeddings": 64,
+        },
+    },
     "gpt_oss": {
         "sliding_window": 4,
         "intermediate_size": 24,

@@ -98,6 +98,7 @@ class ExpertKeys:
 PER_EXPERT = ExpertKeys(per_expert=True)
 EXPERT_KEYS = {
     "mixtral": ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="w3", down="w2"),
+    "phimoe": ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="w3", down="w2"),
     "gpt_oss": ExpertKeys(per_expert=False),
     "llama4_text": ExpertKeys(per_expert=False),
 }

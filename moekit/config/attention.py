@@ -10,7 +10,7 @@ from moekit._validate import check_choice, check_float, check_int, fail
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full", "l2")
 LAYER_TYPES = ("full", "sliding", "chunked")
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class RopeScaling:
 
     yarn: factor, original_max_position, beta_fast, beta_slow, mscale, mscale_all_dim, truncate (DeepSeek also
     scales the softmax by mscale(factor, mscale_all_dim)^2, GPT-OSS does not: its mscale_all_dim is 0).
-    llama3: factor, low_freq_factor, high_freq_factor, original_max_position. linear: factor."""
+    llama3: factor, low_freq_factor, high_freq_factor, original_max_position. linear: factor.
+    longrope (Phi-3): per-frequency short_factor / long_factor, the long ones once a sequence outgrows
+    original_max_position, with short_mscale / long_mscale (default sqrt(1 + ln(factor) / ln(original)))."""
 
     type: Literal["default", "linear", "yarn", "llama3"] = "default"
     factor: float = 1.0
@@ -31,26 +33,41 @@ class RopeScaling:
     truncate: bool = True
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    short_mscale: float | None = None
+    long_mscale: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("rope_scaling.type", self.type, ROPE_TYPES)
         check_float("rope_scaling.factor", self.factor, 0.0, lo_open=True)
-        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+        object.__setattr__(self, "short_factor", tuple(float(x) for x in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(x) for x in self.long_factor))
+        if self.type == "longrope" and (not self.short_factor or len(self.short_factor) != len(self.long_factor)):
+            fail(
+                "rope_scaling.short_factor", len(self.short_factor), "one factor per frequency, as many as long_factor"
+            )
+        if self.type in ("yarn", "llama3", "longrope") and self.original_max_position is None:
             fail("rope_scaling.original_max_position", None, f"an integer >= 1 for {self.type} scaling")
 
     @classmethod
-    def from_hf(cls, d: dict | None) -> RopeScaling | None:
+    def from_hf(cls, d: dict | None, max_position: int | None = None) -> RopeScaling | None:
         if not d:
             return None
         kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "su":  # Phi-3's early name for longrope
+            kind = "longrope"
         if kind == "default":
             return None
         if kind not in ROPE_TYPES:
             fail("rope_scaling.type", kind, f"one of {', '.join(ROPE_TYPES)}")
         get = lambda k, default: default if d.get(k) is None else d[k]
+        factor = d.get("factor")
+        if factor is None and kind == "longrope" and max_position and d.get("original_max_position_embeddings"):
+            factor = max_position / d["original_max_position_embeddings"]
         return cls(
             type=kind,
-            factor=float(get("factor", 1.0)),
+            factor=float(factor if factor is not None else 1.0),
             original_max_position=d.get("original_max_position_embeddings"),
             beta_fast=float(get("beta_fast", 32.0)),
             beta_slow=float(get("beta_slow", 1.0)),
@@ -59,6 +76,10 @@ class RopeScaling:
             truncate=bool(get("truncate", True)),
             low_freq_factor=float(get("low_freq_factor", 1.0)),
             high_freq_factor=float(get("high_freq_factor", 4.0)),
+            short_factor=tuple(d.get("short_factor") or ()),
+            long_factor=tuple(d.get("long_factor") or ()),
+            short_mscale=d.get("short_mscale"),
+            long_mscale=d.get("long_mscale"),
         )
 
 

@@ -21,6 +21,7 @@ FAMILIES = (
     "deepseek_v2",
     "deepseek_v3",
     "glm4_moe",
+    "phimoe",
     "gpt_oss",
     "llama4_text",
 )
@@ -89,6 +90,10 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
     if family == "mixtral":
         spec_kw, f = {"normalize": True}, _need(c, "intermediate_size")
         kw["jitter"] = float(c.get("router_jitter_noise", 0.0) or 0.0)
+    elif family == "phimoe":
+        f = _need(c, "intermediate_size")
+        spec_kw = {"score_func": "sparsemixer", "sparsemixer_eps": float(c.get("router_jitter_noise", 0.01) or 0.0)}
+        kw["jitter"] = float(c.get("input_jitter_noise", 0.0) or 0.0)
     elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
         spec_kw = {"normalize": bool(c.get("norm_topk_prob", False))}
         f = _need(c, "intermediate_size" if family == "olmoe" else "moe_intermediate_size")

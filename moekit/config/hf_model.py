@@ -78,6 +78,13 @@ def attention_from_hf(c: dict, family: str) -> AttentionConfig:
             layer_types=types,
             sliding_window=window if types else None,
         )
+    if family == "phimoe":
+        return AttentionConfig(
+            qkv_bias=bias,
+            out_bias=bias,
+            layer_types=_layer_types(c, n_layers, "sliding" if window else None),
+            sliding_window=window,
+        )
     if family == "glm4_moe":
         return AttentionConfig(
             qkv_bias=bias,
@@ -143,8 +150,12 @@ def model_from_hf(hf: dict, name: str = "", assumptions: list[str] | None = None
         vocab_size=c["vocab_size"],
         attention=attention_from_hf(c, family),
         rope_theta=float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
-        rope_scaling=RopeScaling.from_hf(c.get("rope_scaling") or c.get("rope_parameters")),
+        rope_scaling=RopeScaling.from_hf(
+            c.get("rope_scaling") or c.get("rope_parameters"), c.get("max_position_embeddings")
+        ),
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        norm="layer" if family == "phimoe" else "rms",
+        lm_head_bias=bool(c.get("lm_head_bias", False)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         max_position=int(c.get("max_position_embeddings") or 4096),
         mtp_layers=int(c.get("num_nextn_predict_layers") or 0) if family in ("deepseek_v3", "glm4_moe") else 0,

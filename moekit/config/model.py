@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moekit._validate import check_float, check_int, fail
+from moekit._validate import check_choice, check_float, check_int, fail
 from moekit.config.attention import AttentionConfig, RopeScaling
 from moekit.config.moe import MoEConfig
+
+NORMS = ("rms", "layer", "layer_nobias")  # RMSNorm; LayerNorm with or without a bias (Phi-3.5-MoE, DBRX)
 
 
 def place_moe_layers(
@@ -23,7 +25,8 @@ class ModelConfig:
     """A decoder-only transformer: RMSNorm, RoPE, attention as configured (grouped-query or MLA), and per layer
     either a dense gated FFN (width dense_hidden) or an MoE block (moe) at the indices in moe_layers (None: every
     layer). mtp_layers: DeepSeek-V3's multi-token-prediction modules (each one extra decoder layer predicting one
-    token further ahead); they are not used by the plain forward pass."""
+    token further ahead); they are not used by the plain forward pass. norm: the layer norms (see NORMS);
+    lm_head_bias: a bias on the output head (Phi-3.5-MoE)."""
 
     hidden_size: int
     num_layers: int
@@ -38,6 +41,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
+    norm: str = "rms"
+    lm_head_bias: bool = False
     mtp_layers: int = 0
     tie_embeddings: bool = False
     max_position: int = 4096
@@ -79,6 +84,7 @@ class ModelConfig:
         check_float("norm_eps", self.norm_eps, 0.0, lo_open=True)
         check_int("max_position", self.max_position, 1)
         check_int("mtp_layers", self.mtp_layers, 0)
+        check_choice("norm", self.norm, NORMS)
         if not isinstance(self.attention, AttentionConfig):
             fail("attention", self.attention, "an AttentionConfig")
         self.attention.check_layers(self.num_layers)

@@ -120,7 +120,6 @@ class Attention(nn.Module):
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-
     def _rope(self, x_BHTd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         r = rope[0].shape[-1]
         if r == self.head_dim:

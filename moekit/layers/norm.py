@@ -16,3 +16,10 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The block norm a ModelConfig asks for: rms, layer (LayerNorm with bias), layer_nobias."""
+    if kind == "rms":
+        return RMSNorm(dim, eps)
+    return nn.LayerNorm(dim, eps=eps, bias=kind == "layer")

@@ -15,12 +15,24 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
-    """(inv_freq [dim/2], attention factor multiplying cos and sin). Always computed on the CPU (also inside a
-    meta-device build, where arange would pull in torch's decomposition machinery)."""
+def rope_frequencies(
+    dim: int, theta: float, scaling: RopeScaling | None, long: bool = False
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2], attention factor multiplying cos and sin); long: longrope's long-context regime.
+    Always computed on the CPU (also inside a meta-device build, where arange would pull in torch's
+    decomposition machinery)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     if scaling is None or scaling.type == "default":
         return inv_freq, 1.0
+    if scaling.type == "longrope":
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32, device="cpu")
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope_scaling has {factors.numel()} factors, the rotary width needs {inv_freq.numel()}")
+        mscale = scaling.long_mscale if long else scaling.short_mscale
+        if mscale is None:
+            orig = scaling.original_max_position
+            mscale = 1.0 if scaling.factor <= 1 else math.sqrt(1 + math.log(scaling.factor) / math.log(orig))
+        return inv_freq / factors, float(mscale)
     if scaling.type == "linear":
         return inv_freq / scaling.factor, 1.0
     if scaling.type == "llama3":
@@ -66,18 +78,27 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
         self.dim, self.theta, self.scaling = dim, theta, scaling
+        self.longrope = scaling is not None and scaling.type == "longrope"
         inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if self.longrope:
+            inv_freq_long, self.attention_factor_long = rope_frequencies(dim, theta, scaling, long=True)
+            self.register_buffer("inv_freq_long", inv_freq_long, persistent=False)
 
     def reset_buffers(self) -> None:
         """Recompute the frequencies (after the module was built on the meta device and materialised)."""
         self.inv_freq = rope_frequencies(self.dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
+        if self.longrope:
+            self.inv_freq_long = rope_frequencies(self.dim, self.theta, self.scaling, long=True)[0]
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""
-        freqs_BTH = positions_BT.float().unsqueeze(-1) * self.inv_freq.float()
+        inv_freq, factor = self.inv_freq, self.attention_factor
+        if self.longrope and positions_BT.numel() and int(positions_BT.max()) + 1 > self.scaling.original_max_position:
+            inv_freq, factor = self.inv_freq_long, self.attention_factor_long
+        freqs_BTH = positions_BT.float().unsqueeze(-1) * inv_freq.float()
         emb = torch.cat((freqs_BTH, freqs_BTH), dim=-1)
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

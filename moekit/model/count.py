@@ -47,7 +47,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             counts["shared_experts"] += take(module.shared_expert_gate.parameters()) if module.shared_expert_gate else 0
             counts["routers"] += take(module.router.parameters())
     for name, module in model.named_modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
             counts["norms"] += take(module.parameters())
         elif isinstance(module, FeedForward):
             counts["dense_ffn"] += take(module.parameters())

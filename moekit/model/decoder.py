@@ -13,7 +13,7 @@ from moekit.layers.attention import Attention, AttentionInputs, causal_mask
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import make_norm
 from moekit.layers.rope import RotaryEmbedding
 from moekit.model.mtp import MultiTokenPrediction
 from moekit.routing.router import warn_causality
@@ -32,9 +32,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
         """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.self_attn = (LatentAttention if cfg.attention.kind == "mla" else Attention)(cfg, index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         if cfg.is_moe_layer(index) if moe is None else moe:
             self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
         else:
@@ -62,8 +62,8 @@ class MoEDecoder(nn.Module):
             warn_causality(cfg.moe)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
         if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise

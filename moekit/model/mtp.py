@@ -10,7 +10,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.layers.attention import AttentionInputs
 from moekit.layers.moe import MoEInfo
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import make_norm
 
 
 class MultiTokenPrediction(nn.Module):
@@ -19,10 +19,10 @@ class MultiTokenPrediction(nn.Module):
 
         super().__init__()
         d = cfg.hidden_size
-        self.enorm, self.hnorm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
+        self.enorm, self.hnorm = make_norm(cfg.norm, d, cfg.norm_eps), make_norm(cfg.norm, d, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.layer = DecoderLayer(cfg, cfg.num_layers + depth, moe=cfg.moe is not None and bool(cfg.moe_layers))
-        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, d, cfg.norm_eps)
 
     def forward(
         self, h_BTD: torch.Tensor, next_embeds_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT, mask_BT

@@ -7,7 +7,7 @@ from typing import Literal
 
 from moekit._validate import check_choice, check_float, check_int, fail
 
-ScoreFunc = Literal["softmax", "sigmoid"]
+ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer"]
 GroupScore = Literal["max", "top2_sum"]
 
 
@@ -15,7 +15,10 @@ GroupScore = Literal["max", "top2_sum"]
 class RoutingSpec:
     """Token-choice routing math.
 
-    score_func        softmax or sigmoid of the router logits.
+    score_func        softmax or sigmoid of the router logits, or sparsemixer (Phi-3.5-MoE): the k experts are picked
+                      one after another by the largest remaining logit, each weighted by a softmax over the logits
+                      within a relative distance 2·sparsemixer_eps of it (inference semantics; training uses the
+                      same deterministic pick, not Phi's Gumbel sampling with its Heun-estimated gradient).
     softmax_after_topk  select top-k on the raw logits and take the softmax over the k values only (GPT-OSS);
                       otherwise the score function runs over all experts first (Mixtral, Qwen, DeepSeek).
     n_group, topk_group  group-limited selection: experts split into n_group equal groups, only the topk_group best
@@ -43,11 +46,15 @@ class RoutingSpec:
     scaling_factor: float = 1.0
     apply_to: Literal["output", "input"] = "output"
     router_dtype: Literal["float32", "model"] = "float32"
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, 1)
         check_int("top_k", self.top_k, 1, self.num_experts)
-        check_choice("score_func", self.score_func, ("softmax", "sigmoid"))
+        check_choice("score_func", self.score_func, ("softmax", "sigmoid", "sparsemixer"))
+        check_float("sparsemixer_eps", self.sparsemixer_eps, 0.0)
+        if self.score_func == "sparsemixer" and (self.n_group > 1 or self.selection_bias or self.normalize):
+            fail("score_func", self.score_func, "sparsemixer without groups, selection bias or renormalisation")
         if self.softmax_after_topk and self.score_func != "softmax":
             fail("softmax_after_topk", self.softmax_after_topk, "True only with score_func='softmax'")
         check_int("n_group", self.n_group, 1, self.num_experts)
@@ -71,6 +78,8 @@ class RoutingSpec:
         """The routing in words, for `moekit inspect` and the probe."""
         if self.softmax_after_topk:
             s = f"top-{self.top_k} of {self.num_experts} on raw logits, softmax over the {self.top_k}"
+        elif self.score_func == "sparsemixer":
+            s = f"sparsemixer top-{self.top_k} of {self.num_experts} (eps {self.sparsemixer_eps:g})"
         else:
             s = f"{self.score_func} scores, top-{self.top_k} of {self.num_experts}"
         if self.n_group > 1:

@@ -9,7 +9,7 @@ from moekit.routing.spec import RoutingSpec
 
 
 def scores_from_logits(logits_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
-    """The score function over all experts (softmax or sigmoid)."""
+    """The score function over all experts (softmax or sigmoid; sparsemixer balances on the softmax)."""
     if spec.score_func == "sigmoid":
         return torch.sigmoid(logits_TE)
     return F.softmax(logits_TE, dim=-1)
@@ -36,11 +36,30 @@ def limit_to_groups(choice_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     return grouped_TGe.masked_fill(~allowed_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
 
 
+def sparsemixer_route(logits_TE: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's SparseMixer at inference: pick the best remaining expert k times; its weight is the softmax,
+    at its own index, over the remaining logits s with (best - s) / max(|s|, best) <= 2·eps."""
+    remaining_TE = logits_TE
+    ids, weights = [], []
+    for _ in range(top_k):
+        best_T1, best_id_T1 = remaining_TE.max(dim=-1, keepdim=True)
+        factor_TE = logits_TE.abs().clamp(min=best_T1)
+        far_TE = (best_T1 - logits_TE) / factor_TE > 2 * eps
+        gates_TE = F.softmax(remaining_TE.masked_fill(far_TE, float("-inf")), dim=-1)
+        ids.append(best_id_T1)
+        weights.append(gates_TE.gather(-1, best_id_T1))
+        remaining_TE = remaining_TE.scatter(-1, best_id_T1, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(weights, dim=-1)
+
+
 def topk_route(
     logits_TE: torch.Tensor, spec: RoutingSpec, selection_bias_E: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k routing. Returns (topk_ids_TK, topk_weights_TK, probs_TE), weights in the logits' dtype."""
     logits = logits_TE.float() if spec.router_dtype == "float32" else logits_TE
+    if spec.score_func == "sparsemixer":
+        topk_ids_TK, weights_TK = sparsemixer_route(logits, spec.top_k, spec.sparsemixer_eps)
+        return topk_ids_TK, weights_TK.to(logits_TE.dtype), F.softmax(logits, dim=-1)
     if spec.softmax_after_topk:
         choice_TE = logits
         scores_TE = F.softmax(logits, dim=-1)
