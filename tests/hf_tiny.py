@@ -130,10 +130,32 @@ EXTRA = {
     },
 }
 
+EXTRA["dbrx"] = {}  # DBRX names its fields its own way: see _dbrx
 FAMILIES = list(EXTRA)
+
+
+def _dbrx(**overrides) -> dict:
+    t = {**TINY, **overrides}
+    return {
+        "d_model": t["hidden_size"],
+        "n_heads": t["num_attention_heads"],
+        "n_layers": t["num_hidden_layers"],
+        "vocab_size": t["vocab_size"],
+        "max_seq_len": t["max_position_embeddings"],
+        "attn_config": {"kv_n_heads": t["num_key_value_heads"], "clip_qkv": 3.0, "rope_theta": 10000.0},
+        "ffn_config": {
+            "ffn_hidden_size": t["intermediate_size"],
+            "moe_num_experts": t["num_local_experts"],
+            "moe_top_k": t["num_experts_per_tok"],
+            "moe_normalize_expert_weights": 1.0,
+        },
+        "tie_word_embeddings": False,
+    }
 
 
 def tiny_config(family: str, **overrides):
     import transformers
 
+    if family == "dbrx":
+        return transformers.AutoConfig.for_model("dbrx", **_dbrx(**overrides))
     return transformers.AutoConfig.for_model(family, **{**TINY, **EXTRA[family], **overrides})

@@ -1,5 +1,11 @@
-"""Hugging Face checkpoints: load every family from transformers' own files, equal logits and greedy tokens, save
-back so transformers loads it unchanged; lazy loading; one-line errors for bad directories and files."""
+"""Hugging Face checkpoints: every family loads from the files transformers itself writes and gives transformers'
+logits and greedy tokens; moekit's save loads back into transformers unchanged; lazy loading; one-line errors.
+
+The tiny configs (tests/hf_tiny.py) switch on each family's particulars: Mixtral's sliding window, Qwen2-MoE's gated
+shared expert and sparse step, Qwen3-MoE's mlp_only_layers, OLMoE's clip_qkv and full-projection QK-norm, DeepSeek
+V2/V3's MLA with yarn, groups and dense first layers, GLM-4.5's partial rotary, Phi-3.5-MoE's SparseMixer,
+LayerNorms, head bias and longrope, DBRX's fused Wqkv and expert matrices, GPT-OSS's sinks, alternating sliding
+layers and yarn, Llama 4's chunked attention, NoPE layers, temperature tuning, L2 QK-norm and llama3 rope."""
 
 import json
 import os
@@ -31,10 +37,13 @@ def _tensors(directory: Path) -> dict:
 def _hf_model(family: str, directory: Path, **overrides):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    with torch.no_grad():  # norms, biases, sinks are 1/0 at init: perturb them so loading them is tested
+    with torch.no_grad():  # norms, biases, sinks, selection biases are 1/0 at init: perturb them so they are tested
         for name, p in hf.named_parameters():
             if "norm" in name or "sinks" in name or "bias" in name:
-                p.normal_(std=0.3).add_(1.0 if "norm" in name else 0.0)
+                p.normal_(std=0.3).add_(1.0 if "norm" in name and "bias" not in name else 0.0)
+        for name, b in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(std=0.3)
     hf.save_pretrained(directory, max_shard_size="60KB" if family in SHARDED else "5GB")
     return hf
 

@@ -138,3 +138,8 @@ class Shards:
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         self._handles[self.files[name]].read_into(name, dst)
+
+    def read(self, name: str) -> torch.Tensor:
+        t = torch.empty(self.shape(name), dtype=self.dtype(name))
+        self.read_into(name, t)
+        return t

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map
-from moekit.checkpoint.keymap import KeyMap, expert_keys
+from moekit.checkpoint.keymap import KeyMap, expert_keys, piece_view
 from moekit.config.hf import FAMILIES, family_of, load_hf_config
 from moekit.config.hf_model import model_from_hf
 from moekit.layers.rope import RotaryEmbedding
@@ -82,6 +82,11 @@ def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
     pattern = experts.pattern() if experts.per_expert else None
     f = cfg.moe.expert_hidden if cfg.moe else 0
     for name in files:
+        pieces = keymap.fused_pieces(name)
+        if pieces is not None:
+            _fill_fused(targets, pieces, shards, name, files)
+            filled.update(target for target, _ in pieces)
+            continue
         m = pattern.match(name) if pattern else None
         if m:
             layer, e, proj = m[1], int(m[2]), m[3]
@@ -114,6 +119,20 @@ def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{next(iter(files.values())).parent}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def _fill_fused(targets: dict, pieces: list, shards: Shards, name: str, files: dict) -> None:
+    """Split one fused checkpoint tensor into its pieces: rows in order, each reshaped to its view."""
+    views = [piece_view(_target(targets, target, name, files).data, view) for target, view in pieces]
+    rows = [v.numel() // v.shape[-1] for v in views]
+    shape = shards.shape(name)
+    if len(shape) != 2 or shape[0] != sum(rows) or shape[1] != views[0].shape[-1]:
+        implied = [sum(rows), views[0].shape[-1]]
+        raise ValueError(f"{files[name]}: tensor {name!r} has shape {list(shape)}, the config implies {implied}")
+    source = shards.read(name)
+    with torch.no_grad():
+        for view, part in zip(views, source.split(rows), strict=True):
+            view.copy_(part.view(view.shape))
 
 
 def _target(targets: dict, target_name: str, name: str, files: dict) -> torch.Tensor:
@@ -178,8 +197,14 @@ def checkpoint_tensors(model: MoEDecoder) -> dict[str, torch.Tensor]:
     cfg, keymap, experts = model.config, KeyMap(model.config), expert_keys(model.config.family)
     f = cfg.moe.expert_hidden if cfg.moe else 0
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if cfg.tie_embeddings and name == "lm_head.weight":
+    state = model.state_dict()
+    fused: set[str] = set()
+    for hf_name, pieces in keymap.fused_names().items():
+        views = [piece_view(state[target], view) for target, view in pieces]
+        out[hf_name] = torch.cat([v.reshape(-1, v.shape[-1]) for v in views])
+        fused.update(target for target, _ in pieces)
+    for name, tensor in state.items():
+        if (cfg.tie_embeddings and name == "lm_head.weight") or name in fused:
             continue
         hf_name = keymap.to_hf(name)
         if experts.per_expert and name.endswith(("experts.gate_up_proj", "experts.down_proj")):

@@ -22,6 +22,7 @@ FAMILIES = (
     "deepseek_v3",
     "glm4_moe",
     "phimoe",
+    "dbrx",
     "gpt_oss",
     "llama4_text",
 )
@@ -56,8 +57,29 @@ def load_hf_config(name_or_path: str | Path) -> dict:
 
 
 def text_config(hf: dict) -> dict:
-    """Multimodal configs (Llama 4) keep the language model under text_config."""
-    return hf["text_config"] if isinstance(hf.get("text_config"), dict) else hf
+    """The language model's fields under the common names: multimodal configs (Llama 4) keep them under
+    text_config; DBRX names them its own way, with attention and FFN fields nested."""
+    c = hf["text_config"] if isinstance(hf.get("text_config"), dict) else hf
+    if c.get("model_type") != "dbrx":
+        return c
+    attn, ffn = c.get("attn_config") or {}, c.get("ffn_config") or {}
+    renamed = {
+        "hidden_size": c.get("d_model"),
+        "num_hidden_layers": c.get("n_layers"),
+        "num_attention_heads": c.get("n_heads"),
+        "num_key_value_heads": attn.get("kv_n_heads"),
+        "max_position_embeddings": c.get("max_seq_len"),
+        "rope_theta": attn.get("rope_theta"),
+        "clip_qkv": attn.get("clip_qkv"),
+        "num_local_experts": ffn.get("moe_num_experts"),
+        "num_experts_per_tok": ffn.get("moe_top_k"),
+        "intermediate_size": ffn.get("ffn_hidden_size"),
+        "hidden_act": (ffn.get("ffn_act_fn") or {}).get("name", "silu"),
+        "moe_normalize_expert_weights": ffn.get("moe_normalize_expert_weights"),
+        "router_jitter_noise": ffn.get("moe_jitter_eps"),
+        "router_aux_loss_coef": ffn.get("moe_loss_weight"),
+    }
+    return {**c, **{k: v for k, v in renamed.items() if v is not None}}
 
 
 def family_of(hf: dict) -> str:
@@ -90,6 +112,15 @@ def moe_from_hf(hf: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
     if family == "mixtral":
         spec_kw, f = {"normalize": True}, _need(c, "intermediate_size")
         kw["jitter"] = float(c.get("router_jitter_noise", 0.0) or 0.0)
+    elif family == "dbrx":
+        f = _need(c, "intermediate_size")
+        p = c.get("moe_normalize_expert_weights")
+        spec_kw = {"normalize": p is not None, "normalize_p": float(p or 1.0), "router_dtype": "model"}
+        kw["jitter"] = float(c.get("router_jitter_noise") or 0.0)
+        activation = {"silu": "silu", "gelu": "gelu", "relu": "relu"}.get(c.get("hidden_act", "silu"))
+        if activation is None:
+            raise ValueError(f"ffn_act_fn={c.get('hidden_act')!r} is unsupported: allowed silu, gelu, relu")
+        layout = ExpertLayout(activation=activation)
     elif family == "phimoe":
         f = _need(c, "intermediate_size")
         spec_kw = {"score_func": "sparsemixer", "sparsemixer_eps": float(c.get("router_jitter_noise", 0.01) or 0.0)}

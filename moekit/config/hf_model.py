@@ -78,6 +78,8 @@ def attention_from_hf(c: dict, family: str) -> AttentionConfig:
             layer_types=types,
             sliding_window=window if types else None,
         )
+    if family == "dbrx":
+        return AttentionConfig(clip_qkv=c.get("clip_qkv"))
     if family == "phimoe":
         return AttentionConfig(
             qkv_bias=bias,
@@ -153,8 +155,8 @@ def model_from_hf(hf: dict, name: str = "", assumptions: list[str] | None = None
         rope_scaling=RopeScaling.from_hf(
             c.get("rope_scaling") or c.get("rope_parameters"), c.get("max_position_embeddings")
         ),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        norm="layer" if family == "phimoe" else "rms",
+        norm_eps=float(c.get("rms_norm_eps", 1e-5 if family == "dbrx" else 1e-6)),
+        norm={"phimoe": "layer", "dbrx": "layer_nobias"}.get(family, "rms"),
         lm_head_bias=bool(c.get("lm_head_bias", False)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         max_position=int(c.get("max_position_embeddings") or 4096),
