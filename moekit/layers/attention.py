@@ -11,6 +11,7 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
+from moekit.layers.linear import Linear
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope
 
@@ -84,10 +85,10 @@ class Attention(nn.Module):
         self.qk_norm, self.clip_qkv, self.interleave = a.qk_norm, a.clip_qkv, a.rope_interleave
         self.temperature = (a.attn_scale, a.floor_scale) if a.temperature_tuning and not self.use_rope else None
         self.norm_eps = cfg.norm_eps
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=a.out_bias)
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=a.out_bias)
         norm_width = {"head": (hd, hd), "full": (cfg.num_heads * hd, cfg.num_kv_heads * hd)}.get(a.qk_norm)
         self.q_norm = RMSNorm(norm_width[0], cfg.norm_eps) if norm_width else None
         self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None

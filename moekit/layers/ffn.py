@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from moekit.experts.layout import ExpertLayout, apply_activation, glu
+from moekit.layers.linear import Linear
 
 
 class FeedForward(nn.Module):
@@ -14,9 +15,9 @@ class FeedForward(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden: int, layout: ExpertLayout | None = None):
         super().__init__()
         self.layout = layout or ExpertLayout()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden, bias=self.layout.bias) if self.layout.gated else None
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden, bias=self.layout.bias)
-        self.down_proj = nn.Linear(ffn_hidden, hidden_size, bias=self.layout.bias)
+        self.gate_proj = Linear(hidden_size, ffn_hidden, bias=self.layout.bias) if self.layout.gated else None
+        self.up_proj = Linear(hidden_size, ffn_hidden, bias=self.layout.bias)
+        self.down_proj = Linear(ffn_hidden, hidden_size, bias=self.layout.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.layers.attention import AttentionInputs, attend
+from moekit.layers.linear import Linear
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope, softmax_scale
 
@@ -26,15 +27,15 @@ class LatentAttention(nn.Module):
         )
         qk_dim = self.nope_dim + self.rope_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * qk_dim, bias=False)
+            self.q_proj = Linear(d, h * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, a.q_lora_rank, bias=a.qkv_bias)
+            self.q_a_proj = Linear(d, a.q_lora_rank, bias=a.qkv_bias)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, h * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.rope_dim, bias=a.qkv_bias)
+            self.q_b_proj = Linear(a.q_lora_rank, h * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_rank + self.rope_dim, bias=a.qkv_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_dim, d, bias=a.out_bias)
+        self.kv_b_proj = Linear(self.kv_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(h * self.v_dim, d, bias=a.out_bias)
         self.scale = softmax_scale(qk_dim, cfg.rope_scaling)
 
     def queries(self, x_BTD: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
 from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.linear import Linear
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
@@ -63,7 +64,7 @@ class MoEDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
         if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise

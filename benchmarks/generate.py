@@ -1,0 +1,150 @@
+"""Generation speed: moekit against transformers' generate on the same random weights (fp32, transformers' default
+experts backend), decode tokens/s at batch 1 and prefill tokens/s, next to the memory-bandwidth floor of decode.
+
+Decode: a 16-token prompt then 64 new tokens, greedy; per-token time = (time for 64 new tokens - time for 1) / 63,
+so prefill is not counted. Prefill: one 512-token forward that fills a KV cache. Floor of decode: the bytes one
+token reads (every weight but the routed experts and the embedding table, plus top-k experts per MoE layer, plus
+the KV cache) over this machine's measured read bandwidth.
+
+    python benchmarks/generate.py [--models mixtral qwen3] [--json results.json] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, read_bandwidth, timeit  # noqa: E402
+
+import moekit  # noqa: E402
+from moekit.plan.model_stats import model_stats  # noqa: E402
+
+COMMON = dict(num_hidden_layers=8, hidden_size=1024, vocab_size=32000, max_position_embeddings=4096)
+MODELS = {
+    "mixtral": (
+        "mixtral-like (8 layers, D=1024, 16/8 heads, 8 experts top-2, F=3584)",
+        "mixtral",
+        dict(
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=3584,
+        ),
+    ),
+    "qwen3": (
+        "qwen3-moe-like (8 layers, D=1024, 16/4 heads, head_dim 64, 64 experts top-8, F=384)",
+        "qwen3_moe",
+        dict(
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            num_experts=64,
+            num_experts_per_tok=8,
+            moe_intermediate_size=384,
+            norm_topk_prob=True,
+        ),
+    ),
+}
+PROMPT, NEW, PREFILL = 16, 64, 512
+
+
+def decode_floor_bytes(model, context: int) -> float:
+    """Bytes one decode step reads at batch 1 with `context` cached tokens."""
+    stats = model_stats(model.config)
+    expert_params = sum(m.top_k * m.params_per_expert for m in stats.moe_layers)
+    weights = (stats.always_read_params + expert_params + model.config.hidden_size) * 4
+    return weights + stats.kv_bytes_per_sequence(context, 4)
+
+
+def measure(name: str, directory: Path) -> dict:
+    import transformers
+
+    title, family, kw = MODELS[name]
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(family, **COMMON, **kw)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.generation_config.eos_token_id = None  # always generate all tokens
+    hf.save_pretrained(directory / name)
+    model = moekit.from_pretrained(directory / name, dtype=torch.float32)
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
+    long_prompt = torch.randint(0, cfg.vocab_size, (1, PREFILL))
+
+    def hf_generate(n: int):
+        with torch.no_grad():
+            return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    def decode_time(generate) -> float:
+        one = timeit(lambda: generate(1), min_reps=3, budget_s=2.0)
+        full = timeit(lambda: generate(NEW), min_reps=2, budget_s=4.0)
+        return (full - one) / (NEW - 1)
+
+    results = {
+        "moekit": {
+            "decode_s": decode_time(lambda n: model.generate(prompt, n)),
+            "prefill_s": timeit(lambda: model(long_prompt, cache=moekit.infer.cache.KVCache()), budget_s=3.0),
+        },
+        "transformers": {
+            "decode_s": decode_time(hf_generate),
+            "prefill_s": timeit(lambda: hf(long_prompt, use_cache=True), budget_s=3.0),
+        },
+    }
+    assert model.generate(prompt, 16).tolist() == hf_generate(16).tolist(), "moekit and transformers disagree"
+    return {"title": title, "floor_bytes": decode_floor_bytes(model, PROMPT + NEW // 2), **results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args()
+    import moekit.infer.cache  # noqa: F401
+
+    bandwidth = read_bandwidth()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows[name] = measure(name, Path(tmp))
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "read_bandwidth_gbs": bandwidth / 1e9,
+        "models": rows,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    header = (
+        "| model | decode tok/s moekit | transformers | floor | moekit / floor | speed-up "
+        "| prefill tok/s moekit | transformers | speed-up |"
+    )
+    print(f"{report['date']}, {report['machine']}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(header if args.markdown else header.replace("|", " "))
+    if args.markdown:
+        print("|---" * 9 + "|")
+    for r in rows.values():
+        floor_tps = bandwidth / r["floor_bytes"]
+        m, t = r["moekit"], r["transformers"]
+        cells = [
+            r["title"],
+            f"{1 / m['decode_s']:.1f}",
+            f"{1 / t['decode_s']:.1f}",
+            f"{floor_tps:.1f}",
+            f"{floor_tps * m['decode_s']:.2f}x",
+            f"{t['decode_s'] / m['decode_s']:.2f}x",
+            f"{PREFILL / m['prefill_s']:.0f}",
+            f"{PREFILL / t['prefill_s']:.0f}",
+            f"{t['prefill_s'] / m['prefill_s']:.2f}x",
+        ]
+        print(("| " + " | ".join(cells) + " |") if args.markdown else "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

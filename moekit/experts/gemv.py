@@ -1,0 +1,78 @@
+"""Decode-time matrix-vector products: each row of x against its own matrix, y[r] = w[ids[r]] @ x[r].
+
+At decode a token's k experts each multiply one row (and so do the attention projections and the output head):
+gemvs whose cost is reading the weights. On this class of CPU, MKL's gemv reaches 35-60% of the streaming
+bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), so moekit
+carries a small C++ kernel (csrc/gather_gemv.cpp: one OpenMP loop over all output rows of all experts, AVX2/FMA
+dot products) that reaches 85-95% of it. It is built once with torch's cpp_extension (needs a C++ compiler and
+ninja; cached under torch's extensions directory) the first time a product is large enough to matter; where it
+cannot be built, torch.mv per row does the work. Both agree up to float rounding."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+# Below this many bytes of weights per call the product sits in cache and any kernel is fast: plain mv.
+MIN_KERNEL_BYTES = 4 * 2**20
+
+_lock = threading.Lock()
+_kernel = {"module": None, "tried": False}
+
+
+def _load_kernel():
+    """The compiled extension, building it on first use; None where it cannot be built (then never retried)."""
+    with _lock:
+        if not _kernel["tried"]:
+            _kernel["tried"] = True
+            if os.environ.get("MOEKIT_NO_KERNELS"):
+                return None
+            try:
+                from torch.utils.cpp_extension import load
+
+                flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
+                _kernel["module"] = load(
+                    name="moekit_gather_gemv",
+                    sources=[str(Path(__file__).parent / "csrc" / "gather_gemv.cpp")],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # no compiler or ninja: keep working, say so once
+                warnings.warn(f"moekit: decode kernel unavailable ({type(e).__name__}); using torch.mv", stacklevel=3)
+        return _kernel["module"]
+
+
+def _has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def kernel_available() -> bool:
+    return _load_kernel() is not None
+
+
+def gather_gemv(w_ENK: torch.Tensor, ids: list[int], x_SK: torch.Tensor) -> torch.Tensor:
+    """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]. For inference: no autograd graph is recorded."""
+    nbytes = len(ids) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()
+    fits = (
+        nbytes >= MIN_KERNEL_BYTES
+        and w_ENK.device.type == "cpu"
+        and w_ENK.dtype == x_SK.dtype == torch.float32
+        and w_ENK.is_contiguous()
+    )
+    kernel = _load_kernel() if fits else None
+    if kernel is not None:
+        ids_S = torch.tensor(ids, dtype=torch.long)
+        return kernel.gather_gemv(w_ENK.detach(), ids_S, x_SK.detach().contiguous(), torch.get_num_threads())
+    y_SN = x_SK.new_empty(x_SK.shape[0], w_ENK.shape[1])
+    for r, e in enumerate(ids):
+        torch.mv(w_ENK[e], x_SK[r], out=y_SN[r])
+    return y_SN
