@@ -24,7 +24,8 @@ class MoEInfo:
     tokens_per_expert_E  assignments each expert processed (after drops); detached.
     assignments          (token, expert) pairs the router asked for, before drops.
     dropped              of those, how many capacity dropped.
-    aux_loss             the weighted sum of this block's balancing losses (a scalar with gradient; 0 if none).
+    aux_loss             the weighted sum of this block's balancing losses (a scalar with gradient; 0 if none, and
+                         0 under torch.no_grad, where nothing could learn from it).
     """
 
     tokens_per_expert_E: torch.Tensor
@@ -95,6 +96,8 @@ class MoEBlock(nn.Module):
             kept = int(counts_E.sum())
             asked = real_tokens * plan.topk_ids_TK.shape[1] if plan.topk_ids_TK is not None else kept
         aux = plan.weights_N.new_zeros((), dtype=torch.float32)
+        if not torch.is_grad_enabled():  # inference: a loss nobody can backpropagate is not worth its ops
+            return MoEInfo(counts_E.detach(), asked, asked - kept, aux)
         if plan.topk_ids_TK is not None and plan.probs_TE is not None:
             if cfg.aux_loss_coef > 0:
                 aux = aux + switch_aux_loss(plan.probs_TE, plan.topk_ids_TK, cfg.aux_loss_coef, mask_T)
