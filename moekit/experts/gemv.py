@@ -59,6 +59,28 @@ def kernel_available() -> bool:
     return _load_kernel() is not None
 
 
+def segment_gemm(
+    w_ENK: torch.Tensor, x_SK: torch.Tensor, segments: list[tuple[int, int, int]], y_SN: torch.Tensor
+) -> bool:
+    """Fill the rows of each (expert, start, count) segment of y_SN with x rows times the expert's matrix; False
+    (nothing written) when the kernel cannot take it. For few-row segments: each weight row is read once for all
+    the rows of its segment, where a few-row MKL gemm streams at about half the bandwidth."""
+    fits = (
+        segments
+        and w_ENK.device.type == "cpu"
+        and w_ENK.dtype == x_SK.dtype == y_SN.dtype == torch.float32
+        and w_ENK.is_contiguous()
+        and x_SK.is_contiguous()
+        and y_SN.is_contiguous()
+    )
+    kernel = _load_kernel() if fits else None
+    if kernel is None:
+        return False
+    experts, starts, counts = (torch.tensor(c, dtype=torch.long) for c in zip(*segments, strict=True))
+    kernel.segment_gemm(w_ENK.detach(), x_SK.detach(), experts, starts, counts, y_SN, torch.get_num_threads())
+    return True
+
+
 def gather_gemv(w_ENK: torch.Tensor, ids: list[int], x_SK: torch.Tensor) -> torch.Tensor:
     """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]. For inference: no autograd graph is recorded."""
     nbytes = len(ids) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()

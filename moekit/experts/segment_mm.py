@@ -16,10 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moekit.experts.gemv import gather_gemv
+from moekit.experts.gemv import segment_gemm
 
 # Segments shorter than this are never split across workers: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
+# Segments of at most this many rows go to moekit's few-row kernel (compute stays below the memory time up to
+# about here on a 2-core AVX2 machine).
+_FEW_ROWS = 16
 # Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
 # about where a CPU's FLOP rate per byte of bandwidth crosses over.
 _MEMORY_BOUND_ROWS = 16
@@ -92,29 +95,29 @@ def _row_pieces(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _forward(
-    x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool, inference: bool = False
-) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] @ w[e]^T ([E, N, K] weights) or @ w[e] ([E, K, N] when transposed).
-    inference: no gradient will be asked for, so one-row pieces may use the compiled gemv (moekit.experts.gemv)."""
+def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e]^T ([E, N, K] weights) or @ w[e] ([E, K, N] when transposed)."""
     n_out = w.shape[-1] if transposed else w.shape[-2]
     y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
 
     def piece(e: int, a: int, b: int) -> None:
         torch.mm(x_SK[a:b], w[e] if transposed else w[e].t(), out=y_SN[a:b])
 
-    # One-row pieces (decode) are gemvs, memory-bound: on the calling thread torch.mv streams the weights with all
-    # of torch's threads (as fast as the pool, with none of its ~0.15 ms hand-off), and MKL's gemv beats its
-    # one-row gemm by ~30%. They run after the pool's pieces so the two never compete for the cores.
-    single = [(e, a) for e, a, b in _row_pieces(counts) if b - a == 1]
+    # Few-row segments (decode, small batches, the many small experts of fine-grained MoEs) are memory-bound:
+    # moekit's kernel reads each weight row once for all their rows, at close to streaming speed, where a few-row
+    # MKL gemm reaches about half of it. Longer segments go to the pool of single-threaded MKL workers.
+    few, start = [], 0
+    for e, c in enumerate(counts):
+        if 0 < c <= _FEW_ROWS and not transposed:
+            few.append((e, start, c))
+        start += c
+    if few and not segment_gemm(w, x_SK, few, y_SN):
+        few = []  # no kernel here: matmuls below
+    done = {e for e, _, _ in few}
     tasks = [
-        (_cost(b - a, n_out), lambda e=e, a=a, b=b: piece(e, a, b)) for e, a, b in _row_pieces(counts) if b - a > 1
+        (_cost(b - a, n_out), lambda e=e, a=a, b=b: piece(e, a, b)) for e, a, b in _row_pieces(counts) if e not in done
     ]
     _run(tasks)
-    if inference and not transposed and single and len(single) == x_SK.shape[0]:  # decode: every row alone
-        return gather_gemv(w, [e for e, _ in single], x_SK)
-    for e, r in single:
-        torch.mv(w[e].t() if transposed else w[e], x_SK[r], out=y_SN[r])
     return y_SN
 
 
@@ -177,7 +180,7 @@ def segment_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], trans
     counts = tuple(int(c) for c in counts)
     if not (torch.is_grad_enabled() and (x_SK.requires_grad or w.requires_grad)):
         with torch.no_grad():
-            return _forward(x_SK.contiguous(), w, counts, transposed, inference=True)
+            return _forward(x_SK.contiguous(), w, counts, transposed)
     return _SegmentMatmul.apply(x_SK, w, counts, transposed)
 
 

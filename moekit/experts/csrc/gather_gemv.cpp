@@ -45,4 +45,37 @@ torch::Tensor gather_gemv(torch::Tensor w, torch::Tensor ids, torch::Tensor x, i
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gather_gemv", &gather_gemv); }
+// Few-row segments: rows [start_e, start_e + count_e) of x (sorted by expert) times expert e's matrix, into y.
+// y[m, n] = sum_k w[e, n, k] * x[m, k]. Each weight row is read from memory once and reused from L1 for all rows
+// of its segment; OpenMP spreads (expert, block of weight rows) items over the cores.
+void segment_gemm(torch::Tensor w, torch::Tensor x, torch::Tensor experts, torch::Tensor starts,
+                  torch::Tensor counts, torch::Tensor y, int64_t threads) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && x.dtype() == torch::kFloat32, "segment_gemm: fp32 only");
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous(), "segment_gemm: contiguous only");
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && w.size(2) == x.size(1), "segment_gemm: shapes");
+  const int64_t n_len = w.size(1), k_len = w.size(2), items = experts.size(0), block = 16;
+  const int64_t* ep = experts.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < items; ++i)
+    TORCH_CHECK(ep[i] >= 0 && ep[i] < w.size(0) && sp[i] >= 0 && sp[i] + cp[i] <= x.size(0), "segment_gemm: ranges");
+  TORCH_CHECK(y.is_contiguous() && y.dtype() == torch::kFloat32 && y.size(0) == x.size(0) && y.size(1) == n_len,
+              "segment_gemm: output");
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (n_len + block - 1) / block;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+  for (int64_t t = 0; t < items * blocks; ++t) {
+    const int64_t i = t / blocks, n0 = (t % blocks) * block, n1 = std::min(n0 + block, n_len);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = wp + (ep[i] * n_len + n) * k_len;
+      for (int64_t m = sp[i]; m < sp[i] + cp[i]; ++m) yp[m * n_len + n] = dot(row, xp + m * k_len, k_len);
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gather_gemv", &gather_gemv);
+  m.def("segment_gemm", &segment_gemm);
+}
