@@ -205,3 +205,50 @@ def test_sampling_is_seeded_and_filtered(tmp_path):
     streamed = []
     model.generate(ids, 4, on_token=lambda t: streamed.append(int(t[0])))
     assert len(streamed) == 4
+
+
+def _tokenizer(directory: Path, vocab: int = 96):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[UNK]"], limit_alphabet=40)
+    text = Path(json.__file__).read_text().lower()  # a real text every machine has
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def test_generate_command_streams_the_models_greedy_continuation(tmp_path, capsys):
+    from moekit.cli.main import main
+
+    _hf_model("qwen3_moe", tmp_path / "hf")
+    tok = _tokenizer(tmp_path / "hf")
+    assert main(["generate", str(tmp_path / "hf"), "import json", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = moekit.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok.encode("import json").ids])
+    assert out["tokens"] == model.generate(ids, 8)[0, ids.shape[1] :].tolist()
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "hf"),
+                "import json",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0.7",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    streamed = capsys.readouterr()
+    assert streamed.out.startswith("import json") and "tok/s" in streamed.err
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    assert main(["generate", str(tmp_path / "hf"), "x"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import moekit
 
@@ -165,6 +166,44 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from moekit.infer.tokenizers import StreamDecoder, load_tokenizer
+
+    model = moekit.from_pretrained(args.checkpoint, dtype=torch.float32)
+    tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("prompt='' is invalid: allowed a prompt of at least one token")
+    stream = StreamDecoder(tokenizer)
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+
+    def show(token_B: torch.Tensor) -> None:
+        text = stream.push(int(token_B[0]))
+        if not args.json:
+            print(text, end="", flush=True)
+
+    start = time.perf_counter()
+    out = model.generate(
+        torch.tensor([ids]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_token=show,
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids) :].tolist()
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}))
+    else:
+        print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from moekit.model.count import PARTS
     from moekit.plan.inspect import inspect_model
@@ -266,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model", help="published name, config.json path or model directory")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(fn=_inspect)
+
+    g = sub.add_parser(
+        "generate",
+        help="continue a prompt with a model directory, streaming the text",
+        description="Load a Hugging Face model directory (or a moekit checkpoint) and continue PROMPT with a KV "
+        "cache: greedy by default, or sampled with --temperature / --top-k / --top-p.",
+    )
+    g.add_argument("checkpoint", help="model directory (config.json, *.safetensors, tokenizer.json)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(fn=_generate)
 
     m = sub.add_parser("models", help="list the published MoE configs moekit ships, with their routing")
     m.add_argument("--json", action="store_true")
