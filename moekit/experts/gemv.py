@@ -65,8 +65,10 @@ def segment_gemm(
     """Fill the rows of each (expert, start, count) segment of y_SN with x rows times the expert's matrix; False
     (nothing written) when the kernel cannot take it. For few-row segments: each weight row is read once for all
     the rows of its segment, where a few-row MKL gemm streams at about half the bandwidth."""
+    nbytes = len(segments) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()
     fits = (
         segments
+        and nbytes >= MIN_KERNEL_BYTES
         and w_ENK.device.type == "cpu"
         and w_ENK.dtype == x_SK.dtype == y_SN.dtype == torch.float32
         and w_ENK.is_contiguous()
