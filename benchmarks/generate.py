@@ -4,9 +4,10 @@ experts backend), decode tokens/s at batch 1 and prefill tokens/s, next to the m
 Decode: a 16-token prompt then 64 new tokens, greedy; per-token time = (time for 64 new tokens - time for 1) / 63,
 so prefill is not counted. Prefill: one 512-token forward that fills a KV cache. Floor of decode: the bytes one
 token reads (every weight but the routed experts and the embedding table, plus top-k experts per MoE layer, plus
-the KV cache) over this machine's measured read bandwidth.
+the KV cache) over this machine's measured read bandwidth. Everything, the bandwidth included, is measured in
+interleaved rounds and the medians are reported.
 
-    python benchmarks/generate.py [--models mixtral qwen3] [--json results.json] [--markdown]
+    python benchmarks/generate.py [--models mixtral qwen3] [--rounds 3] [--json results.json] [--markdown]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, read_bandwidth, timeit  # noqa: E402
 
 import moekit  # noqa: E402
+from moekit.infer.cache import KVCache  # noqa: E402
 from moekit.plan.model_stats import model_stats  # noqa: E402
 
 COMMON = dict(num_hidden_layers=8, hidden_size=1024, vocab_size=32000, max_position_embeddings=4096)
@@ -64,7 +67,7 @@ def decode_floor_bytes(model, context: int) -> float:
     return weights + stats.kv_bytes_per_sequence(context, 4)
 
 
-def measure(name: str, directory: Path) -> dict:
+def measure(name: str, directory: Path, rounds: int) -> dict:
     import transformers
 
     title, family, kw = MODELS[name]
@@ -86,18 +89,25 @@ def measure(name: str, directory: Path) -> dict:
         full = timeit(lambda: generate(NEW), min_reps=2, budget_s=4.0)
         return (full - one) / (NEW - 1)
 
-    results = {
-        "moekit": {
-            "decode_s": decode_time(lambda n: model.generate(prompt, n)),
-            "prefill_s": timeit(lambda: model(long_prompt, cache=moekit.infer.cache.KVCache()), budget_s=3.0),
-        },
-        "transformers": {
-            "decode_s": decode_time(hf_generate),
-            "prefill_s": timeit(lambda: hf(long_prompt, use_cache=True), budget_s=3.0),
-        },
-    }
+    # Interleaved rounds, medians: this machine's bandwidth drifts by a third from minute to minute.
+    runs: dict[str, list[float]] = {k: [] for k in ("m_decode", "t_decode", "m_prefill", "t_prefill", "bandwidth")}
+    with torch.no_grad():
+        for _ in range(rounds):
+            runs["bandwidth"].append(read_bandwidth())
+            runs["m_decode"].append(decode_time(lambda n: model.generate(prompt, n)))
+            runs["t_decode"].append(decode_time(hf_generate))
+            runs["m_prefill"].append(timeit(lambda: model(long_prompt, cache=KVCache()), budget_s=3.0))
+            runs["t_prefill"].append(timeit(lambda: hf(long_prompt, use_cache=True), budget_s=3.0))
     assert model.generate(prompt, 16).tolist() == hf_generate(16).tolist(), "moekit and transformers disagree"
-    return {"title": title, "floor_bytes": decode_floor_bytes(model, PROMPT + NEW // 2), **results}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "title": title,
+        "floor_bytes": decode_floor_bytes(model, PROMPT + NEW // 2),
+        "bandwidth": med["bandwidth"],
+        "moekit": {"decode_s": med["m_decode"], "prefill_s": med["m_prefill"]},
+        "transformers": {"decode_s": med["t_decode"], "prefill_s": med["t_prefill"]},
+        "rounds": runs,
+    }
 
 
 def main() -> None:
@@ -105,14 +115,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (3)")
     args = parser.parse_args()
-    import moekit.infer.cache  # noqa: F401
-
-    bandwidth = read_bandwidth()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows[name] = measure(name, Path(tmp))
+            rows[name] = measure(name, Path(tmp), args.rounds)
+    bandwidth = statistics.median(r["bandwidth"] for r in rows.values())
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -130,7 +139,7 @@ def main() -> None:
     if args.markdown:
         print("|---" * 9 + "|")
     for r in rows.values():
-        floor_tps = bandwidth / r["floor_bytes"]
+        floor_tps = r["bandwidth"] / r["floor_bytes"]
         m, t = r["moekit"], r["transformers"]
         cells = [
             r["title"],
