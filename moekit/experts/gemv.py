@@ -78,8 +78,8 @@ def segment_gemm(
     kernel = _load_kernel() if fits else None
     if kernel is None:
         return False
-    experts, starts, counts = (torch.tensor(c, dtype=torch.long) for c in zip(*segments, strict=True))
-    kernel.segment_gemm(w_ENK.detach(), x_SK.detach(), experts, starts, counts, y_SN, torch.get_num_threads())
+    table = torch.tensor(segments, dtype=torch.long).t().contiguous()  # rows: experts, starts, counts
+    kernel.segment_gemm(w_ENK.detach(), x_SK.detach(), table[0], table[1], table[2], y_SN, torch.get_num_threads())
     return True
 
 

@@ -113,11 +113,10 @@ def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transpo
         start += c
     if few and not segment_gemm(w, x_SK, few, y_SN):
         few = []  # no kernel here: matmuls below
-    done = {e for e, _, _ in few}
-    tasks = [
-        (_cost(b - a, n_out), lambda e=e, a=a, b=b: piece(e, a, b)) for e, a, b in _row_pieces(counts) if e not in done
-    ]
-    _run(tasks)
+    if len(few) < sum(1 for c in counts if c):  # some segments are longer: MKL on the pool
+        done = {e for e, _, _ in few}
+        pieces = [p for p in _row_pieces(counts) if p[0] not in done]
+        _run([(_cost(b - a, n_out), lambda e=e, a=a, b=b: piece(e, a, b)) for e, a, b in pieces])
     return y_SN
 
 
@@ -177,7 +176,7 @@ class _SegmentMatmul(torch.autograd.Function):
 
 def segment_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False) -> torch.Tensor:
     """x_SK rows sorted by expert (counts[e] rows for expert e) times w ([E, N, K], or [E, K, N] if transposed)."""
-    counts = tuple(int(c) for c in counts)
+    counts = tuple(counts) if all(type(c) is int for c in counts) else tuple(int(c) for c in counts)
     if not (torch.is_grad_enabled() and (x_SK.requires_grad or w.requires_grad)):
         with torch.no_grad():
             return _forward(x_SK.contiguous(), w, counts, transposed)
