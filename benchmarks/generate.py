@@ -28,6 +28,8 @@ from common import machine, read_bandwidth, timeit  # noqa: E402
 import moekit  # noqa: E402
 from moekit.infer.cache import KVCache  # noqa: E402
 from moekit.plan.model_stats import model_stats  # noqa: E402
+from moekit.plan.precision import WeightPrecision  # noqa: E402
+from moekit.plan.roofline import decode_bytes  # noqa: E402
 
 COMMON = dict(num_hidden_layers=8, hidden_size=1024, vocab_size=32000, max_position_embeddings=4096)
 MODELS = {
@@ -60,11 +62,9 @@ PROMPT, NEW, PREFILL = 16, 64, 512
 
 
 def decode_floor_bytes(model, context: int) -> float:
-    """Bytes one decode step reads at batch 1 with `context` cached tokens."""
-    stats = model_stats(model.config)
-    expert_params = sum(m.top_k * m.params_per_expert for m in stats.moe_layers)
-    weights = (stats.always_read_params + expert_params + model.config.hidden_size) * 4
-    return weights + stats.kv_bytes_per_sequence(context, 4)
+    """Bytes one fp32 decode step reads at batch 1 with `context` cached tokens (the planner's own count)."""
+    parts = decode_bytes(model_stats(model.config), 1, context, WeightPrecision("fp32", "fp32"), 4)
+    return parts["experts"] + parts["other_weights"] + parts["kv_cache"]
 
 
 def measure(name: str, directory: Path, rounds: int) -> dict:

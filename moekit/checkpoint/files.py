@@ -124,12 +124,6 @@ class Shards:
             if name not in self._handles[file].entries:
                 raise ValueError(f"{file}: lacks tensor {name!r} that {INDEX} places there")
 
-    def __enter__(self) -> Shards:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handles[self.files[name]].entries[name][1]
 

@@ -1,7 +1,7 @@
 """Load and save Hugging Face model directories (config.json + safetensors, sharded or not).
 
-Loading builds the model on the `meta` device, allocates it once in the target dtype and copies each tensor from
-the memory-mapped files, so peak memory stays near the model's own size. Per-expert checkpoint tensors are
+Loading builds the model on the `meta` device, allocates it once in the target dtype and reads each tensor from
+the files straight into its place, so peak memory stays near the model's own size. Per-expert checkpoint tensors are
 stacked into moekit's [E, 2F, D] / [E, D, F] layout by the family's declared ExpertKeys, and split back on save.
 Saving writes every file to a temporary name, fsyncs it and renames it into place."""
 
@@ -20,11 +20,10 @@ from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weigh
 from moekit.checkpoint.keymap import KeyMap, expert_keys, piece_view
 from moekit.config.hf import FAMILIES, family_of, load_hf_config
 from moekit.config.hf_model import model_from_hf
-from moekit.layers.rope import RotaryEmbedding
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> MoEDecoder:
@@ -42,10 +41,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
         cfg = replace(cfg, mtp_layers=0)
     elif cfg.mtp_layers:
         notes.append(f"loaded {cfg.mtp_layers} multi-token-prediction layer(s) (used by training and speculation)")
-    with Shards(files) as shards:
-        dtype = _resolve_dtype(dtype, shards, files)
-        model = _empty_model(cfg, dtype)
-        _fill(model, shards, files)
+    shards = Shards(files)
+    model = materialize(meta_model(cfg, _resolve_dtype(dtype, shards, files)))
+    _fill(model, shards, files)
     model.load_notes = notes
     return model.eval()
 
@@ -54,25 +52,14 @@ def _resolve_dtype(dtype, shards: Shards, files: dict) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is invalid: allowed one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
+        if dtype not in LOAD_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid: allowed one of {', '.join(LOAD_DTYPES)}")
+        return LOAD_DTYPES[dtype]
     found = {shards.dtype(name) for name in files}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):  # the checkpoint's own (the narrowest, if mixed)
         if dtype in found:
             return dtype
     return torch.float32
-
-
-def _empty_model(cfg, dtype: torch.dtype) -> MoEDecoder:
-    model = materialize(meta_model(cfg, dtype))
-    for module in model.modules():  # buffers the checkpoint does not hold
-        if isinstance(module, RotaryEmbedding):
-            module.reset_buffers()
-        for name in module._non_persistent_buffers_set:
-            if not isinstance(module, RotaryEmbedding):
-                getattr(module, name).zero_()
-    return model
 
 
 def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:

@@ -1,12 +1,13 @@
-"""Decode-time matrix-vector products: each row of x against its own matrix, y[r] = w[ids[r]] @ x[r].
+"""Memory-bound expert products: few rows of x against each expert's matrix (decode, small batches).
 
 At decode a token's k experts each multiply one row (and so do the attention projections and the output head):
 gemvs whose cost is reading the weights. On this class of CPU, MKL's gemv reaches 35-60% of the streaming
-bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), so moekit
-carries a small C++ kernel (csrc/gather_gemv.cpp: one OpenMP loop over all output rows of all experts, AVX2/FMA
-dot products) that reaches 85-95% of it. It is built once with torch's cpp_extension (needs a C++ compiler and
-ninja; cached under torch's extensions directory) the first time a product is large enough to matter; where it
-cannot be built, torch.mv per row does the work. Both agree up to float rounding."""
+bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), and its
+few-row gemm about half, so moekit carries a small C++ kernel (csrc/segment_gemm.cpp: one OpenMP loop over blocks
+of weight rows of all segments, each row read once for all the rows of its segment, AVX2/FMA dot products) that
+reaches 85-95% of it. It is built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
+torch's extensions directory) the first time a product is large enough to matter; where it cannot be built the
+callers fall back to torch's matmuls. Both agree up to float rounding."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def _load_kernel():
 
                 flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
                 _kernel["module"] = load(
-                    name="moekit_gather_gemv",
-                    sources=[str(Path(__file__).parent / "csrc" / "gather_gemv.cpp")],
+                    name="moekit_segment_gemm",
+                    sources=[str(Path(__file__).parent / "csrc" / "segment_gemm.cpp")],
                     extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -62,9 +63,9 @@ def kernel_available() -> bool:
 def segment_gemm(
     w_ENK: torch.Tensor, x_SK: torch.Tensor, segments: list[tuple[int, int, int]], y_SN: torch.Tensor
 ) -> bool:
-    """Fill the rows of each (expert, start, count) segment of y_SN with x rows times the expert's matrix; False
-    (nothing written) when the kernel cannot take it. For few-row segments: each weight row is read once for all
-    the rows of its segment, where a few-row MKL gemm streams at about half the bandwidth."""
+    """Fill the rows of each (expert, start, count) segment of y_SN with those x rows times the expert's matrix;
+    False (nothing written) when the kernel cannot take it: too little to stream (under MIN_KERNEL_BYTES of
+    weights, where any kernel is fast), not fp32 contiguous CPU tensors, or no kernel here."""
     nbytes = len(segments) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()
     fits = (
         segments
@@ -84,19 +85,10 @@ def segment_gemm(
 
 
 def gather_gemv(w_ENK: torch.Tensor, ids: list[int], x_SK: torch.Tensor) -> torch.Tensor:
-    """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]. For inference: no autograd graph is recorded."""
-    nbytes = len(ids) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()
-    fits = (
-        nbytes >= MIN_KERNEL_BYTES
-        and w_ENK.device.type == "cpu"
-        and w_ENK.dtype == x_SK.dtype == torch.float32
-        and w_ENK.is_contiguous()
-    )
-    kernel = _load_kernel() if fits else None
-    if kernel is not None:
-        ids_S = torch.tensor(ids, dtype=torch.long)
-        return kernel.gather_gemv(w_ENK.detach(), ids_S, x_SK.detach().contiguous(), torch.get_num_threads())
+    """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]: one-row segments. For inference: no autograd graph is recorded."""
+    x_SK = x_SK.detach().contiguous()
     y_SN = x_SK.new_empty(x_SK.shape[0], w_ENK.shape[1])
-    for r, e in enumerate(ids):
-        torch.mv(w_ENK[e], x_SK[r], out=y_SN[r])
+    if not segment_gemm(w_ENK, x_SK, [(e, r, 1) for r, e in enumerate(ids)], y_SN):
+        for r, e in enumerate(ids):
+            torch.mv(w_ENK[e].detach(), x_SK[r], out=y_SN[r])
     return y_SN

@@ -176,7 +176,7 @@ class _SegmentMatmul(torch.autograd.Function):
 
 def segment_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False) -> torch.Tensor:
     """x_SK rows sorted by expert (counts[e] rows for expert e) times w ([E, N, K], or [E, K, N] if transposed)."""
-    counts = tuple(counts) if all(type(c) is int for c in counts) else tuple(int(c) for c in counts)
+    counts = tuple(map(int, counts))
     if not (torch.is_grad_enabled() and (x_SK.requires_grad or w.requires_grad)):
         with torch.no_grad():
             return _forward(x_SK.contiguous(), w, counts, transposed)

@@ -77,19 +77,13 @@ def softmax_scale(head_dim: int, scaling: RopeScaling | None) -> float:
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
-        self.dim, self.theta, self.scaling = dim, theta, scaling
+        self.scaling = scaling
         self.longrope = scaling is not None and scaling.type == "longrope"
         inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         if self.longrope:
             inv_freq_long, self.attention_factor_long = rope_frequencies(dim, theta, scaling, long=True)
             self.register_buffer("inv_freq_long", inv_freq_long, persistent=False)
-
-    def reset_buffers(self) -> None:
-        """Recompute the frequencies (after the module was built on the meta device and materialised)."""
-        self.inv_freq = rope_frequencies(self.dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
-        if self.longrope:
-            self.inv_freq_long = rope_frequencies(self.dim, self.theta, self.scaling, long=True)[0]
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""

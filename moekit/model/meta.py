@@ -54,23 +54,25 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def materialize(model: nn.Module, device: str = "cpu") -> nn.Module:
-    """Give every meta parameter and buffer uninitialised memory on `device` (tied tensors stay tied). Unlike
-    Module.to_empty it calls torch.empty directly, which needs no meta-tensor machinery (sympy, decompositions)."""
+    """Give every meta tensor memory on `device`: uninitialised for parameters (a checkpoint fills them), zeros for
+    buffers (running state such as routing loads; rotary frequencies are built on the CPU and are never meta).
+    Tied tensors stay tied. Unlike Module.to_empty it calls torch.empty/zeros directly, which needs no meta-tensor
+    machinery (sympy, decompositions)."""
     made: dict[int, torch.Tensor] = {}
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in made:
-            made[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_meta else t
+            if not t.is_meta:
+                made[id(t)] = t
+            elif isinstance(t, nn.Parameter):
+                made[id(t)] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device=device), t.requires_grad)
+            else:
+                made[id(t)] = torch.zeros(t.shape, dtype=t.dtype, device=device)
         return made[id(t)]
 
     for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                if id(p) not in made:
-                    empty = torch.empty(p.shape, dtype=p.dtype, device=device)
-                    made[id(p)] = nn.Parameter(empty, requires_grad=p.requires_grad) if p.is_meta else p
-                module._parameters[name] = made[id(p)]
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = fresh(b)
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None:
+                    tensors[name] = fresh(t)
     return model

@@ -24,6 +24,10 @@ class KVLayer:
     elements_per_token: int
     window: int | None
 
+    def kept(self, context: int) -> int:
+        """Tokens this layer holds (and attends to) at `context` tokens."""
+        return context if self.window is None else min(context, self.window)
+
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -31,7 +35,7 @@ class ModelStats:
     params: dict[str, int]
     moe_layers: tuple[MoELayerShape, ...]
     kv_layers: tuple[KVLayer, ...]
-    attention_flops_per_key: int  # multiply-adds x2 per query token per cached key, all layers
+    attention_flops_per_key: int  # FLOPs per query token per cached key, in one layer
 
     @property
     def always_read_params(self) -> int:
@@ -45,13 +49,7 @@ class ModelStats:
 
     def kv_bytes_per_sequence(self, context: int, kv_bytes: float) -> float:
         """Cache bytes of one sequence at `context` tokens: windowed layers keep at most their window."""
-        return (
-            sum(
-                layer.elements_per_token * (context if layer.window is None else min(context, layer.window))
-                for layer in self.kv_layers
-            )
-            * kv_bytes
-        )
+        return sum(layer.elements_per_token * layer.kept(context) for layer in self.kv_layers) * kv_bytes
 
 
 def model_stats(cfg: ModelConfig) -> ModelStats:
@@ -73,4 +71,4 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
         flops_per_key = 2 * cfg.num_heads * 2 * cfg.head_dim
     windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
     kv = tuple(KVLayer(per_token, windows[a.layer_type(i)]) for i in range(cfg.num_layers))
-    return ModelStats(cfg, params, moe, kv, flops_per_key * cfg.num_layers)
+    return ModelStats(cfg, params, moe, kv, flops_per_key)

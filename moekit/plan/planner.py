@@ -3,6 +3,7 @@ the assumption behind it (the `explain` list)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from moekit._validate import check_float, check_int
@@ -195,7 +196,7 @@ def _plan_on(stats: ModelStats, hw: Hardware, gpus: int | None, **a) -> dict:
             "nodes": nodes,
             "smallest_that_fits": smallest,
             "parallelism": parallelism,
-            "hardware_spec": {k: v for k, v in hw.__dict__.items()},
+            "hardware_spec": asdict(hw),
         },
         "efficiency": {"bandwidth": a["bandwidth_efficiency"], "compute": a["compute_efficiency"]},
         "decode": decode,

@@ -45,18 +45,29 @@ def weight_bytes(stats: ModelStats, weights: WeightPrecision) -> dict[str, float
     return {"experts": experts, "rest": rest, "total": experts + rest}
 
 
+def decode_bytes(
+    stats: ModelStats, batch: int, context: int, weights: WeightPrecision, kv_bytes: float
+) -> dict[str, float]:
+    """Bytes one decode step of `batch` sequences with `context` cached tokens reads: the weights every step needs
+    (one embedding row per token), the distinct experts the batch touches, the KV cache."""
+    touched = [distinct_experts(m.num_experts, m.top_k, batch) for m in stats.moe_layers]
+    expert_params = sum(t * m.params_per_expert for t, m in zip(touched, stats.moe_layers, strict=True))
+    return {
+        "experts": expert_params * weights.expert_bits / 8,
+        "other_weights": (stats.always_read_params + batch * stats.config.hidden_size) * weights.rest_bits / 8,
+        "kv_cache": batch * stats.kv_bytes_per_sequence(context, kv_bytes),
+        "distinct_experts_per_layer": sum(touched) / len(touched) if touched else 0.0,
+    }
+
+
 def decode_step(stats: ModelStats, d: Deployment) -> dict:
     """One decode step of d.concurrency sequences, each with d.context tokens cached."""
-    b, cfg = d.concurrency, stats.config
-    touched = [distinct_experts(m.num_experts, m.top_k, b) for m in stats.moe_layers]
-    expert_params = sum(t * m.params_per_expert for t, m in zip(touched, stats.moe_layers, strict=True))
-    expert_bytes = expert_params * d.weights.expert_bits / 8
-    rest_bytes = (stats.always_read_params + b * cfg.hidden_size) * d.weights.rest_bits / 8
-    kv_bytes = b * stats.kv_bytes_per_sequence(d.context, bits(d.kv, "kv") / 8)
-    read = expert_bytes + rest_bytes + kv_bytes
-    keys = sum(d.context if layer.window is None else min(d.context, layer.window) for layer in stats.kv_layers)
+    b = d.concurrency
+    parts = decode_bytes(stats, b, d.context, d.weights, bits(d.kv, "kv") / 8)
+    read = parts["experts"] + parts["other_weights"] + parts["kv_cache"]
+    keys = sum(layer.kept(d.context) for layer in stats.kv_layers)
     flops = b * (2 * (stats.params["active"] - stats.params["embedding"]))
-    flops += b * stats.attention_flops_per_key * keys / max(1, len(stats.kv_layers))
+    flops += b * stats.attention_flops_per_key * keys
     hw = d.hardware
     peak_bw, peak_flops = d.gpus * hw.bandwidth_gbs * 1e9, d.gpus * hw.tflops(d.fp8_compute) * 1e12
     comm = collectives(stats, d, tokens=b)
@@ -66,9 +77,9 @@ def decode_step(stats: ModelStats, d: Deployment) -> dict:
     step = max(memory_s, compute_s) + comm["seconds"]
     return {
         "batch": b,
-        "distinct_experts_per_layer": round(sum(touched) / len(touched), 2) if touched else 0,
+        "distinct_experts_per_layer": round(parts["distinct_experts_per_layer"], 2),
         "bytes_per_step": int(read),
-        "bytes": {"experts": int(expert_bytes), "other_weights": int(rest_bytes), "kv_cache": int(kv_bytes)},
+        "bytes": {k: int(parts[k]) for k in ("experts", "other_weights", "kv_cache")},
         "flops_per_step": int(flops),
         "memory_time_s": memory_s,
         "compute_time_s": compute_s,
@@ -86,11 +97,9 @@ def prefill(stats: ModelStats, d: Deployment, prompt_tokens: int) -> dict:
     or reading all weights once, whichever is longer."""
     p = prompt_tokens
     flops = 2 * (stats.params["active"] - stats.params["embedding"]) * p
-    per_layer_key_flops = stats.attention_flops_per_key / max(1, len(stats.kv_layers))
     for layer in stats.kv_layers:  # query i sees min(i + 1, window) keys
-        w = p if layer.window is None else min(p, layer.window)
-        keys = w * (w + 1) / 2 + (p - w) * w
-        flops += per_layer_key_flops * keys
+        w = layer.kept(p)
+        flops += stats.attention_flops_per_key * (w * (w + 1) / 2 + (p - w) * w)
     hw = d.hardware
     compute_s = flops / (d.gpus * hw.tflops(d.fp8_compute) * 1e12 * d.compute_efficiency)
     memory_s = weight_bytes(stats, d.weights)["total"] / (d.gpus * hw.bandwidth_gbs * 1e9 * d.bandwidth_efficiency)

@@ -1,6 +1,6 @@
-// Decode-time products of one row per expert: y[r, n] = sum_k w[ids[r], n, k] * x[r, k] (fp32, contiguous).
-// Every (row, n) dot product reads one contiguous weight row; OpenMP spreads them over the cores so all of them
-// stream the weights at once. AVX2/FMA with four accumulators where the CPU has them, plain C++ otherwise.
+// Memory-bound expert products (fp32, contiguous): every output element is a dot product of one contiguous weight
+// row with one input row; OpenMP spreads blocks of weight rows over the cores so all of them stream the weights
+// at once. AVX2/FMA with four accumulators where the CPU has them, plain C++ otherwise.
 #include <torch/extension.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -23,26 +23,6 @@ static inline float dot(const float* a, const float* b, int64_t k_len) {
 #endif
   for (; k < k_len; ++k) acc += a[k] * b[k];
   return acc;
-}
-
-torch::Tensor gather_gemv(torch::Tensor w, torch::Tensor ids, torch::Tensor x, int64_t threads) {
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && x.dtype() == torch::kFloat32, "gather_gemv: fp32 only");
-  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && ids.is_contiguous(), "gather_gemv: contiguous only");
-  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && ids.dim() == 1 && ids.size(0) == x.size(0), "gather_gemv: shapes");
-  TORCH_CHECK(w.size(2) == x.size(1) && ids.dtype() == torch::kInt64, "gather_gemv: shapes");
-  const int64_t rows = x.size(0), n_len = w.size(1), k_len = w.size(2), experts = w.size(0);
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < experts, "gather_gemv: expert id out of range");
-  auto y = torch::empty({rows, n_len}, x.options());
-  const float* wp = w.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < rows * n_len; ++t) {
-    const int64_t r = t / n_len, n = t % n_len;
-    yp[t] = dot(wp + (ip[r] * n_len + n) * k_len, xp + r * k_len, k_len);
-  }
-  return y;
 }
 
 // Few-row segments: rows [start_e, start_e + count_e) of x (sorted by expert) times expert e's matrix, into y.
@@ -75,7 +55,4 @@ void segment_gemm(torch::Tensor w, torch::Tensor x, torch::Tensor experts, torch
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gather_gemv", &gather_gemv);
-  m.def("segment_gemm", &segment_gemm);
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("segment_gemm", &segment_gemm); }
