@@ -104,14 +104,16 @@ class MoEDecoder(nn.Module):
         layers = [*self.layers, *(m.layer for m in self.mtp)]
         return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock)}
 
-    def attention_inputs(self, positions_BT: torch.Tensor, attention_mask, num_queries: int, num_keys: int, dtype):
-        """Rotary cos/sin and one mask per layer type in use, shared by all layers of a forward pass."""
+    def attention_inputs(
+        self, positions_BT: torch.Tensor, attention_mask, num_queries: int, num_keys: int, dtype, cache=None
+    ) -> AttentionInputs:
+        """Rotary cos/sin, one mask per layer type in use and the KV cache, shared by all layers of a pass."""
         a, device = self.config.attention, positions_BT.device
         kinds = set(a.layer_types or ()) | {"full"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
         masks = {kind: causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind]) for kind in kinds}
         index_T = torch.arange(num_keys - num_queries, num_keys, device=device)
-        return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T)
+        return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T, cache)
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
@@ -147,8 +149,7 @@ class MoEDecoder(nn.Module):
         else:
             positions_BT = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
-        inputs = self.attention_inputs(positions_BT, attention_mask, t, past + t, x_BTD.dtype)
-        inputs.cache = cache
+        inputs = self.attention_inputs(positions_BT, attention_mask, t, past + t, x_BTD.dtype, cache)
         infos: dict[int, MoEInfo] = {}
         for i, layer in enumerate(self.layers):
             x_BTD, info = layer(x_BTD, inputs, input_ids, token_mask_BT)
