@@ -15,7 +15,10 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "con
 
 
 def checkpoint_dir(path: str | Path) -> Path:
+    """The model directory at path; a moekit training run directory stands for its final model (RUN/final)."""
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        path = path / "final"
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory (expected a Hugging Face model directory with config.json)")
     if not (path / "config.json").is_file():

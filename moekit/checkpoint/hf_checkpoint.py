@@ -16,10 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moekit import __version__
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map
 from moekit.checkpoint.keymap import KeyMap, expert_keys, piece_view
 from moekit.config.hf import FAMILIES, family_of, load_hf_config
-from moekit.config.hf_model import model_from_hf
+from moekit.config.hf_export import hf_family_for
+from moekit.config.hf_model import NATIVE, model_from_hf
+from moekit.config.model import ModelConfig
+from moekit.config.serialize import config_to_dict
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
 
@@ -31,9 +35,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
     path = checkpoint_dir(path)
     hf = load_hf_config(path)
-    family_of(hf)  # a family moekit can run, or a ValueError listing them
+    if hf.get("model_type") != NATIVE:
+        family_of(hf)  # a family moekit can run, or a ValueError listing them
     cfg = model_from_hf(hf, name=path.name)
-    cfg = replace(cfg, extra={**cfg.extra, "hf_config": hf})
+    if hf.get("model_type") != NATIVE:  # saved again as the same family; moekit's own format is rewritten
+        cfg = replace(cfg, extra={**cfg.extra, "hf_config": hf})
     files = weight_map(path)
     notes = []
     if cfg.mtp_layers and not any(re.match(rf"model\.layers\.{cfg.num_layers}\.", n) for n in files):
@@ -141,17 +147,10 @@ def _copy(dst: torch.Tensor, shards: Shards, name: str, files: dict) -> None:
 def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and safetensors in the family's checkpoint layout (sharded above max_shard_bytes, with
     model.safetensors.index.json). Each file is written under a temporary name, fsynced, then renamed."""
-    cfg = model.config
-    hf = cfg.extra.get("hf_config")
-    if hf is None:
-        raise ValueError(
-            "this model has no Hugging Face config (it was not built from one): cannot save it in HF layout"
-        )
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"model_type={cfg.family!r} is unsupported for saving: allowed one of {', '.join(FAMILIES)}")
+    hf = hf_config_of(model.config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model)
+    tensors = checkpoint_tensors(model, hf["model_type"])
     shards = _shard(tensors, max_shard_bytes)
     names = (
         [SINGLE]
@@ -179,9 +178,27 @@ def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 
     _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
-def checkpoint_tensors(model: MoEDecoder) -> dict[str, torch.Tensor]:
-    """{checkpoint name: tensor} in the family's layout (per-expert tensors split out of the stacked ones)."""
-    cfg, keymap, experts = model.config, KeyMap(model.config), expert_keys(model.config.family)
+def hf_config_of(cfg: ModelConfig) -> dict:
+    """The config.json of a model: the one it was loaded with; else that of the Hugging Face family computing the
+    same thing (a model built or trained in moekit, transformers loads it); else moekit's own format (model_type
+    "moekit", the whole ModelConfig under "moekit_config"; only moekit loads it)."""
+    hf = cfg.extra.get("hf_config")
+    if hf is not None:
+        if cfg.family not in FAMILIES:
+            allowed = ", ".join(FAMILIES)
+            raise ValueError(f"model_type={cfg.family!r} is unsupported for saving: allowed one of {allowed}")
+        return hf
+    family, hf = hf_family_for(cfg)
+    if family is not None:
+        return {**hf, "moekit_version": __version__}
+    return {"model_type": NATIVE, "moekit_version": __version__, "moekit_config": config_to_dict(cfg)}
+
+
+def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str, torch.Tensor]:
+    """{checkpoint name: tensor} in the layout of `family` (default: the model's own; per-expert tensors split out
+    of the stacked ones)."""
+    cfg = model.config if family is None else replace(model.config, family=family)
+    keymap, experts = KeyMap(cfg), expert_keys(cfg.family)
     f = cfg.moe.expert_hidden if cfg.moe else 0
     out: dict[str, torch.Tensor] = {}
     state = model.state_dict()

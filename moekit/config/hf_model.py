@@ -3,6 +3,7 @@ the common field names (with the assumptions made listed), and scaled-down train
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from moekit.config.attention import AttentionConfig, RopeScaling
@@ -12,6 +13,7 @@ from moekit.config.moe import MoEConfig
 from moekit.experts.layout import ExpertLayout
 from moekit.routing.spec import RoutingSpec
 
+NATIVE = "moekit"  # model_type of moekit's own format: a config no Hugging Face family computes exactly
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
 
 # Field names that different families use for the same thing, most common first.
@@ -128,6 +130,12 @@ def model_from_hf(hf: dict, name: str = "", assumptions: list[str] | None = None
     """The ModelConfig of a Hugging Face config. A known family is read exactly; any other MoE config is read from
     the common field names, and each guess is appended to `assumptions` (a list the caller passes in). A config
     lacking essential fields raises ValueError naming them."""
+    if hf.get("model_type") == NATIVE:
+        from moekit.config.serialize import model_config_from_dict
+
+        if not isinstance(hf.get("moekit_config"), dict):
+            raise ValueError("config.json has model_type 'moekit' but no moekit_config table")
+        return replace(model_config_from_dict(hf["moekit_config"]), name=name)
     c = text_config(hf)
     family = c.get("model_type", hf.get("model_type"))
     if family == "llama4":

@@ -26,12 +26,14 @@ class MoEInfo:
     dropped              of those, how many capacity dropped.
     aux_loss             the weighted sum of this block's balancing losses (a scalar with gradient; 0 if none, and
                          0 under torch.no_grad, where nothing could learn from it).
+    topk_ids_TK          the experts each real token chose (token choice only; detached), for co-activation.
     """
 
     tokens_per_expert_E: torch.Tensor
     assignments: int
     dropped: int
     aux_loss: torch.Tensor
+    topk_ids_TK: torch.Tensor | None = None
 
 
 class MoEBlock(nn.Module):
@@ -95,9 +97,12 @@ class MoEBlock(nn.Module):
                 real_tokens = int(mask_T.sum())
             kept = int(counts_E.sum())
             asked = real_tokens * plan.topk_ids_TK.shape[1] if plan.topk_ids_TK is not None else kept
+            chosen_TK = plan.topk_ids_TK
+            if chosen_TK is not None and mask_T is not None:
+                chosen_TK = chosen_TK[mask_T]
         aux = plan.weights_N.new_zeros((), dtype=torch.float32)
         if not torch.is_grad_enabled():  # inference: a loss nobody can backpropagate is not worth its ops
-            return MoEInfo(counts_E.detach(), asked, asked - kept, aux)
+            return MoEInfo(counts_E.detach(), asked, asked - kept, aux, chosen_TK)
         if plan.topk_ids_TK is not None and plan.probs_TE is not None:
             if cfg.aux_loss_coef > 0:
                 aux = aux + switch_aux_loss(plan.probs_TE, plan.topk_ids_TK, cfg.aux_loss_coef, mask_T)
@@ -111,7 +116,7 @@ class MoEBlock(nn.Module):
                 )
         if cfg.z_loss_coef > 0 and plan.logits_TE is not None:
             aux = aux + router_z_loss(plan.logits_TE, cfg.z_loss_coef, mask_T)
-        return MoEInfo(counts_E.detach(), asked, asked - kept, aux)
+        return MoEInfo(counts_E.detach(), asked, asked - kept, aux, chosen_TK)
 
     def _soft(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> tuple[torch.Tensor, MoEInfo]:
         b, t, d = x_BTD.shape

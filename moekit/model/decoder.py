@@ -22,11 +22,14 @@ from moekit.routing.router import warn_causality
 
 @dataclass
 class DecoderOutput:
-    """logits [B, T, V]; aux_loss: sum of all balancing losses; moe: {layer index: MoEInfo}."""
+    """logits [B, T, V]; aux_loss: sum of all balancing losses; moe: {layer index: MoEInfo}; mtp_logits: with
+    return_mtp, one [B, T - 1 - j, V] per multi-token-prediction depth j, position i predicting token i + 2 + j
+    (their MoE layers' routing joins `moe` under indices num_layers + j, their balancing losses aux_loss)."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     moe: dict[int, MoEInfo] = field(default_factory=dict)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class DecoderLayer(nn.Module):
@@ -128,10 +131,12 @@ class MoEDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_routing: bool = False,
         cache: KVCache | None = None,
+        return_mtp: bool = False,
     ) -> torch.Tensor | DecoderOutput:
         """input_ids [B, T] -> logits [B, T, V]; with return_routing, a DecoderOutput that also carries the balancing
         loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side). With a
-        KVCache the tokens continue the cached ones and attention_mask covers cached + new tokens [B, S + T]."""
+        KVCache the tokens continue the cached ones and attention_mask covers cached + new tokens [B, S + T].
+        return_mtp (training, no cache): also the multi-token-prediction logits (implies return_routing)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid: allowed [batch, tokens]")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
@@ -158,7 +163,25 @@ class MoEDecoder(nn.Module):
         if cache is not None:
             cache.length += t
         logits = self.lm_head(self.norm(x_BTD))
-        if not return_routing:
+        if not (return_routing or return_mtp):
             return logits
+        mtp_logits = self._mtp(x_BTD, input_ids, positions_BT, token_mask_BT, infos) if return_mtp else []
         aux = sum((info.aux_loss for info in infos.values()), logits.new_zeros((), dtype=torch.float32))
-        return DecoderOutput(logits, aux, infos)
+        return DecoderOutput(logits, aux, infos, mtp_logits)
+
+    def _mtp(self, h_BTD, input_ids, positions_BT, token_mask_BT, infos: dict) -> list[torch.Tensor]:
+        """DeepSeek-V3's sequential MTP: depth j combines its previous hidden state at position i with the
+        embedding of token i + 1 + j and predicts token i + 2 + j."""
+        out = []
+        for j, module in enumerate(self.mtp):
+            t = h_BTD.shape[1] - 1
+            if t < 1:
+                break
+            ids_BT = input_ids[:, j + 1 : j + 1 + t]
+            mask_BT = None if token_mask_BT is None else token_mask_BT[:, j + 1 : j + 1 + t]
+            inputs = self.attention_inputs(positions_BT[:, :t], None, t, t, h_BTD.dtype)
+            h_BTD, info = module(h_BTD[:, :t], self.embed_tokens(ids_BT), inputs, ids_BT, mask_BT)
+            if info is not None:
+                infos[self.config.num_layers + j] = info
+            out.append(self.lm_head(module.norm(h_BTD)))
+        return out
