@@ -73,7 +73,15 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def _count(n: float) -> str:
+    """A parameter count in the unit that shows it: 1.234B, 5.67M, 890K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 100 * scale else f"{n / scale:,.0f}{unit}"
+    return str(int(n))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -346,8 +354,7 @@ def _inspect(args: argparse.Namespace) -> int:
         ),
         (
             "parts",
-            ", ".join(f"{k} {p[k] / 1e9:.3f}B" for k in PARTS if p[k])
-            + (f", mtp {p['mtp'] / 1e9:.3f}B" if p["mtp"] else ""),
+            ", ".join(f"{k} {_count(p[k])}" for k in PARTS if p[k]) + (f", mtp {_count(p['mtp'])}" if p["mtp"] else ""),
         ),
         ("bytes", ", ".join(f"{k} {_gb(r['weight_bytes'][k])}" for k in ("fp32", "bf16", "fp8", "mxfp4", "q4_k_m"))),
         ("KV cache", f"{r['kv_cache_bytes_per_token_bf16']:,} bytes per token (bf16)"),

@@ -53,7 +53,8 @@ def _optimizer(model: MoEDecoder, cfg: TrainConfig) -> torch.optim.AdamW:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one kernel per step instead of a dozen elementwise passes per tensor (CPU and CUDA)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lm_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, shift: int = 1) -> torch.Tensor:
