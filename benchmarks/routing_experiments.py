@@ -190,6 +190,21 @@ EXPERIMENTS = {
 }
 
 
+def print_markdown(results: dict) -> None:
+    r = results
+    print(f"{r['machine']}; {r['steps']} steps of {r['tokens_per_step']} tokens, {r['seeds']} seeds")
+    for name in EXPERIMENTS:
+        if name not in results:
+            continue
+        rows = results[name]
+        keys = list(next(iter(rows.values())))
+        print(f"\n**{name}**\n")
+        print("| setting | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for setting, r in rows.items():
+            print(f"| {setting} | " + " | ".join(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in keys) + " |")
+
+
 def main() -> None:
     import warnings
 
@@ -199,7 +214,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--json")
+    p.add_argument("--markdown", help="print the tables of a results JSON written by --json, and stop")
     args = p.parse_args()
+    if args.markdown:
+        print_markdown(json.loads(Path(args.markdown).read_text()))
+        return
     out = {"machine": machine(), "steps": args.steps, "seeds": args.seeds, "tokens_per_step": 8 * 128}
     with tempfile.TemporaryDirectory() as d:
         for name in args.experiments:
