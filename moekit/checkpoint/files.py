@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -140,3 +141,22 @@ class Shards:
         t = torch.empty(self.shape(name), dtype=self.dtype(name))
         self.read_into(name, t)
         return t
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, write) -> None:
+    """write(tmp) to a temporary name beside target, fsync it, rename it over target, fsync the directory: a crash
+    leaves the old file or the new one, never a mix."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    fsync_path(tmp)
+    os.replace(tmp, target)
+    fsync_path(target.parent)

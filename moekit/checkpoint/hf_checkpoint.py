@@ -8,7 +8,6 @@ Saving writes every file to a temporary name, fsyncs it and renames it into plac
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from moekit import __version__
-from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map
+from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap, expert_keys, piece_view
 from moekit.config.hf import FAMILIES, family_of, load_hf_config
 from moekit.config.hf_export import hf_family_for
@@ -160,14 +159,14 @@ def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 
     for file, shard in zip(names, shards, strict=True):
         # clones: split experts and tied copies share storage, which safetensors refuses; one shard at a time
         owned = {k: v.clone() for k, v in shard.items()}
-        _atomic(path / file, lambda tmp, owned=owned: save_file(owned, str(tmp), metadata={"format": "pt"}))
+        write_atomic(path / file, lambda tmp, owned=owned: save_file(owned, str(tmp), metadata={"format": "pt"}))
         del owned
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {n: file for file, shard in zip(names, shards, strict=True) for n in shard},
         }
-        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        write_atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     else:
         (path / INDEX).unlink(missing_ok=True)
     for stale in path.glob("model*.safetensors"):  # shards of an earlier save with a different count
@@ -175,7 +174,7 @@ def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 
             stale.unlink()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {**hf, "torch_dtype": dtype, "dtype": dtype}
-    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    write_atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 def hf_config_of(cfg: ModelConfig) -> dict:
@@ -237,16 +236,3 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
         shards[-1][name] = t
         size += n
     return shards
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -57,24 +57,29 @@ def _common(cfg: ModelConfig, family: str, architecture: str) -> dict:
     }
 
 
-def _first_dense(cfg: ModelConfig) -> int:
-    return cfg.moe_layers[0] if cfg.moe_layers else cfg.num_layers
+def _deepseek_moe(cfg: ModelConfig) -> dict:
+    """The MoE fields DeepSeek-V2/V3 and GLM-4.5 name alike."""
+    moe, spec = cfg.moe, cfg.moe.routing
+    return dict(
+        intermediate_size=cfg.dense_hidden or moe.expert_hidden,
+        moe_intermediate_size=moe.expert_hidden,
+        n_routed_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        n_shared_experts=moe.num_shared_experts,
+        routed_scaling_factor=spec.scaling_factor,
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        norm_topk_prob=spec.normalize,
+        first_k_dense_replace=cfg.moe_layers[0] if cfg.moe_layers else cfg.num_layers,
+    )
 
 
 def _deepseek(cfg: ModelConfig, family: str) -> dict:
     moe, a, spec = cfg.moe, cfg.attention, cfg.moe.routing
     d = _common(cfg, family, "DeepseekV3ForCausalLM" if family == "deepseek_v3" else "DeepseekV2ForCausalLM")
+    d.update(_deepseek_moe(cfg))
     d.update(
-        intermediate_size=cfg.dense_hidden or moe.expert_hidden,
-        moe_intermediate_size=moe.expert_hidden,
-        n_routed_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
         n_shared_experts=moe.num_shared_experts or None,
-        routed_scaling_factor=spec.scaling_factor,
-        n_group=spec.n_group,
-        topk_group=spec.topk_group,
-        norm_topk_prob=spec.normalize,
-        first_k_dense_replace=_first_dense(cfg),
         kv_lora_rank=a.kv_lora_rank,
         q_lora_rank=a.q_lora_rank,
         qk_rope_head_dim=a.qk_rope_head_dim,
@@ -96,21 +101,12 @@ def _deepseek(cfg: ModelConfig, family: str) -> dict:
 
 
 def _glm4_moe(cfg: ModelConfig) -> dict:
-    moe, a, spec = cfg.moe, cfg.attention, cfg.moe.routing
+    a = cfg.attention
     d = _common(cfg, "glm4_moe", "Glm4MoeForCausalLM")
     d["rope_parameters"]["partial_rotary_factor"] = a.partial_rotary
+    d.update(_deepseek_moe(cfg))
     d.update(
         head_dim=cfg.head_dim,
-        intermediate_size=cfg.dense_hidden or moe.expert_hidden,
-        moe_intermediate_size=moe.expert_hidden,
-        n_routed_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        n_shared_experts=moe.num_shared_experts,
-        routed_scaling_factor=spec.scaling_factor,
-        n_group=spec.n_group,
-        topk_group=spec.topk_group,
-        norm_topk_prob=spec.normalize,
-        first_k_dense_replace=_first_dense(cfg),
         partial_rotary_factor=a.partial_rotary,
         use_qk_norm=a.qk_norm == "head",
         attention_bias=a.qkv_bias,

@@ -7,12 +7,13 @@ or none, and the earlier ones untouched. No pickle anywhere: tensors in safetens
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from moekit.checkpoint.files import fsync_path
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "trainer.json"
 
@@ -27,14 +28,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE).is_file())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -81,14 +74,14 @@ def save_checkpoint(
         save_file(tensors, str(tmp / OPTIMIZER), metadata={"format": "pt"})
         (tmp / STATE).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
         for f in (MODEL, OPTIMIZER, STATE):
-            _fsync(tmp / f)
+            fsync_path(tmp / f)
         if final.exists():  # the same step saved again: move the old one aside first
             old = root / f".step-{step:08d}.old"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             shutil.rmtree(old)
         tmp.rename(final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -97,17 +90,23 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model (and optimizer, RNG) from a checkpoint directory; returns the trainer state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, check=None) -> dict:
+    """Restore model (and optimizer, RNG) from a checkpoint directory; returns the trainer state. check(state, path),
+    if given, runs on the trainer state before anything is loaded (and raises to refuse the checkpoint)."""
     path = Path(path)
     for f in (MODEL, OPTIMIZER, STATE):
         if not (path / f).is_file():
             raise ValueError(f"checkpoint {path} is incomplete: {f} is missing")
     try:
         state = json.loads((path / STATE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({e})") from None
+    if check is not None:
+        check(state, path)
+    try:
         weights = load_file(str(path / MODEL))
         tensors = load_file(str(path / OPTIMIZER))
-    except (json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error type
+    except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"checkpoint {path} is unreadable ({e})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

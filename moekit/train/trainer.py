@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moekit.checkpoint.files import write_atomic
 from moekit.config.model import ModelConfig
 from moekit.model.count import count_parameters
 from moekit.model.decoder import MoEDecoder
@@ -137,9 +138,7 @@ class Trainer:
             path = found[-1]
         else:
             path = Path(resume)
-        state = json.loads((path / "trainer.json").read_text()) if (path / "trainer.json").is_file() else {}
-        self._check_compatible(state, path)
-        state = load_checkpoint(path, self.model, self.optimizer)
+        state = load_checkpoint(path, self.model, self.optimizer, check=self._check_compatible)
         self.step = int(state["step"])
         _write_json(run, self._run_state())
         _truncate_metrics(self.run_dir / METRICS, self.step)
@@ -294,9 +293,7 @@ class Trainer:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
