@@ -7,7 +7,8 @@ same token budget, same active parameters, several seeds; mean and spread of val
   choice       token choice vs expert choice, and the causality leak of expert choice: how much the logits of
                earlier positions move when only the last token of the sequence is changed
   upcycle      upcycled from a dense model trained for half the steps vs an MoE trained from scratch for all
-  capacity     capacity factor 1.0 / 1.25 / 2.0 (dropping by position) vs dropless: dropped fraction and loss
+  capacity     capacity factor 1.0 / 1.25 / 2.0 (dropping by position) vs dropless, without a balancer and with the
+               Switch aux loss: dropped fraction and loss
 
     python benchmarks/routing_experiments.py [--experiments balancing ...] [--seeds 3] [--steps 150] [--json F]
 """
@@ -168,10 +169,14 @@ def _as_dict(model) -> dict:
     return config_to_dict(replace(model.config, extra={}))
 
 
-def capacity(seeds, steps, directory):
-    configs = {"dropless": model_dict()}
-    for cf in (1.0, 1.25, 2.0):
-        configs[f"capacity {cf:g}"] = model_dict(capacity_factor=cf)
+def capacity(seeds, steps, directory, balanced: tuple[bool, ...] = (False, True)):
+    """Without a balancer, and with Switch's aux loss at its published alpha = 1e-2 (Switch pairs the two)."""
+    configs = {}
+    for aux in balanced:
+        extra, name = ({"aux_loss_coef": 1e-2}, "aux 1e-2, ") if aux else ({}, "")
+        configs[f"{name}dropless"] = model_dict(**extra)
+        for cf in (1.0, 1.25, 2.0):
+            configs[f"{name}capacity {cf:g}"] = model_dict(capacity_factor=cf, **extra)
 
     def dropped(trainer) -> dict:
         lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()

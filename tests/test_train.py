@@ -170,7 +170,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     assert trainer.step == state["step"] + 2
 
 
-def test_bpe_tokenizer_multi_token_prediction_and_generate_cli(tmp_path):
+def test_bpe_tokenizer_multi_token_prediction_and_generate_cli(tmp_path, capsys):
     model_cfg, train_cfg = small(tmp_path, tokenizer="bpe", vocab_size=320, mtp_weight=0.3)
     model_cfg = replace(model_cfg, mtp_layers=1)
     trainer = Trainer(model_cfg, train_cfg, tmp_path / "run", progress=False)
@@ -198,7 +198,15 @@ def test_bpe_tokenizer_multi_token_prediction_and_generate_cli(tmp_path):
         text=True,
         check=True,
     )
-    assert len(json.loads(out.stdout)["tokens"]) == 5
+    plain = json.loads(out.stdout)["tokens"]
+    assert len(plain) == 5
+    # self-speculative decoding with the trained MTP layer: the same greedy tokens, and its acceptance reported
+    from moekit.cli.main import main
+
+    assert main(["generate", str(tmp_path / "run"), "import ", "--max-new-tokens", "5", "--speculative", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == plain and 0.0 <= result["speculation"]["acceptance_rate"] <= 1.0
+    assert result["speculation"]["rounds"] + sum(result["speculation"]["accepted_by_depth"]) == 4
 
 
 def test_a_router_no_hf_family_expresses_saves_in_moekit_format(tmp_path):

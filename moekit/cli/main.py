@@ -178,6 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.checkpoint.files import checkpoint_dir
+    from moekit.infer.speculative import SpeculationStats
     from moekit.infer.tokenizers import StreamDecoder, load_tokenizer
 
     path = checkpoint_dir(args.checkpoint)
@@ -195,6 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(text, end="", flush=True)
 
+    stats = SpeculationStats() if args.speculative else None
     start = time.perf_counter()
     out = model.generate(
         torch.tensor([ids]),
@@ -204,13 +206,25 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         on_token=show,
+        speculative=args.speculative,
+        stats=stats,
     )
     seconds = time.perf_counter() - start
     new = out[0, len(ids) :].tolist()
+    result = {"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}
+    if stats is not None:
+        result["speculation"] = stats.as_dict()
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}))
-    else:
-        print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tok/s]", file=sys.stderr)
+        print(json.dumps(result))
+        return 0
+    summary = f"{len(new)} tokens in {seconds:.2f} s, {len(new) / max(seconds, 1e-9):.1f} tok/s"
+    if stats is not None:
+        depths = zip(stats.accepted_by_depth, stats.checked_by_depth, strict=True)
+        summary += (
+            f"; MTP drafts accepted {stats.acceptance_rate:.0%} (by depth {', '.join(f'{a}/{c}' for a, c in depths)}),"
+            f" {stats.tokens_per_round:.2f} tokens per pass of the model"
+        )
+    print(f"\n[{summary}]", file=sys.stderr)
     return 0
 
 
@@ -441,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding: the model's multi-token-prediction layers draft, one pass checks the "
+        "drafts (same output distribution); reports the acceptance rate",
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(fn=_generate)
 

@@ -10,10 +10,8 @@ from moekit._validate import check_float, check_int
 from moekit.infer.cache import KVCache
 
 
-def sample(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """Next token ids [B]: argmax at temperature 0, else a draw from the tempered, top-k and top-p filtered softmax."""
-    if temperature == 0:
-        return logits_BV.argmax(-1)
+def filtered_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The tempered logits with everything outside the top-k and the top-p nucleus at -inf (temperature > 0)."""
     logits_BV = logits_BV.float() / temperature
     if top_k:
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
@@ -24,7 +22,29 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float
         beyond_BV = probs_BV.cumsum(-1) - probs_BV > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_BV = sorted_BV.masked_fill(beyond_BV, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
-    return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits_BV
+
+
+def distribution(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The probabilities [B, V] `sample` draws from: one-hot on the argmax at temperature 0."""
+    if temperature == 0:
+        return torch.zeros_like(logits_BV, dtype=torch.float32).scatter_(-1, logits_BV.argmax(-1, keepdim=True), 1.0)
+    return filtered_logits(logits_BV, temperature, top_k, top_p).softmax(-1)
+
+
+def sample(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """Next token ids [B]: argmax at temperature 0, else a draw from the tempered, top-k and top-p filtered softmax."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    probs_BV = filtered_logits(logits_BV, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_float("temperature", temperature, 0.0)
+    check_int("top_k", top_k, 0)
+    check_float("top_p", top_p, 0.0, 1.0, lo_open=True)
 
 
 @torch.no_grad()
@@ -39,13 +59,22 @@ def generate(
     eos_token_id: int | None = None,
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    speculative: bool = False,
+    stats=None,
 ) -> torch.Tensor:
     """input_ids [B, T] (left-padded with attention_mask when lengths differ) -> [B, T + n] with n <= max_new_tokens
-    (all sequences stop early once each has produced eos_token_id). on_token gets each step's ids [B]."""
-    check_int("max_new_tokens", max_new_tokens, 0)
-    check_float("temperature", temperature, 0.0)
-    check_int("top_k", top_k, 0)
-    check_float("top_p", top_p, 0.0, 1.0, lo_open=True)
+    (all sequences stop early once each has produced eos_token_id). on_token gets each step's ids [B].
+    speculative: draft with the model's multi-token-prediction layers and verify (batch 1, no mask; same output
+    distribution, see moekit.infer.speculative); stats: a SpeculationStats to fill in."""
+    if speculative:
+        from moekit.infer.speculative import speculative_generate
+
+        if attention_mask is not None:
+            raise ValueError("attention_mask is not supported with speculative=True: allowed one unpadded sequence")
+        return speculative_generate(
+            model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, on_token, stats
+        )
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache()

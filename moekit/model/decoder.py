@@ -90,8 +90,8 @@ class MoEDecoder(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Continue input_ids [B, T] by max_new_tokens with a KV cache: greedy by default; temperature, top_k,
-        top_p, eos_token_id, attention_mask (left padding), seed and on_token (streaming) as in
-        moekit.infer.generate.generate."""
+        top_p, eos_token_id, attention_mask (left padding), seed, on_token (streaming), speculative (MTP drafts)
+        and stats as in moekit.infer.generate.generate."""
         from moekit.infer.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
@@ -137,6 +137,45 @@ class MoEDecoder(nn.Module):
         loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side). With a
         KVCache the tokens continue the cached ones and attention_mask covers cached + new tokens [B, S + T].
         return_mtp (training, no cache): also the multi-token-prediction logits (implies return_routing)."""
+        x_BTD, infos, positions_BT, token_mask_BT = self._trunk(input_ids, attention_mask, cache)
+        logits = self.head(x_BTD)
+        if not (return_routing or return_mtp):
+            return logits
+        mtp_logits = self._mtp(x_BTD, input_ids, positions_BT, token_mask_BT, infos) if return_mtp else []
+        aux = sum((info.aux_loss for info in infos.values()), logits.new_zeros((), dtype=torch.float32))
+        return DecoderOutput(logits, aux, infos, mtp_logits)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last layer's output [B, T, D] before the final norm (what `head` and the MTP modules read)."""
+        return self._trunk(input_ids, None, cache)[0]
+
+    def head(self, h_BTD: torch.Tensor, mtp_depth: int | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of the main model, or of multi-token-prediction depth mtp_depth, from its hidden state."""
+        norm = self.norm if mtp_depth is None else self.mtp[mtp_depth].norm
+        return self.lm_head(norm(h_BTD))
+
+    def mtp_step(
+        self,
+        depth: int,
+        h_BTD: torch.Tensor,
+        next_ids_BT: torch.Tensor,
+        positions_BT: torch.Tensor,
+        token_mask_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, MoEInfo | None]:
+        """Multi-token-prediction depth `depth` at positions_BT: the previous depth's hidden state there and the
+        tokens one step ahead of that depth's input -> its hidden state [B, T, D] and routing. With a cache (this
+        depth's own) the positions continue the cached ones."""
+        t = h_BTD.shape[1]
+        past = cache.length if cache is not None else 0
+        inputs = self.attention_inputs(positions_BT, None, t, past + t, h_BTD.dtype, cache)
+        out = self.mtp[depth](h_BTD, self.embed_tokens(next_ids_BT), inputs, next_ids_BT, token_mask_BT)
+        if cache is not None:
+            cache.length += t
+        return out
+
+    def _trunk(self, input_ids, attention_mask, cache):
+        """Embedding and decoder layers: (hidden [B, T, D], routing by layer, positions [B, T], token mask)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid: allowed [batch, tokens]")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
@@ -162,26 +201,19 @@ class MoEDecoder(nn.Module):
                 infos[i] = info
         if cache is not None:
             cache.length += t
-        logits = self.lm_head(self.norm(x_BTD))
-        if not (return_routing or return_mtp):
-            return logits
-        mtp_logits = self._mtp(x_BTD, input_ids, positions_BT, token_mask_BT, infos) if return_mtp else []
-        aux = sum((info.aux_loss for info in infos.values()), logits.new_zeros((), dtype=torch.float32))
-        return DecoderOutput(logits, aux, infos, mtp_logits)
+        return x_BTD, infos, positions_BT, token_mask_BT
 
     def _mtp(self, h_BTD, input_ids, positions_BT, token_mask_BT, infos: dict) -> list[torch.Tensor]:
         """DeepSeek-V3's sequential MTP: depth j combines its previous hidden state at position i with the
         embedding of token i + 1 + j and predicts token i + 2 + j."""
         out = []
-        for j, module in enumerate(self.mtp):
+        for j in range(len(self.mtp)):
             t = h_BTD.shape[1] - 1
             if t < 1:
                 break
-            ids_BT = input_ids[:, j + 1 : j + 1 + t]
             mask_BT = None if token_mask_BT is None else token_mask_BT[:, j + 1 : j + 1 + t]
-            inputs = self.attention_inputs(positions_BT[:, :t], None, t, t, h_BTD.dtype)
-            h_BTD, info = module(h_BTD[:, :t], self.embed_tokens(ids_BT), inputs, ids_BT, mask_BT)
+            h_BTD, info = self.mtp_step(j, h_BTD[:, :t], input_ids[:, j + 1 : j + 1 + t], positions_BT[:, :t], mask_BT)
             if info is not None:
                 infos[self.config.num_layers + j] = info
-            out.append(self.lm_head(module.norm(h_BTD)))
+            out.append(self.head(h_BTD, j))
         return out
