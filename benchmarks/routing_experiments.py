@@ -113,7 +113,10 @@ def balancing(seeds, steps, directory):
 def granularity(seeds, steps, directory):
     configs = {}
     for e, k in ((8, 1), (16, 2), (32, 4), (64, 8)):
-        configs[f"{e} experts top-{k}"] = model_dict(e, k, routing={"selection_bias": True}, bias_update_rate=1e-3)
+        # top-1 keeps the raw sigmoid score as its weight (Llama 4): renormalised, it would always be 1 and the
+        # router would never learn from the loss
+        routing = {"selection_bias": True, "normalize": k > 1}
+        configs[f"{e} experts top-{k}"] = model_dict(e, k, routing=routing, bias_update_rate=1e-3)
         if k > 1:
             configs[f"{e} experts top-{k}, 1 shared"] = model_dict(
                 e, k, shared=True, routing={"selection_bias": True}, bias_update_rate=1e-3

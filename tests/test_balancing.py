@@ -143,3 +143,22 @@ def test_block_losses_add_up():
         + router_z_loss(plan.logits_TE, 0.001)
     )
     assert info.aux_loss.item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_load_metrics_count_what_the_router_asked_before_capacity_drops():
+    spec = RoutingSpec(num_experts=4, top_k=1)
+    blk = MoEBlock(8, MoEConfig(routing=spec, expert_hidden=8, capacity_factor=1.0))
+    with torch.no_grad():
+        blk.router.weight.zero_()
+        blk.router.weight[0, 0], blk.router.weight[1, 0] = 10.0, -10.0  # sign of feature 0 picks expert 0 or 1
+    x = torch.randn(1, 16, 8)
+    x[..., 0] = x[..., 0].abs() + 0.1
+    x[0, 10:, 0] *= -1  # 10 tokens ask for expert 0, 6 for expert 1
+    _, info = blk(x)
+    assert info.tokens_per_expert_E.tolist() == [4, 4, 0, 0]  # capacity 16 / 4 = 4
+    assert info.requested_per_expert_E.tolist() == [10, 6, 0, 0] and info.dropped == 8
+    from moekit.train.telemetry import LoadAccumulator
+
+    loads = LoadAccumulator()
+    loads.add({1: info})
+    assert loads.max_vio() == 1.5  # 10 / 4 - 1; the capped counts would say 1.0

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import torch
+
 
 def test_building_from_configs_example_runs():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -10,3 +12,4 @@ def test_building_from_configs_example_runs():
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["logits"].shape == (4, 128, 256)
     assert scope["tokens"].shape == (1, 48)
+    assert torch.equal(scope["fast"], scope["mtp_model"].generate(scope["ids"][:1, :16], 32))

@@ -301,3 +301,11 @@ def test_report_renders_plots_and_a_summary(tmp_path):
     assert (tmp_path / "run" / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("report", str(tmp_path))
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+
+
+def test_top1_with_renormalised_weights_warns_that_the_router_cannot_learn(tmp_path):
+    model_cfg, train_cfg = small(tmp_path, steps=1)
+    spec = moekit.RoutingSpec(num_experts=8, top_k=1, normalize=True, selection_bias=True)
+    moe = replace(model_cfg.moe, routing=spec)
+    with pytest.warns(UserWarning, match="never trains the router"):
+        Trainer(replace(model_cfg, moe=moe), train_cfg, tmp_path / "run", progress=False)

@@ -22,7 +22,7 @@ from moekit.experts.gemv import segment_gemm
 _MIN_SPLIT_ROWS = 64
 # Segments of at most this many rows go to moekit's few-row kernel (compute stays below the memory time up to
 # about here on a 2-core AVX2 machine).
-_FEW_ROWS = 16
+FEW_ROWS = 16
 # Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
 # about where a CPU's FLOP rate per byte of bandwidth crosses over.
 _MEMORY_BOUND_ROWS = 16
@@ -108,7 +108,7 @@ def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transpo
     # MKL gemm reaches about half of it. Longer segments go to the pool of single-threaded MKL workers.
     few, start = [], 0
     for e, c in enumerate(counts):
-        if 0 < c <= _FEW_ROWS and not transposed:
+        if 0 < c <= FEW_ROWS and not transposed:
             few.append((e, start, c))
         start += c
     if few and not segment_gemm(w, x_SK, few, y_SN):
@@ -189,4 +189,18 @@ def torch_grouped_mm(
     """The same through torch's grouped matmul kernel (needs 16-byte aligned strides)."""
     offsets = torch.tensor(list(counts), device=x_SK.device).cumsum(0).to(torch.int32)
     grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    return grouped_mm(x_SK.contiguous(), w if transposed else w.transpose(-2, -1), offs=offsets)
+    y_SN = grouped_mm(x_SK.contiguous(), w if transposed else w.transpose(-2, -1), offs=offsets)
+    return _ContiguousGrad.apply(y_SN) if y_SN.requires_grad else y_SN
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped matmul's backward refuses an expanded one
+    (the gradient of a sum, say)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous()

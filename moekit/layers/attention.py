@@ -45,11 +45,11 @@ def causal_mask(
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
-    layer type (see causal_mask), the index of each query in the sequence [T] (NoPE temperature tuning), and the
-    KV cache when generating (None otherwise)."""
+    layer type (see causal_mask; None: plain causal, the queries are all the keys), the index of each query in the
+    sequence [T] (NoPE temperature tuning), and the KV cache when generating (None otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
-    masks: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
     query_index_T: torch.Tensor
     cache: KVCache | None = None
 
@@ -58,13 +58,18 @@ def attend(
     q_BHTd: torch.Tensor,
     k_BHSd: torch.Tensor,
     v_BHSd: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scale: float,
     sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention over keys S, with GQA head sharing; sinks_H adds one logit per head to the
-    softmax denominator (GPT-OSS), done as an extra key of zero key and value whose additive bias is the sink."""
+    """Scaled dot-product attention over keys S, with GQA head sharing; mask None: plain causal with as many keys as
+    queries. sinks_H adds one logit per head to the softmax denominator (GPT-OSS), done as an extra key of zero key
+    and value whose additive bias is the sink."""
     h, kv_h = q_BHTd.shape[1], k_BHSd.shape[1]
+    if mask is None and sinks_H is None:  # plain causal: SDPA's own path, no [T, T] mask to build and read
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, scale=scale, enable_gqa=h != kv_h)
+    if mask is None:
+        mask = causal_mask(None, q_BHTd.shape[2], k_BHSd.shape[2], q_BHTd.device)
     if sinks_H is not None:
         b, _, t, _ = q_BHTd.shape
         zeros = k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])

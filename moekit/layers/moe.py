@@ -35,6 +35,14 @@ class MoEInfo:
     aux_loss: torch.Tensor
     topk_ids_TK: torch.Tensor | None = None
 
+    @property
+    def requested_per_expert_E(self) -> torch.Tensor:
+        """Assignments the router asked of each expert, before capacity drops: the load balancing acts on (after
+        drops every count is capped at the capacity, which would make any router look balanced)."""
+        if self.dropped == 0 or self.topk_ids_TK is None:
+            return self.tokens_per_expert_E
+        return torch.bincount(self.topk_ids_TK.flatten(), minlength=self.tokens_per_expert_E.numel())
+
 
 class MoEBlock(nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig):

@@ -115,6 +115,8 @@ class MoEDecoder(nn.Module):
         kinds = set(a.layer_types or ()) | {"full"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
         masks = {kind: causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind]) for kind in kinds}
+        if attention_mask is None and num_queries == num_keys:
+            masks["full"] = None  # plain causal (training, an uncached prompt): attention takes SDPA's causal path
         index_T = torch.arange(num_keys - num_queries, num_keys, device=device)
         return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T, cache)
 

@@ -21,7 +21,7 @@ def probe_routing(model: MoEDecoder, tokens_BT: torch.Tensor, attention_mask: to
     seconds = time.perf_counter() - start
     layers = {}
     for i, info in out.moe.items():
-        layers[str(i)] = routing_stats(info.tokens_per_expert_E, info.dropped, info.assignments)
+        layers[str(i)] = routing_stats(info.requested_per_expert_E, info.dropped, info.assignments)
     n_tokens = int(tokens_BT.numel() if attention_mask is None else attention_mask.sum())
     targets, logits = tokens_BT[:, 1:], out.logits[:, :-1].float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

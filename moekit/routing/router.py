@@ -134,3 +134,14 @@ def warn_causality(cfg: MoEConfig) -> None:
             "so training loss is optimistic and decoding differs from training",
             stacklevel=3,
         )
+
+
+def warn_untrainable_router(cfg: MoEConfig) -> None:
+    """Top-1 token choice with renormalised weights gives every token the weight s / s = 1: the router's scores
+    never reach the loss, so only balancing terms (or nothing) train it."""
+    if cfg.router == "token_choice" and cfg.routing.top_k == 1 and cfg.routing.normalize:
+        warnings.warn(
+            "top_k=1 with normalize=True makes every routing weight 1, so the language-model loss never trains the "
+            "router: set normalize = false (Switch, Llama 4) to let it learn",
+            stacklevel=3,
+        )

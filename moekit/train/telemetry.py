@@ -1,5 +1,6 @@
 """Routing telemetry of a training run: per MoE layer, the load of each step and, over the validation set, the
-global load (MaxVio_global), entropy, dead experts and expert co-activation."""
+global load (MaxVio_global), entropy, dead experts and expert co-activation. Load = what the router asked of each
+expert, before any capacity drops."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class LoadAccumulator:
 
     def add(self, infos: dict[int, MoEInfo]) -> None:
         for layer, info in infos.items():
-            counts = info.tokens_per_expert_E.detach().cpu().long()
+            counts = info.requested_per_expert_E.detach().cpu().long()
             self.counts[layer] = self.counts.get(layer, 0) + counts
             self.assignments[layer] = self.assignments.get(layer, 0) + info.assignments
             self.dropped[layer] = self.dropped.get(layer, 0) + info.dropped

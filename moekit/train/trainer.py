@@ -27,6 +27,7 @@ from moekit.config.model import ModelConfig
 from moekit.model.count import count_parameters
 from moekit.model.decoder import MoEDecoder
 from moekit.routing.balancing import LossFreeBalancer
+from moekit.routing.router import warn_untrainable_router
 from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from moekit.train.config import TrainConfig, run_config_dict
 from moekit.train.data import TokenStream, load_corpus
@@ -91,6 +92,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = init.train() if init is not None else MoEDecoder(model_cfg).train()
         self.model_cfg = self.model.config
+        if self.model_cfg.moe is not None and self.model_cfg.moe_layers:
+            warn_untrainable_router(self.model_cfg.moe)
         self.optimizer = _optimizer(self.model, train_cfg)
         rate = self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0.0
         self.balancer = LossFreeBalancer(self.model.routers(), rate) if rate > 0 else None
