@@ -6,7 +6,8 @@ The model: the 'tiny' preset of `moekit train` (DeepSeek-V3-shaped, MLA, 16 expe
 mtp_layers MTP depths, trained on the standard library's source (or --run DIR, a finished run). Prompts: the
 first bytes of held-out standard-library files.
 
-    python benchmarks/speculative.py [--run DIR] [--mtp-layers 2] [--steps 300] [--tokens 128] [--temperature T]
+    python benchmarks/speculative.py [--run DIR] [--mtp-layers 2] [--steps 300] [--tokens 128] [--rounds 5]
+                                     [--temperature T]
                                      [--json F]
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs compared); else sampled")
     p.add_argument("--json")
     args = p.parse_args()
@@ -80,13 +83,17 @@ def main() -> None:
         for prompt in prompts(args.prompts):
             ids = torch.tensor([tokenizer.encode(prompt)])
             model.generate(ids, 8), model.generate(ids, 8, speculative=True)  # warm-up
-            t = time.perf_counter()
-            plain = model.generate(ids, args.tokens, **sampling)
-            plain_s.append(time.perf_counter() - t)
-            stats = SpeculationStats()
-            t = time.perf_counter()
-            fast = model.generate(ids, args.tokens, speculative=True, stats=stats, **sampling)
-            spec_s.append(time.perf_counter() - t)
+            times: dict[str, list[float]] = {"plain": [], "speculative": []}
+            for _ in range(args.rounds):  # interleaved, medians: single runs of ~1 s drift by +-20% here
+                t = time.perf_counter()
+                plain = model.generate(ids, args.tokens, **sampling)
+                times["plain"].append(time.perf_counter() - t)
+                stats = SpeculationStats()
+                t = time.perf_counter()
+                fast = model.generate(ids, args.tokens, speculative=True, stats=stats, **sampling)
+                times["speculative"].append(time.perf_counter() - t)
+            plain_s.append(statistics.median(times["plain"]))
+            spec_s.append(statistics.median(times["speculative"]))
             if args.temperature == 0 and not torch.equal(plain, fast):
                 raise SystemExit("speculative greedy decoding differs from plain greedy decoding")
             text = tokenizer.decode(fast[0, ids.shape[1] :].tolist())
