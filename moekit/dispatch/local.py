@@ -26,7 +26,7 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Dispatched:
         order_S = torch.argsort(plan.expert_ids_N, stable=True)
-        x_SD = x_TD[plan.token_ids_N[order_S]]
+        x_SD = x_TD.index_select(0, plan.token_ids_N[order_S])  # a row gather: several times faster than x[idx]
         if plan.apply_to == "input":
             x_SD = x_SD * plan.weights_N[order_S].unsqueeze(-1).to(x_SD.dtype)
         counts = plan.tokens_per_expert_E.tolist()
@@ -36,7 +36,10 @@ class LocalDispatcher:
         num_tokens, hidden = plan.num_tokens, y_SD.shape[-1]
         inverse_N = torch.empty_like(d.order_S)
         inverse_N[d.order_S] = torch.arange(d.order_S.numel(), device=d.order_S.device)
-        y_ND = y_SD[inverse_N]
+        y_ND = y_SD.index_select(0, inverse_N)
+        if plan.dense and plan.apply_to == "output":  # weighted sum over each token's slots in one pass
+            weights_T1K = plan.weights_N.view(num_tokens, 1, plan.num_slots).to(y_ND.dtype)
+            return torch.bmm(weights_T1K, y_ND.view(num_tokens, plan.num_slots, hidden)).squeeze(1)
         if plan.apply_to == "output":
             y_ND = y_ND * plan.weights_N.unsqueeze(-1).to(y_ND.dtype)
         if plan.dense:
