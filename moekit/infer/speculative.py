@@ -99,6 +99,8 @@ def speculative_generate(
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid: allowed [1, tokens >= 1]")
     stats = stats if stats is not None else SpeculationStats()
     stats.reset(depths)
+    if max_new_tokens == 0:
+        return input_ids
     model.eval()
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     probs = lambda logits_1V: distribution(logits_1V, temperature, top_k, top_p)[0]  # noqa: E731
@@ -108,7 +110,6 @@ def speculative_generate(
     # hidden[0]: the main model's last hidden state at positions 0..N-1; hidden[j + 1]: depth j's output
     hidden = [model.hidden_states(input_ids, cache)]
     hidden += [hidden[0][:, :0]] * depths
-    new = [_draw(probs(model.head(hidden[0][:, -1])), generator)]
 
     def emit(token: int) -> bool:
         """Append a generated token; True when generation must stop."""
@@ -118,9 +119,7 @@ def speculative_generate(
             on_token(torch.tensor([token]))
         return stats.tokens >= max_new_tokens or token == eos_token_id
 
-    if max_new_tokens == 0:
-        return input_ids
-    done = emit(new[0])
+    done = emit(_draw(probs(model.head(hidden[0][:, -1])), generator))
     while not done:
         n = cache.length  # tokens[0..n] known, tokens[n] not yet seen by the main model
         drafts, draft_probs = [], []
