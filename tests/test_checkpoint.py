@@ -249,6 +249,9 @@ def test_generate_command_streams_the_models_greedy_continuation(tmp_path, capsy
     )
     streamed = capsys.readouterr()
     assert streamed.out.startswith("import json") and "tok/s" in streamed.err
+    assert main(["generate", str(tmp_path / "hf"), "import json", "--speculative"]) == 2
+    refused = capsys.readouterr()
+    assert refused.out == "" and "mtp_layers=0" in refused.err  # one line, no half-printed prompt
     (tmp_path / "hf" / "tokenizer.json").unlink()
     assert main(["generate", str(tmp_path / "hf"), "x"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err

@@ -188,13 +188,13 @@ def _generate(args: argparse.Namespace) -> int:
     if not ids:
         raise ValueError("prompt='' is invalid: allowed a prompt of at least one token")
     stream = StreamDecoder(tokenizer)
-    if not args.json:
-        print(args.prompt, end="", flush=True)
+    pending = [] if args.json else [args.prompt]  # the prompt is echoed with the first token, not before an error
 
     def show(token_B: torch.Tensor) -> None:
         text = stream.push(int(token_B[0]))
         if not args.json:
-            print(text, end="", flush=True)
+            print(*pending, text, sep="", end="", flush=True)
+            pending.clear()
 
     stats = SpeculationStats() if args.speculative else None
     start = time.perf_counter()
@@ -217,6 +217,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    print(*pending, sep="", end="")
     summary = f"{len(new)} tokens in {seconds:.2f} s, {len(new) / max(seconds, 1e-9):.1f} tok/s"
     if stats is not None:
         depths = zip(stats.accepted_by_depth, stats.checked_by_depth, strict=True)
