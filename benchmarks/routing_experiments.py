@@ -11,6 +11,7 @@ same token budget, same active parameters, several seeds; mean and spread of val
                Switch aux loss: dropped fraction and loss
 
     python benchmarks/routing_experiments.py [--experiments balancing ...] [--seeds 3] [--steps 150] [--json F]
+    python benchmarks/routing_experiments.py --markdown F | --plot F PNG
 """
 
 from __future__ import annotations
@@ -213,6 +214,37 @@ def print_markdown(results: dict) -> None:
             print(f"| {setting} | " + " | ".join(f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in keys) + " |")
 
 
+def plot(results: dict, path: str) -> None:
+    """Validation loss against MaxVio_global, one point per setting with its seed spread (Wang et al.'s Figure),
+    one panel per experiment that has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in EXPERIMENTS if n in results]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.remove()
+    for ax, name in zip(axes.flat, names, strict=False):
+        for setting, r in results[name].items():
+            ax.errorbar(
+                r["max_vio_global"]["mean"],
+                r["val_loss"]["mean"],
+                xerr=r["max_vio_global"]["std"],
+                yerr=r["val_loss"]["std"],
+                fmt="o",
+                capsize=3,
+                label=setting,
+            )
+        ax.set(title=name, xlabel="MaxVio_global (lower: more balanced)", ylabel="validation loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     import warnings
 
@@ -223,9 +255,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--json")
     p.add_argument("--markdown", help="print the tables of a results JSON written by --json, and stop")
+    p.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (loss vs MaxVio), and stop")
     args = p.parse_args()
     if args.markdown:
         print_markdown(json.loads(Path(args.markdown).read_text()))
+        return
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), args.plot[1])
         return
     out = {"machine": machine(), "steps": args.steps, "seeds": args.seeds, "tokens_per_step": 8 * 128}
     with tempfile.TemporaryDirectory() as d:
