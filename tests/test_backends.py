@@ -152,3 +152,23 @@ def test_tied_router_logits_route_and_match():
     y2, _ = blk(x)
     assert _rel(y2, y) < 1e-5
     assert int((info.tokens_per_expert_E > 0).sum()) == 3  # ties resolve to the same experts every time
+
+
+@pytest.mark.parametrize("layout_name", ["swiglu", "geglu-bias", "relu-mlp"])
+@pytest.mark.parametrize("apply_to", ["output", "input"])
+@pytest.mark.parametrize("d,f", [(32, 24), (512, 1024)])  # torch.mv fallback; 4 MB per expert: the C++ kernel
+def test_one_token_decode_path_matches_loop(layout_name, apply_to, d, f):
+    """At batch 1 under no_grad the grouped backend skips dispatch (its one_token path): it must equal the loop."""
+    torch.manual_seed(0)
+    blk = _block(LAYOUTS[layout_name], 4, 2, f=f, d=d)
+    blk.router.spec = RoutingSpec(num_experts=4, top_k=2, normalize=True, apply_to=apply_to)
+    x = torch.randn(1, 1, d)
+    with torch.no_grad():
+        ref, _ = blk(x)
+        blk.set_backend("grouped")
+        plan = blk.router(x.view(1, d))
+        direct = blk.backend.one_token(x.view(1, d), plan.expert_ids_N, plan.weights_N, blk.experts, apply_to)
+        y, info = blk(x)
+    assert direct is not None and torch.equal(direct.view(1, 1, d), y)
+    assert _rel(y, ref) < 1e-5
+    assert int(info.tokens_per_expert_E.sum()) == 2

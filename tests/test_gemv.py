@@ -43,3 +43,20 @@ def test_decode_segment_mm_and_linear_equal_training_path():
     row = torch.randn(1, 1, 1024)
     with torch.no_grad():
         torch.testing.assert_close(lin(row), ref(row), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [96, 2048])  # below the kernel's size (torch.mv), and 8 MB (the kernel)
+def test_gather_gemv_takes_id_tensors_and_one_shared_row(rows):
+    """The decode path passes the router's id tensor and one token row expanded (stride 0) to its k experts."""
+    w, x = torch.randn(4, rows, 1024), torch.randn(1, 1024)
+    ids = torch.tensor([2, 0, 3])
+    y = gemv.gather_gemv(w, ids, x.expand(3, -1))
+    torch.testing.assert_close(y, torch.stack([w[e] @ x[0] for e in (2, 0, 3)]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [64, 1027])  # 0.75 MB in all (torch.mv) and 9 MB (the kernel, odd width)
+def test_linear_gemv_runs_several_layers_in_one_pass(width):
+    weights = [torch.randn(n, width) for n in (1024, 512, 768)]
+    x = torch.randn(width)
+    for y, w in zip(gemv.linear_gemv(weights, x), weights, strict=True):
+        torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-4)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from moekit.experts.gemv import gather_gemv
 from moekit.experts.layout import apply_activation
 from moekit.experts.segment_mm import FEW_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
@@ -36,6 +37,13 @@ class ExpertsBackend:
 
     def forward(self, x_SD: torch.Tensor, counts: Sequence[int], experts: ExpertWeights) -> torch.Tensor:
         raise NotImplementedError
+
+    def one_token(
+        self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, experts: ExpertWeights, apply_to: str
+    ) -> torch.Tensor | None:
+        """The combined output [1, D] of one token's k experts (distinct ids, weights applied to the expert 'input'
+        or 'output'), for inference; None where this backend has no such path (the caller dispatches as usual)."""
+        return None
 
 
 class LoopBackend(ExpertsBackend):
@@ -94,6 +102,24 @@ class GroupedBackend(ExpertsBackend):
             if not _aligned(x_SD, experts):
                 return "dimensions whose rows are not 16-byte aligned (hidden and expert sizes must be multiples of 8)"
         return reason
+
+    def one_token(self, x_1D, ids_K, weights_K, experts, apply_to):
+        """Decode at batch 1: nothing to sort, gather or scatter. The k experts read the one row (expanded, not
+        copied) and the kernel streams their weights in one pass per projection."""
+        layout = experts.layout
+        if self.matmul != "auto" or layout.transposed or torch.is_grad_enabled():
+            return None
+        weights_K1 = weights_K.to(x_1D.dtype).unsqueeze(1)
+        x_KD = x_1D * weights_K1 if apply_to == "input" else x_1D.expand(ids_K.numel(), -1)
+        h_KX = gather_gemv(experts.gate_up_proj, ids_K, x_KD)
+        if layout.bias:
+            h_KX = h_KX + experts.gate_up_proj_bias.index_select(0, ids_K)
+        y_KD = gather_gemv(experts.down_proj, ids_K, apply_activation(h_KX, layout).contiguous())
+        if layout.bias:
+            y_KD = y_KD + experts.down_proj_bias.index_select(0, ids_K)
+        if apply_to == "input":
+            return y_KD.sum(0, keepdim=True)
+        return weights_K1.t() @ y_KD
 
     def forward(self, x_SD, counts, experts):
         layout = experts.layout

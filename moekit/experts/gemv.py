@@ -66,29 +66,51 @@ def segment_gemm(
     """Fill the rows of each (expert, start, count) segment of y_SN with those x rows times the expert's matrix;
     False (nothing written) when the kernel cannot take it: too little to stream (under MIN_KERNEL_BYTES of
     weights, where any kernel is fast), not fp32 contiguous CPU tensors, or no kernel here."""
-    nbytes = len(segments) * w_ENK.shape[1] * w_ENK.shape[2] * w_ENK.element_size()
-    fits = (
-        segments
-        and nbytes >= MIN_KERNEL_BYTES
-        and w_ENK.device.type == "cpu"
-        and w_ENK.dtype == x_SK.dtype == y_SN.dtype == torch.float32
-        and w_ENK.is_contiguous()
-        and x_SK.is_contiguous()
-        and y_SN.is_contiguous()
-    )
-    kernel = _load_kernel() if fits else None
-    if kernel is None:
+    nbytes = len(segments) * w_ENK[0].numel() * w_ENK.element_size()
+    kernel = _kernel_for(nbytes, w_ENK, x_SK, y_SN) if segments else None
+    if kernel is None or not (w_ENK.is_contiguous() and x_SK.is_contiguous() and y_SN.is_contiguous()):
         return False
     table = torch.tensor(segments, dtype=torch.long).t().contiguous()  # rows: experts, starts, counts
-    kernel.segment_gemm(w_ENK.detach(), x_SK.detach(), table[0], table[1], table[2], y_SN, torch.get_num_threads())
+    kernel.segment_gemm(w_ENK, x_SK, table[0], table[1], table[2], y_SN, torch.get_num_threads())
     return True
 
 
-def gather_gemv(w_ENK: torch.Tensor, ids: list[int], x_SK: torch.Tensor) -> torch.Tensor:
-    """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]: one-row segments. For inference: no autograd graph is recorded."""
-    x_SK = x_SK.detach().contiguous()
+def gather_gemv(w_ENK: torch.Tensor, ids: list[int] | torch.Tensor, x_SK: torch.Tensor) -> torch.Tensor:
+    """y_SN[r] = w_ENK[ids[r]] @ x_SK[r]: one-row segments; x_SK may be one row expanded (row stride 0) to all of
+    them, as the k experts of one token share it. For inference: no autograd graph is recorded."""
+    if x_SK.stride(-1) != 1:
+        x_SK = x_SK.contiguous()
     y_SN = x_SK.new_empty(x_SK.shape[0], w_ENK.shape[1])
-    if not segment_gemm(w_ENK, x_SK, [(e, r, 1) for r, e in enumerate(ids)], y_SN):
-        for r, e in enumerate(ids):
-            torch.mv(w_ENK[e].detach(), x_SK[r], out=y_SN[r])
+    kernel = _kernel_for(_num_ids(ids) * w_ENK[0].numel() * w_ENK.element_size(), w_ENK, x_SK)
+    if kernel is not None and w_ENK.is_contiguous():
+        ids_S = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
+        kernel.gather_gemv(w_ENK, x_SK, ids_S.contiguous(), y_SN, torch.get_num_threads())
+        return y_SN
+    for r, e in enumerate(ids.tolist() if isinstance(ids, torch.Tensor) else ids):
+        torch.mv(w_ENK[e].detach(), x_SK[r].detach(), out=y_SN[r])
     return y_SN
+
+
+def linear_gemv(weights: list[torch.Tensor], x_K: torch.Tensor) -> list[torch.Tensor]:
+    """[w @ x_K for w in weights] in one pass over all the weights (the q, k and v projections of one decode step
+    share their input row). For inference: no autograd graph is recorded."""
+    x_K = x_K.contiguous()
+    ys = [x_K.new_empty(w.shape[0]) for w in weights]
+    kernel = _kernel_for(sum(w.numel() for w in weights) * x_K.element_size(), *weights, x_K)
+    if kernel is not None and all(w.is_contiguous() for w in weights):
+        kernel.linear_gemv(weights, x_K, ys, torch.get_num_threads())
+        return ys
+    for w, y in zip(weights, ys, strict=True):
+        torch.mv(w.detach(), x_K.detach(), out=y)
+    return ys
+
+
+def _num_ids(ids: list[int] | torch.Tensor) -> int:
+    return ids.numel() if isinstance(ids, torch.Tensor) else len(ids)
+
+
+def _kernel_for(nbytes: int, *tensors: torch.Tensor):
+    """The kernel when it can take these fp32 CPU tensors and they are large enough to stream; else None."""
+    if nbytes < MIN_KERNEL_BYTES or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return _load_kernel()

@@ -7,28 +7,52 @@ import torch
 
 
 class KVCache:
+    """Each cached tensor lives in a buffer with room to spare along its sequence axis: a step writes only its new
+    tokens (amortised O(1), where concatenating would copy the whole cache at every token) and reads a view."""
+
     def __init__(self) -> None:
         self.length = 0  # tokens already cached (the same in every layer)
-        self._layers: dict[int, list[torch.Tensor]] = {}
+        self._buffers: dict[int, list[torch.Tensor]] = {}
         self._dims: dict[int, tuple[int, ...]] = {}  # each cached tensor's sequence axis
 
     def extend(self, layer: int, dims: tuple[int, ...], *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Append the new tokens' tensors (sequence axis dims[i] of each) and return the whole cached tensors."""
-        if layer not in self._layers:
-            self._layers[layer], self._dims[layer] = list(new), dims
-        else:
-            self._layers[layer] = [
-                torch.cat((old, t), dim=d) for old, t, d in zip(self._layers[layer], new, dims, strict=True)
-            ]
-        return tuple(self._layers[layer])
+        """Append the new tokens' tensors (sequence axis dims[i] of each) after the first `length` cached ones and
+        return views of the whole cached tensors."""
+        start = self.length
+        if layer not in self._buffers:
+            if start:
+                raise ValueError(f"layer {layer} has no cache, but {start} tokens are cached: allowed a fresh cache")
+            empty = [t.narrow(d, 0, 0) for t, d in zip(new, dims, strict=True)]
+            self._buffers[layer] = [_with_room(t, d, t.shape[d]) for t, d in zip(empty, dims, strict=True)]
+            self._dims[layer] = dims
+        out = []
+        for i, (t, d) in enumerate(zip(new, dims, strict=True)):
+            buf, end = self._buffers[layer][i], start + t.shape[d]
+            if end > buf.shape[d]:
+                buf = self._buffers[layer][i] = _with_room(buf.narrow(d, 0, start), d, end)
+            buf.narrow(d, start, t.shape[d]).copy_(t)
+            out.append(buf.narrow(d, 0, end))
+        return tuple(out)
 
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on (rejected speculative tokens)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"length={length} is invalid: allowed [0, {self.length}]")
-        for layer, tensors in self._layers.items():
-            self._layers[layer] = [t.narrow(d, 0, length) for t, d in zip(tensors, self._dims[layer], strict=True)]
         self.length = length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._layers.values() for t in ts)
+        """Bytes of the cached tokens (not of the spare room)."""
+        total = 0
+        for layer, buffers in self._buffers.items():
+            for buf, d in zip(buffers, self._dims[layer], strict=True):
+                total += buf.numel() // buf.shape[d] * self.length * buf.element_size()
+        return total
+
+
+def _with_room(t: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """A buffer holding t at its start, with room for `needed` tokens and as many again (at least 64)."""
+    shape = list(t.shape)
+    shape[dim] = max(2 * needed, 64)
+    buf = t.new_empty(shape)
+    buf.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return buf

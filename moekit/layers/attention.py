@@ -11,7 +11,7 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
-from moekit.layers.linear import Linear
+from moekit.layers.linear import Linear, project
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope
 
@@ -45,8 +45,8 @@ def causal_mask(
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
-    layer type (see causal_mask; None: plain causal, the queries are all the keys), the index of each query in the
-    sequence [T] (NoPE temperature tuning), and the KV cache when generating (None otherwise)."""
+    layer type (see causal_mask; None: plain causal, the queries being the last of the keys), the index of each
+    query in the sequence [T] (NoPE temperature tuning), and the KV cache when generating (None otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     masks: dict[str, torch.Tensor | None]
@@ -62,16 +62,19 @@ def attend(
     scale: float,
     sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention over keys S, with GQA head sharing; mask None: plain causal with as many keys as
-    queries. sinks_H adds one logit per head to the softmax denominator (GPT-OSS), done as an extra key of zero key
-    and value whose additive bias is the sink."""
+    """Scaled dot-product attention over keys S, with GQA head sharing; mask None: plain causal, the queries being
+    the last T of the S keys. sinks_H adds one logit per head to the softmax denominator (GPT-OSS), done as an extra
+    key of zero key and value whose additive bias is the sink."""
     h, kv_h = q_BHTd.shape[1], k_BHSd.shape[1]
-    if mask is None and sinks_H is None:  # plain causal: SDPA's own path, no [T, T] mask to build and read
-        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, scale=scale, enable_gqa=h != kv_h)
+    t, s = q_BHTd.shape[2], k_BHSd.shape[2]
+    if mask is None and sinks_H is None and t in (1, s):
+        # SDPA's own paths, no mask to build and read: causal over T = S, or one query that sees every key (decode)
+        return F.scaled_dot_product_attention(
+            q_BHTd, k_BHSd, v_BHSd, is_causal=t > 1, scale=scale, enable_gqa=h != kv_h
+        )
     if mask is None:
-        mask = causal_mask(None, q_BHTd.shape[2], k_BHSd.shape[2], q_BHTd.device)
+        mask = causal_mask(None, t, s, q_BHTd.device)
     if sinks_H is not None:
-        b, _, t, _ = q_BHTd.shape
         zeros = k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])
         k_BHSd = torch.cat((k_BHSd, zeros), dim=2)
         v_BHSd = torch.cat((v_BHSd, zeros[..., : v_BHSd.shape[-1]]), dim=2)
@@ -102,7 +105,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape
-        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x_BTD)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

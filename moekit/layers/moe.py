@@ -85,7 +85,12 @@ class MoEBlock(nn.Module):
             mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
             ids_T = None if token_ids_BT is None else token_ids_BT.reshape(-1)
             plan = self.router(x_TD, ids_T, mask_T)
-            y_BTD = self.dispatcher.run(x_TD, plan, self._experts).view(b, t, d)
+            y_TD = None
+            if plan.num_tokens == 1 and plan.dense:  # decode at batch 1: the backend's direct path, if it has one
+                y_TD = self.backend.one_token(x_TD, plan.expert_ids_N, plan.weights_N, self.experts, plan.apply_to)
+            if y_TD is None:
+                y_TD = self.dispatcher.run(x_TD, plan, self._experts)
+            y_BTD = y_TD.view(b, t, d)
             info = self._info(plan, mask_T, b, t)
         if self.shared_experts is not None:
             shared_BTD = self.shared_experts(x_BTD)

@@ -114,9 +114,14 @@ class MoEDecoder(nn.Module):
         a, device = self.config.attention, positions_BT.device
         kinds = set(a.layer_types or ()) | {"full"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
-        masks = {kind: causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind]) for kind in kinds}
-        if attention_mask is None and num_queries == num_keys:
-            masks["full"] = None  # plain causal (training, an uncached prompt): attention takes SDPA's causal path
+        # plain causal (training, an uncached prompt, a decode step): no mask, attention takes SDPA's own path
+        plain = attention_mask is None and num_queries in (1, num_keys)
+        masks = {
+            kind: None
+            if kind == "full" and plain
+            else causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind])
+            for kind in kinds
+        }
         index_T = torch.arange(num_keys - num_queries, num_keys, device=device)
         return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T, cache)
 
