@@ -42,6 +42,16 @@ def test_left_padding_does_not_change_real_tokens():
     torch.testing.assert_close(out[:, 3:], ref, rtol=1e-4, atol=1e-5)
 
 
+def test_logits_to_keep_gives_the_last_positions():
+    model = moekit.from_config(_cfg()).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:])
+    torch.testing.assert_close(model(ids, logits_to_keep=4), full[:, -4:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+
 def test_token_choice_is_causal():
     model = moekit.from_config(_cfg()).eval()
     ids = torch.randint(0, 256, (1, 16))

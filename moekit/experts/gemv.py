@@ -111,6 +111,6 @@ def _num_ids(ids: list[int] | torch.Tensor) -> int:
 
 def _kernel_for(nbytes: int, *tensors: torch.Tensor):
     """The kernel when it can take these fp32 CPU tensors and they are large enough to stream; else None."""
-    if nbytes < MIN_KERNEL_BYTES or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if nbytes < MIN_KERNEL_BYTES or any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
         return None
     return _load_kernel()

@@ -80,7 +80,7 @@ def generate(
     cache = KVCache()
     b = input_ids.shape[0]
     mask = attention_mask.long() if attention_mask is not None else None
-    logits = model(input_ids, mask, cache=cache)[:, -1]
+    logits = model(input_ids, mask, cache=cache, logits_to_keep=1)[:, -1]
     out, done = [input_ids], torch.zeros(b, dtype=torch.bool)
     for step in range(max_new_tokens):
         next_B = sample(logits, temperature, top_k, top_p, generator)

@@ -105,10 +105,11 @@ class MoEBlock(nn.Module):
             if mask_T is None:
                 counts_E = plan.tokens_per_expert_E
                 real_tokens = plan.num_tokens
+                kept = plan.expert_ids_N.numel()
             else:
                 counts_E = torch.bincount(plan.expert_ids_N[mask_T[plan.token_ids_N]], minlength=cfg.num_experts)
                 real_tokens = int(mask_T.sum())
-            kept = int(counts_E.sum())
+                kept = int(counts_E.sum())
             asked = real_tokens * plan.topk_ids_TK.shape[1] if plan.topk_ids_TK is not None else kept
             chosen_TK = plan.topk_ids_TK
             if chosen_TK is not None and mask_T is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moekit._validate import check_int
 from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
@@ -139,13 +140,17 @@ class MoEDecoder(nn.Module):
         return_routing: bool = False,
         cache: KVCache | None = None,
         return_mtp: bool = False,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor | DecoderOutput:
         """input_ids [B, T] -> logits [B, T, V]; with return_routing, a DecoderOutput that also carries the balancing
         loss and per-layer routing. attention_mask [B, T]: 1 for real tokens, 0 for padding (either side). With a
         KVCache the tokens continue the cached ones and attention_mask covers cached + new tokens [B, S + T].
-        return_mtp (training, no cache): also the multi-token-prediction logits (implies return_routing)."""
+        return_mtp (training, no cache): also the multi-token-prediction logits (implies return_routing).
+        logits_to_keep: only the last n positions' logits (0: all), as in transformers; a prompt's prefill needs
+        one, and the output head is a large share of its work."""
+        check_int("logits_to_keep", logits_to_keep, 0)
         x_BTD, infos, positions_BT, token_mask_BT = self._trunk(input_ids, attention_mask, cache)
-        logits = self.head(x_BTD)
+        logits = self.head(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
         if not (return_routing or return_mtp):
             return logits
         mtp_logits = self._mtp(x_BTD, input_ids, positions_BT, token_mask_BT, infos) if return_mtp else []
