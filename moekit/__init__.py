@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from moekit import _env  # noqa: F401  (first: torch allocator settings)
 from moekit.config import ModelConfig, MoEConfig
 from moekit.experts import ExpertLayout
 from moekit.layers.moe import MoEBlock
