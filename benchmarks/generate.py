@@ -8,7 +8,7 @@ token reads (every weight but the routed experts and the embedding table, plus t
 the KV cache) over this machine's measured read bandwidth. Everything, the bandwidth included, is measured in
 interleaved rounds and the medians are reported.
 
-    python benchmarks/generate.py [--models mixtral qwen3] [--rounds 3] [--json results.json] [--markdown]
+    python benchmarks/generate.py [--models mixtral qwen3] [--rounds 5] [--json results.json] [--markdown]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported (5)")
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
