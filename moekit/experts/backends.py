@@ -99,7 +99,7 @@ class GroupedBackend(ExpertsBackend):
         if reason is None and self.matmul == "torch_grouped_mm":
             if not hasattr(torch, "_grouped_mm"):
                 return f"torch {torch.__version__} (it has no grouped matmul)"
-            if not _aligned(x_SD, experts):
+            if not (_aligned(x_SD, experts.gate_up_proj) and _aligned(x_SD, experts.down_proj)):
                 return "dimensions whose rows are not 16-byte aligned (hidden and expert sizes must be multiples of 8)"
         return reason
 
@@ -146,12 +146,12 @@ def _grouped_mm_runs(x_SD: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped matmul takes these operands: it exists, the dtype, 16-byte aligned rows."""
     if not hasattr(torch, "_grouped_mm") or x_SD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    return all((d * x_SD.element_size()) % 16 == 0 for d in w.shape[1:]) and w.dtype == x_SD.dtype
+    return w.dtype == x_SD.dtype and _aligned(x_SD, w)
 
 
-def _aligned(x_SD: torch.Tensor, experts: ExpertWeights | None = None) -> bool:
-    dims = [x_SD.shape[-1]] + ([experts.expert_hidden] if experts is not None else [])
-    return all((d * x_SD.element_size()) % 16 == 0 for d in dims)
+def _aligned(x_SD: torch.Tensor, w: torch.Tensor) -> bool:
+    """Rows of every dimension of one expert's matrix w[e] start on 16 bytes (what grouped matmul needs)."""
+    return all((d * x_SD.element_size()) % 16 == 0 for d in w.shape[1:])
 
 
 BACKENDS: dict[str, ExpertsBackend] = {

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # Below this many bytes of weights per call the product sits in cache and any kernel is fast: plain mv.
 MIN_KERNEL_BYTES = 4 * 2**20
@@ -91,18 +92,19 @@ def gather_gemv(w_ENK: torch.Tensor, ids: list[int] | torch.Tensor, x_SK: torch.
     return y_SN
 
 
-def linear_gemv(weights: list[torch.Tensor], x_K: torch.Tensor) -> list[torch.Tensor]:
-    """[w @ x_K for w in weights] in one pass over all the weights (the q, k and v projections of one decode step
-    share their input row). For inference: no autograd graph is recorded."""
+def linear_gemv(
+    weights: list[torch.Tensor], x_K: torch.Tensor, biases: list[torch.Tensor | None] | None = None
+) -> list[torch.Tensor]:
+    """[F.linear(x_K, w, b) for w, b in zip(weights, biases)] in one pass over all the weights (the q, k and v
+    projections of one decode step share their input row). For inference: no autograd graph is recorded."""
+    biases = biases if biases is not None else [None] * len(weights)
     x_K = x_K.contiguous()
-    ys = [x_K.new_empty(w.shape[0]) for w in weights]
     kernel = _kernel_for(sum(w.numel() for w in weights) * x_K.element_size(), *weights, x_K)
-    if kernel is not None and all(w.is_contiguous() for w in weights):
-        kernel.linear_gemv(weights, x_K, ys, torch.get_num_threads())
-        return ys
-    for w, y in zip(weights, ys, strict=True):
-        torch.mv(w.detach(), x_K.detach(), out=y)
-    return ys
+    if kernel is None or not all(w.is_contiguous() for w in weights):  # small, not fp32 (autocast too), no kernel
+        return [F.linear(x_K, w, b) for w, b in zip(weights, biases, strict=True)]
+    ys = [x_K.new_empty(w.shape[0]) for w in weights]
+    kernel.linear_gemv(weights, x_K, ys, torch.get_num_threads())
+    return [y if b is None else y + b for y, b in zip(ys, biases, strict=True)]
 
 
 def _num_ids(ids: list[int] | torch.Tensor) -> int:

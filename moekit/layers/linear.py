@@ -14,7 +14,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
-            return _with_bias(linear_gemv([self.weight], x.reshape(-1))[0], self.bias).view(*x.shape[:-1], -1)
+            return _row_products((self,), x)[0]
         return super().forward(x)
 
 
@@ -23,13 +23,13 @@ def project(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tens
     for the q, k and v projections of a step turns three short streams into one long one."""
     if not _one_row(x):
         return tuple(linear(x) for linear in linears)
-    ys = linear_gemv([linear.weight for linear in linears], x.reshape(-1))
-    return tuple(_with_bias(y, lin.bias).view(*x.shape[:-1], -1) for y, lin in zip(ys, linears, strict=True))
+    return _row_products(linears, x)
 
 
 def _one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and not torch.is_grad_enabled()
 
 
-def _with_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return y if bias is None else y + bias
+def _row_products(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    ys = linear_gemv([lin.weight for lin in linears], x.reshape(-1), [lin.bias for lin in linears])
+    return tuple(y.view(*x.shape[:-1], -1) for y in ys)
