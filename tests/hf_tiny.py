@@ -141,3 +141,25 @@ def tiny_config(family: str, **overrides):
     if family == "dbrx":
         return transformers.AutoConfig.for_model("dbrx", **_dbrx(**overrides))
     return transformers.AutoConfig.for_model(family, **{**TINY, **EXTRA[family], **overrides})
+
+
+SHARDED = ("mixtral", "deepseek_v3")  # saved in several shards
+
+
+def hf_tiny_model(family: str, directory, **overrides):
+    """A seeded tiny transformers model of `family`, saved to `directory` (sharded for SHARDED families). Norms,
+    biases, sinks and selection biases are 1/0 at init: they are perturbed so that they are tested."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "sinks" in name or "bias" in name:
+                p.normal_(std=0.3).add_(1.0 if "norm" in name and "bias" not in name else 0.0)
+        for name, b in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(std=0.3)
+    hf.save_pretrained(directory, max_shard_size="60KB" if family in SHARDED else "5GB")
+    return hf

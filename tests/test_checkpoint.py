@@ -20,10 +20,9 @@ import moekit
 from moekit.checkpoint.files import SafetensorsFile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, tiny_config  # noqa: E402
+from hf_tiny import FAMILIES, SHARDED, hf_tiny_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-SHARDED = ("mixtral", "deepseek_v3")
 
 
 def _tensors(directory: Path) -> dict:
@@ -34,23 +33,9 @@ def _tensors(directory: Path) -> dict:
     return out
 
 
-def _hf_model(family: str, directory: Path, **overrides):
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    with torch.no_grad():  # norms, biases, sinks, selection biases are 1/0 at init: perturb them so they are tested
-        for name, p in hf.named_parameters():
-            if "norm" in name or "sinks" in name or "bias" in name:
-                p.normal_(std=0.3).add_(1.0 if "norm" in name and "bias" not in name else 0.0)
-        for name, b in hf.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(std=0.3)
-    hf.save_pretrained(directory, max_shard_size="60KB" if family in SHARDED else "5GB")
-    return hf
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_generate_save_round_trip(family, tmp_path):
-    hf = _hf_model(family, tmp_path / "hf")
+    hf = hf_tiny_model(family, tmp_path / "hf")
     if family in SHARDED:
         assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     model = moekit.from_pretrained(tmp_path / "hf", dtype=torch.float32)
@@ -77,7 +62,7 @@ def test_load_generate_save_round_trip(family, tmp_path):
 
 
 def test_dtype_on_load_and_checkpoint_default(tmp_path):
-    hf = _hf_model("qwen3_moe", tmp_path / "hf")
+    hf = hf_tiny_model("qwen3_moe", tmp_path / "hf")
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert next(moekit.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
     assert next(moekit.from_pretrained(tmp_path / "bf16", dtype="float32").parameters()).dtype == torch.float32
@@ -85,7 +70,7 @@ def test_dtype_on_load_and_checkpoint_default(tmp_path):
 
 
 def test_mtp_layer_is_loaded_or_noted(tmp_path):
-    _hf_model("deepseek_v3", tmp_path / "hf")
+    hf_tiny_model("deepseek_v3", tmp_path / "hf")
     model = moekit.from_pretrained(tmp_path / "hf")
     assert "multi-token-prediction" in model.load_notes[0] and len(model.mtp) == 0
     # a checkpoint that holds the MTP layer (as DeepSeek-V3's own files do) loads it, and saves it back
@@ -103,7 +88,7 @@ def test_loading_costs_the_model_size_once(tmp_path):
     """Peak resident memory while loading grows by about the model's own size (files are read tensor by tensor
     straight into the model's memory; no second copy)."""
     directory = tmp_path / "big"
-    _hf_model("mixtral", directory, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=1024)
+    hf_tiny_model("mixtral", directory, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=1024)
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     code = (  # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current resident size
         "import re, torch, moekit\n"
@@ -138,7 +123,7 @@ def _corrupt(directory: Path, how: str) -> None:
     ],
 )
 def test_damaged_files(tmp_path, damage, message):
-    _hf_model("mixtral", tmp_path / "hf")
+    hf_tiny_model("mixtral", tmp_path / "hf")
     _corrupt(tmp_path / "hf", damage)
     with pytest.raises(ValueError, match=message) as e:
         moekit.from_pretrained(tmp_path / "hf")
@@ -151,7 +136,7 @@ def test_bad_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type='bert' is unsupported: allowed one of mixtral"):
         moekit.from_pretrained(tmp_path)
-    _hf_model("qwen3_moe", tmp_path / "hf")
+    hf_tiny_model("qwen3_moe", tmp_path / "hf")
     os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickled checkpoints are refused"):
         moekit.from_pretrained(tmp_path / "hf")
@@ -160,7 +145,7 @@ def test_bad_directories(tmp_path):
 def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    _hf_model("qwen3_moe", tmp_path / "hf")
+    hf_tiny_model("qwen3_moe", tmp_path / "hf")
     file = tmp_path / "hf" / "model.safetensors"
     good = load_file(file)
     save_file({**good, "model.norm.weight": torch.ones(7)}, file)
@@ -175,7 +160,7 @@ def test_wrong_shape_unexpected_and_missing_keys(tmp_path):
 
 
 def test_generation_cache_equals_recompute_with_left_padding(tmp_path):
-    _hf_model("deepseek_v3", tmp_path / "hf")
+    hf_tiny_model("deepseek_v3", tmp_path / "hf")
     model = moekit.from_pretrained(tmp_path / "hf")
     ids = torch.randint(3, 96, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -193,7 +178,7 @@ def test_generation_cache_equals_recompute_with_left_padding(tmp_path):
 
 
 def test_sampling_is_seeded_and_filtered(tmp_path):
-    _hf_model("qwen3_moe", tmp_path / "hf")
+    hf_tiny_model("qwen3_moe", tmp_path / "hf")
     model = moekit.from_pretrained(tmp_path / "hf")
     ids = torch.randint(3, 96, (1, 5))
     a = model.generate(ids, 8, temperature=0.8, top_p=0.9, seed=1)
@@ -222,7 +207,7 @@ def _tokenizer(directory: Path, vocab: int = 96):
 def test_generate_command_streams_the_models_greedy_continuation(tmp_path, capsys):
     from moekit.cli.main import main
 
-    _hf_model("qwen3_moe", tmp_path / "hf")
+    hf_tiny_model("qwen3_moe", tmp_path / "hf")
     tok = _tokenizer(tmp_path / "hf")
     assert main(["generate", str(tmp_path / "hf"), "import json", "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

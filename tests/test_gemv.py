@@ -60,3 +60,20 @@ def test_linear_gemv_runs_several_layers_in_one_pass(width):
     x = torch.randn(width)
     for y, w in zip(gemv.linear_gemv(weights, x), weights, strict=True):
         torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """torch waits forever on the `lock` file a killed build leaves; moekit's OS lock knows it is stale."""
+    (tmp_path / "lock").touch()
+    with pytest.warns(UserWarning, match="lock an interrupted build left"), gemv._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stale lock: nothing to say
+        with gemv._build_lock(tmp_path):
+            pass
+
+
+def test_build_directory_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_KERNEL_DIR", str(tmp_path))
+    path = gemv._build_directory()
+    assert path.parent == tmp_path and path.is_dir() and torch.__version__.split("+")[0] in path.name

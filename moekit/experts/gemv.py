@@ -3,15 +3,17 @@
 At decode a token's k experts each multiply one row (and so do the attention projections and the output head):
 gemvs whose cost is reading the weights. On this class of CPU, MKL's gemv reaches 35-60% of the streaming
 bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), and its
-few-row gemm about half, so moekit carries a small C++ kernel (csrc/segment_gemm.cpp: one OpenMP loop over blocks
+few-row gemm about half, so moekit carries a small C++ kernel (csrc/: one OpenMP loop over blocks
 of weight rows of all segments, each row read once for all the rows of its segment, AVX2/FMA dot products) that
 reaches 85-95% of it. It is built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
-torch's extensions directory) the first time a product is large enough to matter; where it cannot be built the
-callers fall back to torch's matmuls. Both agree up to float rounding."""
+~/.cache/moekit/kernels or $MOEKIT_KERNEL_DIR) the first time a product is large enough to matter; where it cannot
+be built the callers fall back to torch's matmuls. Both agree up to float rounding."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -34,19 +36,60 @@ def _load_kernel():
             if os.environ.get("MOEKIT_NO_KERNELS"):
                 return None
             try:
-                from torch.utils.cpp_extension import load
-
-                flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
-                _kernel["module"] = load(
-                    name="moekit_segment_gemm",
-                    sources=[str(Path(__file__).parent / "csrc" / "segment_gemm.cpp")],
-                    extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                _kernel["module"] = _build()
             except Exception as e:  # no compiler or ninja: keep working, say so once
                 warnings.warn(f"moekit: decode kernel unavailable ({type(e).__name__}); using torch.mv", stacklevel=3)
         return _kernel["module"]
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
+    csrc = Path(__file__).parent / "csrc"
+    build_dir = _build_directory()
+    with _build_lock(build_dir):
+        return load(
+            name="moekit_kernels",
+            sources=[str(p) for p in sorted(csrc.glob("*.cpp"))],
+            extra_include_paths=[str(csrc)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+
+def _build_directory() -> Path:
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    if os.environ.get("MOEKIT_KERNEL_DIR"):
+        path = Path(os.environ["MOEKIT_KERNEL_DIR"]) / tag
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moekit" / "kernels" / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an OS lock on the build directory while building. torch marks a build in progress with a plain `lock`
+    file and waits forever for it to vanish, so a build killed half-way (Ctrl-C, a job time limit) would hang every
+    later run. The OS lock dies with its process: whoever holds it knows any `lock` file left is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own file lock only
+        yield
+        return
+    with open(build_dir / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                warnings.warn(f"moekit: removing the lock an interrupted build left: {stale}", stacklevel=4)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _has_avx2_fma() -> bool:
@@ -68,7 +111,7 @@ def segment_gemm(
     False (nothing written) when the kernel cannot take it: too little to stream (under MIN_KERNEL_BYTES of
     weights, where any kernel is fast), not fp32 contiguous CPU tensors, or no kernel here."""
     nbytes = len(segments) * w_ENK[0].numel() * w_ENK.element_size()
-    kernel = _kernel_for(nbytes, w_ENK, x_SK, y_SN) if segments else None
+    kernel = kernel_for(nbytes, w_ENK, x_SK, y_SN) if segments else None
     if kernel is None or not (w_ENK.is_contiguous() and x_SK.is_contiguous() and y_SN.is_contiguous()):
         return False
     table = torch.tensor(segments, dtype=torch.long).t().contiguous()  # rows: experts, starts, counts
@@ -82,7 +125,7 @@ def gather_gemv(w_ENK: torch.Tensor, ids: list[int] | torch.Tensor, x_SK: torch.
     if x_SK.stride(-1) != 1:
         x_SK = x_SK.contiguous()
     y_SN = x_SK.new_empty(x_SK.shape[0], w_ENK.shape[1])
-    kernel = _kernel_for(_num_ids(ids) * w_ENK[0].numel() * w_ENK.element_size(), w_ENK, x_SK)
+    kernel = kernel_for(_num_ids(ids) * w_ENK[0].numel() * w_ENK.element_size(), w_ENK, x_SK)
     if kernel is not None and w_ENK.is_contiguous():
         ids_S = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
         kernel.gather_gemv(w_ENK, x_SK, ids_S.contiguous(), y_SN, torch.get_num_threads())
@@ -99,7 +142,7 @@ def linear_gemv(
     projections of one decode step share their input row). For inference: no autograd graph is recorded."""
     biases = biases if biases is not None else [None] * len(weights)
     x_K = x_K.contiguous()
-    kernel = _kernel_for(sum(w.numel() for w in weights) * x_K.element_size(), *weights, x_K)
+    kernel = kernel_for(sum(w.numel() for w in weights) * x_K.element_size(), *weights, x_K)
     if kernel is None or not all(w.is_contiguous() for w in weights):  # small, not fp32 (autocast too), no kernel
         return [F.linear(x_K, w, b) for w, b in zip(weights, biases, strict=True)]
     ys = [x_K.new_empty(w.shape[0]) for w in weights]
@@ -111,7 +154,7 @@ def _num_ids(ids: list[int] | torch.Tensor) -> int:
     return ids.numel() if isinstance(ids, torch.Tensor) else len(ids)
 
 
-def _kernel_for(nbytes: int, *tensors: torch.Tensor):
+def kernel_for(nbytes: int, *tensors: torch.Tensor):
     """The kernel when it can take these fp32 CPU tensors and they are large enough to stream; else None."""
     if nbytes < MIN_KERNEL_BYTES or any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
         return None

@@ -27,12 +27,26 @@ class KVCache:
             self._dims[layer] = dims
         out = []
         for i, (t, d) in enumerate(zip(new, dims, strict=True)):
-            buf, end = self._buffers[layer][i], start + t.shape[d]
-            if end > buf.shape[d]:
-                buf = self._buffers[layer][i] = _with_room(buf.narrow(d, 0, start), d, end)
+            buf = self._grow(layer, i, start + t.shape[d])
             buf.narrow(d, start, t.shape[d]).copy_(t)
-            out.append(buf.narrow(d, 0, end))
+            out.append(buf.narrow(d, 0, start + t.shape[d]))
         return tuple(out)
+
+    def room(self, layer: int, count: int) -> list[torch.Tensor]:
+        """The whole buffers of a layer that has cached tokens, grown to hold `count` more after them: for a kernel
+        that writes the new tokens itself (at index `length` of each buffer's sequence axis)."""
+        if layer not in self._buffers:
+            raise ValueError(f"layer {layer} has no cache: allowed a layer that cached earlier tokens")
+        return [self._grow(layer, i, self.length + count) for i in range(len(self._buffers[layer]))]
+
+    def has(self, layer: int) -> bool:
+        return layer in self._buffers
+
+    def _grow(self, layer: int, i: int, needed: int) -> torch.Tensor:
+        buf, d = self._buffers[layer][i], self._dims[layer][i]
+        if needed > buf.shape[d]:
+            buf = self._buffers[layer][i] = _with_room(buf.narrow(d, 0, self.length), d, needed)
+        return buf
 
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on (rejected speculative tokens)."""

@@ -102,6 +102,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.sinks else None
         self.scale = hd**-0.5
+        self.window = a.sliding_window if self.layer_type == "sliding" else None
+        # what moekit's one-call decode step covers (layers/decode_step.py)
+        self.fusable = (
+            a.qk_norm in ("none", "head", "full")
+            and self.clip_qkv is None
+            and self.sinks is None
+            and self.temperature is None
+            and not (self.use_rope and self.interleave)
+            and self.layer_type in ("full", "sliding")
+        )
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape

@@ -58,6 +58,17 @@ class MoEBlock(nn.Module):
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.backend = get_backend(cfg.backend)
         self.dispatcher = LocalDispatcher()
+        spec = cfg.routing
+        # what moekit's one-call decode step covers (layers/decode_step.py)
+        self.fusable = (
+            cfg.router == "token_choice"
+            and spec.score_func in ("softmax", "sigmoid")
+            and spec.n_group == 1
+            and spec.normalize_p == 1.0
+            and cfg.capacity_factor is None
+            and not cfg.layout.transposed
+            and not (self.shared_experts is not None and cfg.layout.bias)
+        )
 
     def set_backend(self, name: str) -> None:
         self.backend = get_backend(name)

@@ -11,6 +11,7 @@ from moekit._validate import check_int
 from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
+from moekit.layers.decode_step import attention_step, moe_step
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.linear import Linear
 from moekit.layers.mla import LatentAttention
@@ -49,12 +50,16 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT: torch.Tensor, token_mask_BT
     ) -> tuple[torch.Tensor, MoEInfo | None]:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
-        h_BTD = self.post_attention_layernorm(x_BTD)
-        if isinstance(self.mlp, MoEBlock):
-            y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
-            return x_BTD + y_BTD, info
-        return x_BTD + self.mlp(h_BTD), None
+        fused_BTD = attention_step(self.input_layernorm, self.self_attn, x_BTD, inputs)  # decode: one kernel call
+        x_BTD = fused_BTD if fused_BTD is not None else x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
+        if not isinstance(self.mlp, MoEBlock):
+            return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
+        if token_mask_BT is None:
+            fused = moe_step(self.post_attention_layernorm, self.mlp, x_BTD)
+            if fused is not None:
+                return fused
+        y_BTD, info = self.mlp(self.post_attention_layernorm(x_BTD), token_ids_BT, token_mask_BT)
+        return x_BTD + y_BTD, info
 
 
 class MoEDecoder(nn.Module):

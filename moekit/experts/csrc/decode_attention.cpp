@@ -1,0 +1,138 @@
+// One decode step of a grouped-query attention block at batch 1, in one call: RMSNorm, the q/k/v projections in one
+// pass over their weights, QK-norm, rotary embedding, the new key and value written into the cache, attention of
+// the one query over the cached keys, the output projection and the residual add. In eager PyTorch the same step
+// takes some 60 small operators whose fixed costs (a few microseconds each, more with caches cold from streaming
+// weights) add up to more than the step's own memory traffic on small models.
+#include <cmath>
+
+#include "kernels.h"
+
+// RMSNorm of `width`-wide groups of x in place; the weight covers one group (per-head norm) or all of x (full).
+static void group_norm(float* x, int64_t total, const at::Tensor& w, float eps) {
+  const int64_t width = w.numel();
+  if (width == 0) return;
+  TORCH_CHECK(total % width == 0, "attention_decode: QK-norm weight does not divide the projection");
+  for (int64_t g = 0; g < total; g += width) rms_norm(x + g, w.data_ptr<float>(), x + g, width, eps);
+}
+
+// Split-half rotary embedding of the first r dims of each head (the rest pass through): cos and sin [r] hold
+// each frequency twice, as RotaryEmbedding returns them.
+static void rope(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin, int64_t r) {
+  const int64_t half = r / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+static at::Tensor optional(const at::Tensor& t, int64_t numel, const char* what) {
+  if (t.numel() == 0) return t;
+  check_fp32(t, what);
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, "attention_decode: ", what, " shape");
+  return t;
+}
+
+// x [D]: the residual stream of the one token; returns x + o_proj(attention(norm(x))). qkv_w: q [Hq*hd, D],
+// k and v [Hkv*hd, D]; qkv_b and o_b: biases or empty tensors; q_norm_w, k_norm_w: [hd] (per head), the whole
+// projection's width, or empty; cos, sin [r <= hd] or empty (no rotary embedding); k_cache, v_cache
+// [Hkv, capacity, hd] contiguous, the new token going to index pos; window > 0 limits attention to the last
+// `window` keys (the query's own included).
+at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
+                               std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, double qk_eps,
+                               at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                               int64_t pos, int64_t window, double scale, at::Tensor o_w, at::Tensor o_b,
+                               int64_t threads) {
+  check_fp32(x, "x"), check_fp32(norm_w, "norm weight"), check_fp32(o_w, "o_proj weight");
+  check_fp32(k_cache, "key cache"), check_fp32(v_cache, "value cache");
+  TORCH_CHECK(qkv_w.size() == 3 && qkv_b.size() == 3, "attention_decode: q, k and v weights and biases");
+  const int64_t d = x.numel();
+  TORCH_CHECK(x.is_contiguous() && norm_w.is_contiguous() && norm_w.numel() == d, "attention_decode: x or norm");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "attention_decode: caches");
+  const int64_t kv_heads = k_cache.size(0), capacity = k_cache.size(1), head_dim = k_cache.size(2);
+  TORCH_CHECK(0 <= pos && pos < capacity, "attention_decode: no room in the cache");
+  int64_t rows[3];
+  for (int i = 0; i < 3; ++i) {
+    check_fp32(qkv_w[i], "projection weight");
+    TORCH_CHECK(qkv_w[i].is_contiguous() && qkv_w[i].dim() == 2 && qkv_w[i].size(1) == d, "attention_decode: qkv");
+    rows[i] = qkv_w[i].size(0);
+    optional(qkv_b[i], rows[i], "projection bias");
+  }
+  TORCH_CHECK(rows[0] % head_dim == 0 && rows[1] == kv_heads * head_dim && rows[2] == rows[1],
+              "attention_decode: projection widths");
+  const int64_t heads = rows[0] / head_dim;
+  TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads per key-value head");
+  TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows[0],
+              "attention_decode: o_proj");
+  optional(o_b, d, "o_proj bias");
+  const int64_t r = cos.numel();
+  TORCH_CHECK(r % 2 == 0 && r <= head_dim && sin.numel() == r, "attention_decode: rotary width");
+  if (r) check_fp32(cos, "cos"), check_fp32(sin, "sin");
+  TORCH_CHECK(!r || (cos.is_contiguous() && sin.is_contiguous()), "attention_decode: cos, sin");
+
+  // norm, then q, k and v in one pass over their weights
+  std::vector<float> h(d), qkv(rows[0] + 2 * rows[1]);
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), h.data(), d, static_cast<float>(eps));
+  float* out[3] = {qkv.data(), qkv.data() + rows[0], qkv.data() + rows[0] + rows[1]};
+  std::vector<Task> tasks;
+  for (int i = 0; i < 3; ++i) tasks.push_back({qkv_w[i].data_ptr<float>(), rows[i], h.data(), 0, 1, out[i], 0});
+  run_tasks(tasks, d, threads);
+  for (int i = 0; i < 3; ++i) {
+    if (qkv_b[i].numel() == 0) continue;
+    const float* b = qkv_b[i].data_ptr<float>();
+    for (int64_t n = 0; n < rows[i]; ++n) out[i][n] += b[n];
+  }
+  if (q_norm_w.numel()) check_fp32(q_norm_w, "q norm"), group_norm(out[0], rows[0], q_norm_w, qk_eps);
+  if (k_norm_w.numel()) check_fp32(k_norm_w, "k norm"), group_norm(out[1], rows[1], k_norm_w, qk_eps);
+  if (r) {
+    rope(out[0], heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
+    rope(out[1], kv_heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
+  }
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    std::copy(out[1] + g * head_dim, out[1] + (g + 1) * head_dim, kc + (g * capacity + pos) * head_dim);
+    std::copy(out[2] + g * head_dim, out[2] + (g + 1) * head_dim, vc + (g * capacity + pos) * head_dim);
+  }
+
+  // the one query of each head over keys [start, pos]
+  const int64_t start = window > 0 ? std::max<int64_t>(0, pos + 1 - window) : 0, n_keys = pos + 1 - start;
+  const int64_t group = heads / kv_heads;
+  std::vector<float> attn(rows[0]), scores(heads * n_keys);
+#pragma omp parallel for num_threads(threads) if (heads * n_keys * head_dim > (1 << 16))
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const int64_t g = hh / group;
+    const float* q = out[0] + hh * head_dim;
+    const float* keys = kc + (g * capacity + start) * head_dim;
+    const float* values = vc + (g * capacity + start) * head_dim;
+    float* s = scores.data() + hh * n_keys;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n_keys; ++j) {
+      s[j] = dot(q, keys + j * head_dim, head_dim) * static_cast<float>(scale);
+      top = std::max(top, s[j]);
+    }
+    float total = 0.f;
+    for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
+    float* o = attn.data() + hh * head_dim;
+    std::fill(o, o + head_dim, 0.f);
+    for (int64_t j = 0; j < n_keys; ++j) {
+      const float p = s[j] / total;
+      const float* v = values + j * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) o[i] += p * v[i];
+    }
+  }
+
+  // output projection and residual
+  at::Tensor y = at::empty_like(x);
+  float* yp = y.data_ptr<float>();
+  run_tasks({{o_w.data_ptr<float>(), d, attn.data(), 0, 1, yp, 0}}, rows[0], threads);
+  const float* xp = x.data_ptr<float>();
+  const float* ob = o_b.numel() ? o_b.data_ptr<float>() : nullptr;
+  for (int64_t n = 0; n < d; ++n) yp[n] = xp[n] + (ob ? yp[n] + ob[n] : yp[n]);
+  return y;
+}

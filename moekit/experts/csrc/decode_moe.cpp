@@ -1,0 +1,186 @@
+// One decode step of a token-choice MoE block at batch 1, in one call: RMSNorm, the router, top-k routing, the k
+// experts (and the shared expert) streamed in two passes over their weights, the weighted combine and the
+// residual add. In eager PyTorch the same step is some 50 small operators (routing math, the plan, activation,
+// combine), each with its fixed cost; see decode_attention.cpp.
+#include <cmath>
+#include <numeric>
+
+#include "kernels.h"
+
+namespace {
+
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kClampedSwiglu = 4 };
+
+float act(float g, int64_t kind) {
+  switch (kind) {
+    case kSilu:
+      return g / (1.f + std::exp(-g));
+    case kGelu:
+      return 0.5f * g * (1.f + std::erf(g * static_cast<float>(M_SQRT1_2)));
+    case kGeluTanh: {
+      const float c = std::sqrt(2.f / static_cast<float>(M_PI));
+      return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
+    }
+    default:
+      return std::max(g, 0.f);
+  }
+}
+
+// a[i] = act(gate) * up (or GPT-OSS's clamped form) from the f-wide gate/up pre-activations h: concatenated
+// [gate..., up...] or interleaved [g0, u0, g1, u1, ...]; ungated: a[i] = act(h[i]).
+void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved, int64_t kind, float alpha,
+              float limit) {
+  for (int64_t i = 0; i < f; ++i) {
+    if (!gated) {
+      a[i] = act(h[i], kind);
+      continue;
+    }
+    float g = interleaved ? h[2 * i] : h[i], u = interleaved ? h[2 * i + 1] : h[f + i];
+    if (kind == kClampedSwiglu) {
+      g = std::min(g, limit);
+      u = std::min(std::max(u, -limit), limit);
+      a[i] = (u + 1.f) * (g / (1.f + std::exp(-alpha * g)));
+    } else {
+      a[i] = act(g, kind) * u;
+    }
+  }
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+// x [D]: the residual stream of the one token. Returns (x + moe(norm(x)) [D], the chosen experts [k] in
+// selection order, tokens per expert [E]).
+// Routing: logits = router_w @ h (+ router_b); softmax_after_topk: top-k on the logits, weights = softmax over the
+// k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
+// then optionally / (sum + normalize_eps), times scaling. apply_to_input scales each expert's input instead of
+// its output.
+// Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F], biases [E, X] and [E, D] or empty.
+// Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
+    at::Tensor x, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+    at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
+    double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
+    at::Tensor down_b, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
+    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
+    int64_t threads) {
+  for (const at::Tensor* t : {&x, &norm_w, &router_w, &up_w, &down_w}) check_fp32(*t, "moe_decode input");
+  for (const at::Tensor* t : {&router_b, &selection_bias, &up_b, &down_b, &shared_gate_w, &shared_up_w,
+                              &shared_down_w, &shared_sigmoid_w})
+    if (t->numel()) check_fp32(*t, "moe_decode input");
+  const int64_t d = x.numel(), e_count = router_w.size(0), x_rows = up_w.size(1), f = down_w.size(2);
+  TORCH_CHECK(x.is_contiguous() && norm_w.numel() == d && norm_w.is_contiguous(), "moe_decode: x or norm");
+  TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
+  TORCH_CHECK(up_w.dim() == 3 && up_w.size(0) == e_count && up_w.size(2) == d && up_w.is_contiguous() &&
+                  down_w.dim() == 3 && down_w.size(0) == e_count && down_w.size(1) == d && down_w.is_contiguous() &&
+                  x_rows == (gated ? 2 * f : f),
+              "moe_decode: expert weights");
+  TORCH_CHECK(1 <= top_k && top_k <= e_count, "moe_decode: top_k");
+  TORCH_CHECK(router_b.numel() == 0 || router_b.numel() == e_count, "moe_decode: router bias");
+  TORCH_CHECK(selection_bias.numel() == 0 || selection_bias.numel() == e_count, "moe_decode: selection bias");
+  TORCH_CHECK(up_b.numel() == 0 || (up_b.numel() == e_count * x_rows && down_b.numel() == e_count * d),
+              "moe_decode: expert biases");
+  const int64_t fs = shared_up_w.numel() ? shared_up_w.size(0) : 0;
+  TORCH_CHECK(!fs || (shared_up_w.size(1) == d && shared_down_w.size(0) == d && shared_down_w.size(1) == fs &&
+                      (gated ? shared_gate_w.numel() == fs * d : shared_gate_w.numel() == 0) &&
+                      shared_up_w.is_contiguous() && shared_down_w.is_contiguous() &&
+                      (!gated || shared_gate_w.is_contiguous()) &&
+                      (shared_sigmoid_w.numel() == 0 || shared_sigmoid_w.numel() == d)),
+              "moe_decode: shared expert");
+
+  std::vector<float> h(d);
+  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), h.data(), d, static_cast<float>(eps));
+
+  // router and routing, in fp32
+  std::vector<float> logits(e_count), choice(e_count);
+  run_tasks({{router_w.data_ptr<float>(), e_count, h.data(), 0, 1, logits.data(), 0}}, d, 1);
+  const float* rb = data_or_null(router_b);
+  float total = 0.f;
+  for (int64_t e = 0; e < e_count; ++e) total += (logits[e] += rb ? rb[e] : 0.f);
+  TORCH_CHECK_VALUE(std::isfinite(total), "router input contains NaN or inf: allowed finite values only");
+  std::vector<float> scores(logits);
+  if (sigmoid_scores) {
+    for (float& s : scores) s = 1.f / (1.f + std::exp(-s));
+  } else if (!softmax_after_topk) {
+    const float top = *std::max_element(scores.begin(), scores.end());
+    float sum = 0.f;
+    for (float& s : scores) sum += (s = std::exp(s - top));
+    for (float& s : scores) s /= sum;
+  }
+  const float* sb = data_or_null(selection_bias);
+  for (int64_t e = 0; e < e_count; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
+  at::Tensor ids = at::empty({top_k}, at::kLong), counts = at::zeros({e_count}, at::kLong);
+  int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int64_t> order(e_count);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
+    return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
+  });
+  std::vector<float> w(top_k);
+  for (int64_t j = 0; j < top_k; ++j) id[j] = order[j], w[j] = scores[order[j]], counts.data_ptr<int64_t>()[id[j]] = 1;
+  if (softmax_after_topk) {  // over the k selected logits
+    const float top = *std::max_element(w.begin(), w.end());
+    float sum = 0.f;
+    for (float& v : w) sum += (v = std::exp(v - top));
+    for (float& v : w) v /= sum;
+  }
+  if (normalize) {
+    float sum = 0.f;
+    for (float v : w) sum += v;
+    for (float& v : w) v /= sum + static_cast<float>(normalize_eps);
+  }
+  if (scaling != 1.0)
+    for (float& v : w) v *= static_cast<float>(scaling);
+
+  // up pass: the k experts' gate/up rows (and the shared expert's) against the token
+  std::vector<float> inputs(apply_to_input ? top_k * d : 0), up(top_k * x_rows + 2 * fs), act_k(top_k * f + fs);
+  std::vector<Task> tasks;
+  for (int64_t j = 0; j < top_k; ++j) {
+    const float* in = h.data();
+    if (apply_to_input) {
+      for (int64_t i = 0; i < d; ++i) inputs[j * d + i] = h[i] * w[j];
+      in = inputs.data() + j * d;
+    }
+    tasks.push_back({up_w.data_ptr<float>() + id[j] * x_rows * d, x_rows, in, 0, 1, up.data() + j * x_rows, 0});
+  }
+  float* shared_up = up.data() + top_k * x_rows;
+  if (fs) {  // a dense FFN: [gate, up] concatenated when gated
+    if (gated) tasks.push_back({shared_gate_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
+    tasks.push_back({shared_up_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated ? fs : 0), 0});
+  }
+  run_tasks(tasks, d, threads);
+  const float* ub = data_or_null(up_b);
+  for (int64_t j = 0; j < top_k; ++j) {
+    float* hj = up.data() + j * x_rows;
+    if (ub)
+      for (int64_t i = 0; i < x_rows; ++i) hj[i] += ub[id[j] * x_rows + i];
+    activate(hj, act_k.data() + j * f, f, gated, interleaved, activation, alpha, limit);
+  }
+  if (fs) activate(shared_up, act_k.data() + top_k * f, fs, gated, false, activation, alpha, limit);
+
+  // down pass, then combine: x + (sum_j w_j * out_j + shared)
+  std::vector<float> down(top_k * d + (fs ? d : 0));
+  tasks.clear();
+  for (int64_t j = 0; j < top_k; ++j)
+    tasks.push_back({down_w.data_ptr<float>() + id[j] * d * f, d, act_k.data() + j * f, 0, 1, down.data() + j * d, 0});
+  run_tasks(tasks, f, threads);
+  if (fs) run_tasks({{shared_down_w.data_ptr<float>(), d, act_k.data() + top_k * f, 0, 1, down.data() + top_k * d, 0}},
+                    fs, threads);
+  const float* db = data_or_null(down_b);
+  float shared_scale = 1.f;
+  if (fs && shared_sigmoid_w.numel())
+    shared_scale = 1.f / (1.f + std::exp(-dot(shared_sigmoid_w.data_ptr<float>(), h.data(), d)));
+  at::Tensor y = at::empty_like(x);
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < d; ++i) {
+    float routed = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      const float out = down[j * d + i] + (db ? db[id[j] * d + i] : 0.f);
+      routed += apply_to_input ? out : w[j] * out;
+    }
+    yp[i] = xp[i] + (fs ? routed + shared_scale * down[top_k * d + i] : routed);
+  }
+  return {y, ids, counts};
+}

@@ -1,0 +1,91 @@
+// Memory-bound products (fp32): every output element is a dot product of one contiguous weight row with one input
+// row. A call is a list of tasks (a weight matrix, the few input rows it multiplies, where the outputs go); all the
+// weight rows of all tasks are cut into blocks and OpenMP gives each core a contiguous run of them, so each core
+// streams long stretches of memory (what the hardware prefetchers follow best) and every weight row is read once,
+// for all the input rows of its task. AVX2/FMA with four accumulators where the CPU has them, plain C++ otherwise.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+inline float dot(const float* a, const float* b, int64_t k_len) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; k + 32 <= k_len; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), a3);
+  }
+  float buf[8];
+  _mm256_storeu_ps(buf, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  acc = ((buf[0] + buf[4]) + (buf[1] + buf[5])) + ((buf[2] + buf[6]) + (buf[3] + buf[7]));
+#endif
+  for (; k < k_len; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// y[j * y_stride + n] = dot(w[n, :], x[j * x_stride, :]) for weight rows n < rows and input rows j < m.
+struct Task {
+  const float* w;
+  int64_t rows;
+  const float* x;
+  int64_t x_stride;
+  int64_t m;
+  float* y;
+  int64_t y_stride;
+};
+
+inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t threads) {
+  constexpr int64_t block = 16;  // weight rows per work item
+  std::vector<int64_t> first_block(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i) first_block[i + 1] = first_block[i] + (tasks[i].rows + block - 1) / block;
+  const int64_t blocks = first_block.back();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+    const Task& t = tasks[i];
+    const int64_t n0 = (b - first_block[i]) * block, n1 = std::min(n0 + block, t.rows);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = t.w + n * k_len;
+      for (int64_t j = 0; j < t.m; ++j) t.y[j * t.y_stride + n] = dot(row, t.x + j * t.x_stride, k_len);
+    }
+  }
+}
+
+// y = x / rms(x) * w over n values (y may be x).
+inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  float sum_sq = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum_sq += x[i] * x[i];
+  const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+
+inline void check_fp32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.dtype() == at::kFloat, "moekit kernel: ", what, " must be fp32 on the CPU");
+}
+
+// The functions the extension exports (bindings.cpp).
+void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,
+                  at::Tensor counts, at::Tensor y, int64_t threads);
+void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
+void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
+at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
+                               std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, double qk_eps,
+                               at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                               int64_t pos, int64_t window, double scale, at::Tensor o_w, at::Tensor o_b,
+                               int64_t threads);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
+    at::Tensor x, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+    at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
+    double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
+    at::Tensor down_b, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
+    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
+    int64_t threads);
