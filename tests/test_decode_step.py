@@ -26,21 +26,21 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not gemv.kernel_available(), reason="no C++ compiler: the modules run instead")
 
 # Which blocks take the one-call path in each tiny config (the others' variants are left to the modules: MLA,
-# sinks, chunked or NoPE-with-temperature attention, LayerNorm, clip_qkv; group-limited routing, SparseMixer,
-# transposed experts).
+# chunked or NoPE-with-temperature attention, LayerNorm; group-limited routing, SparseMixer).
 FUSED = {
     "mixtral": {"attention", "moe"},
     "qwen2_moe": {"attention", "moe"},
     "qwen3_moe": {"attention", "moe"},
-    "olmoe": {"moe"},
+    "olmoe": {"attention", "moe"},
     "glm4_moe": {"attention"},
+    "gpt_oss": {"attention", "moe"},  # sinks, sliding/full layers, yarn; transposed interleaved experts
+    "llama4_text": {"moe"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
 }
 CASES = [(f, {}) for f in FAMILIES] + [
-    ("olmoe", {"clip_qkv": None}),  # QK-norm over the full projections
     ("deepseek_v3", {"n_group": 1, "topk_group": 1}),  # sigmoid, selection bias, renormalisation eps, scaling
     ("glm4_moe", {"n_group": 1, "topk_group": 1}),  # ... with partial rotary, QK-norm and qkv bias attention
 ]
-FUSED_OVERRIDDEN = {"olmoe": {"attention", "moe"}, "deepseek_v3": {"moe"}, "glm4_moe": {"attention", "moe"}}
+FUSED_OVERRIDDEN = {"deepseek_v3": {"moe"}, "glm4_moe": {"attention", "moe"}}
 
 
 def _spy(monkeypatch) -> dict[str, int]:
@@ -84,20 +84,71 @@ def test_decode_steps_equal_the_modules_and_transformers(family, overrides, tmp_
     fused = _decode_logits(model, prompt, 10)
     expected_paths = (FUSED_OVERRIDDEN if overrides else FUSED).get(family, set())
     assert {kind for kind, n in taken.items() if n} == expected_paths
-    monkeypatch.setattr(decoder, "attention_step", lambda *args: None)
-    monkeypatch.setattr(decoder, "moe_step", lambda *args: None)
+    _modules_only(monkeypatch)
     reference = _decode_logits(model, prompt, 10)
     assert float((fused - reference).norm() / reference.norm()) < 1e-5
 
 
+def _modules_only(monkeypatch) -> None:
+    monkeypatch.setattr(decoder, "attention_step", lambda *args: None)
+    monkeypatch.setattr(decoder, "moe_step", lambda *args: None)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_attention_step_where_clip_and_sinks_bind(family, tmp_path, monkeypatch):
+    """Tiny random weights never reach OLMoE's clip_qkv and leave GPT-OSS's sinks near zero: scale them up until
+    they change the logits, then the one-call step must still equal the modules."""
+    hf_tiny_model(family, tmp_path)
+    model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
+    attns = [layer.self_attn for layer in model.layers]
+    with torch.no_grad():
+        for attn in attns:
+            if family == "olmoe":
+                for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    lin.weight.mul_(300.0)
+            else:
+                attn.sinks.normal_(std=2.0)
+    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    taken = _spy(monkeypatch)
+    prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    fused = _decode_logits(model, prompt, 8)
+    assert taken["attention"] > 0
+    _modules_only(monkeypatch)
+    reference = _decode_logits(model, prompt, 8)
+    assert _rel(fused, reference) < 1e-5
+    for attn in attns:  # without the variant the logits are another model's: it binds
+        attn.clip_qkv, attn.sinks = None, None
+    assert _rel(_decode_logits(model, prompt, 8), reference) > 1e-2
+
+
 VARIANTS = {
-    # GPT-OSS's math with experts stored [E, out, in]: bias in the router, top-k on logits then softmax over the k,
-    # interleaved clamped SwiGLU with biases
+    # GPT-OSS: bias in the router, top-k on logits then softmax over the k, interleaved clamped SwiGLU with biases,
+    # experts stored [E, in, out]
     "gpt_oss": MoEConfig(
         routing=RoutingSpec(num_experts=8, top_k=4, softmax_after_topk=True),
         expert_hidden=24,
         router_bias=True,
+        layout=ExpertLayout(
+            gate_up="interleaved", bias=True, activation="clamped_swiglu", swiglu_limit=0.5, transposed=True
+        ),
+    ),
+    # the same math with experts stored [E, out, in]
+    "gpt_oss_math": MoEConfig(
+        routing=RoutingSpec(num_experts=8, top_k=4, softmax_after_topk=True),
+        expert_hidden=24,
+        router_bias=True,
         layout=ExpertLayout(gate_up="interleaved", bias=True, activation="clamped_swiglu", swiglu_limit=0.5),
+    ),
+    # Llama 4: sigmoid top-1 on the expert input, a shared expert, transposed experts (width not a multiple of 8)
+    "llama4": MoEConfig(
+        routing=RoutingSpec(num_experts=4, top_k=1, score_func="sigmoid", normalize=False, apply_to="input"),
+        expert_hidden=21,
+        layout=ExpertLayout(transposed=True),
+        num_shared_experts=1,
     ),
     # ungated GELU experts and an ungated shared expert
     "gelu_mlp": MoEConfig(
@@ -162,3 +213,24 @@ def test_moe_step_declines_training_and_other_backends(monkeypatch):
         block.set_backend("auto")
         assert moe_step(norm, block, torch.randn(1, 2, 32)) is None  # not one token
     assert moe_step(norm, block, x) is None  # gradients wanted
+
+
+def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
+    """The steps keep their weights in cached plans: a parameter or module put in place of another (a fine-tune
+    loaded by assignment, a swapped expert stack) must be what the next step reads."""
+    hf_tiny_model("qwen2_moe", tmp_path)
+    model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
+    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    _decode_logits(model, prompt, 2)  # plans built
+    layer = model.layers[min(model.moe_blocks())]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight = torch.nn.Parameter(torch.randn_like(layer.self_attn.o_proj.weight))
+        layer.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.randn_like(layer.mlp.experts.gate_up_proj))
+        norm = RMSNorm(layer.post_attention_layernorm.weight.numel(), eps=0.1)
+        norm.weight.uniform_(0.5, 2.0)
+        layer.post_attention_layernorm = norm
+    fused = _decode_logits(model, prompt, 4)
+    _modules_only(monkeypatch)
+    reference = _decode_logits(model, prompt, 4)
+    assert _rel(fused, reference) < 1e-5

@@ -106,8 +106,6 @@ class Attention(nn.Module):
         # what moekit's one-call decode step covers (layers/decode_step.py)
         self.fusable = (
             a.qk_norm in ("none", "head", "full")
-            and self.clip_qkv is None
-            and self.sinks is None
             and self.temperature is None
             and not (self.use_rope and self.interleave)
             and self.layer_type in ("full", "sliding")

@@ -66,7 +66,6 @@ class MoEBlock(nn.Module):
             and spec.n_group == 1
             and spec.normalize_p == 1.0
             and cfg.capacity_factor is None
-            and not cfg.layout.transposed
             and not (self.shared_experts is not None and cfg.layout.bias)
         )
 

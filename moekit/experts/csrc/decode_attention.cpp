@@ -37,15 +37,17 @@ static at::Tensor optional(const at::Tensor& t, int64_t numel, const char* what)
 }
 
 // x [D]: the residual stream of the one token; returns x + o_proj(attention(norm(x))). qkv_w: q [Hq*hd, D],
-// k and v [Hkv*hd, D]; qkv_b and o_b: biases or empty tensors; q_norm_w, k_norm_w: [hd] (per head), the whole
-// projection's width, or empty; cos, sin [r <= hd] or empty (no rotary embedding); k_cache, v_cache
-// [Hkv, capacity, hd] contiguous, the new token going to index pos; window > 0 limits attention to the last
-// `window` keys (the query's own included).
-at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
-                               std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, double qk_eps,
-                               at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
-                               int64_t pos, int64_t window, double scale, at::Tensor o_w, at::Tensor o_b,
-                               int64_t threads) {
+// k and v [Hkv*hd, D]; qkv_b and o_b: biases or empty tensors; q_norm_w, k_norm_w: [hd] (per head) or, with
+// full_qk_norm, the whole projection's width, or empty; clip > 0 clamps q, k and v to [-clip, clip] (OLMoE's
+// clip_qkv: after a full-width norm, before a per-head one); cos, sin [r <= hd] or empty (no rotary embedding);
+// k_cache, v_cache [Hkv, capacity, hd] contiguous, the new token going to index pos; window > 0 limits attention
+// to the last `window` keys (the query's own included); sinks [Hq] (GPT-OSS) or empty: one more logit per head
+// in the softmax's denominator, with no value.
+at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                            int64_t pos, int64_t threads, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
+                            std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm,
+                            double qk_eps, double clip, int64_t window, double scale, at::Tensor sinks,
+                            at::Tensor o_w, at::Tensor o_b) {
   check_fp32(x, "x"), check_fp32(norm_w, "norm weight"), check_fp32(o_w, "o_proj weight");
   check_fp32(k_cache, "key cache"), check_fp32(v_cache, "value cache");
   TORCH_CHECK(qkv_w.size() == 3 && qkv_b.size() == 3, "attention_decode: q, k and v weights and biases");
@@ -70,6 +72,9 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::ve
   TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows[0],
               "attention_decode: o_proj");
   optional(o_b, d, "o_proj bias");
+  optional(sinks, heads, "sinks");
+  optional(q_norm_w, full_qk_norm ? rows[0] : head_dim, "q norm weight");
+  optional(k_norm_w, full_qk_norm ? rows[1] : head_dim, "k norm weight");
   const int64_t r = cos.numel();
   TORCH_CHECK(r % 2 == 0 && r <= head_dim && sin.numel() == r, "attention_decode: rotary width");
   if (r) check_fp32(cos, "cos"), check_fp32(sin, "sin");
@@ -87,8 +92,12 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::ve
     const float* b = qkv_b[i].data_ptr<float>();
     for (int64_t n = 0; n < rows[i]; ++n) out[i][n] += b[n];
   }
-  if (q_norm_w.numel()) check_fp32(q_norm_w, "q norm"), group_norm(out[0], rows[0], q_norm_w, qk_eps);
-  if (k_norm_w.numel()) check_fp32(k_norm_w, "k norm"), group_norm(out[1], rows[1], k_norm_w, qk_eps);
+  if (full_qk_norm) group_norm(out[0], rows[0], q_norm_w, qk_eps), group_norm(out[1], rows[1], k_norm_w, qk_eps);
+  if (clip > 0) {
+    const float c = static_cast<float>(clip);
+    for (float& v : qkv) v = std::min(std::max(v, -c), c);
+  }
+  if (!full_qk_norm) group_norm(out[0], rows[0], q_norm_w, qk_eps), group_norm(out[1], rows[1], k_norm_w, qk_eps);
   if (r) {
     rope(out[0], heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
     rope(out[1], kv_heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
@@ -111,12 +120,13 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::ve
     const float* keys = kc + (g * capacity + start) * head_dim;
     const float* values = vc + (g * capacity + start) * head_dim;
     float* s = scores.data() + hh * n_keys;
-    float top = -INFINITY;
+    const float sink = sinks.numel() ? sinks.data_ptr<float>()[hh] : -INFINITY;
+    float top = sink;
     for (int64_t j = 0; j < n_keys; ++j) {
       s[j] = dot(q, keys + j * head_dim, head_dim) * static_cast<float>(scale);
       top = std::max(top, s[j]);
     }
-    float total = 0.f;
+    float total = sinks.numel() ? std::exp(sink - top) : 0.f;
     for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
     float* o = attn.data() + hh * head_dim;
     std::fill(o, o + head_dim, 0.f);

@@ -56,24 +56,26 @@ const float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<f
 // k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
 // then optionally / (sum + normalize_eps), times scaling. apply_to_input scales each expert's input instead of
 // its output.
-// Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F], biases [E, X] and [E, D] or empty.
+// Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F]; transposed: up_w [E, D, X], down_w
+// [E, F, D]; biases [E, X] and [E, D] or empty.
 // Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
-    at::Tensor x, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+    at::Tensor x, int64_t threads, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
     at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
     double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
-    at::Tensor down_b, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
-    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
-    int64_t threads) {
+    at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
+    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w) {
   for (const at::Tensor* t : {&x, &norm_w, &router_w, &up_w, &down_w}) check_fp32(*t, "moe_decode input");
   for (const at::Tensor* t : {&router_b, &selection_bias, &up_b, &down_b, &shared_gate_w, &shared_up_w,
                               &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
-  const int64_t d = x.numel(), e_count = router_w.size(0), x_rows = up_w.size(1), f = down_w.size(2);
+  const int64_t d = x.numel(), e_count = router_w.size(0);
+  TORCH_CHECK(up_w.dim() == 3 && down_w.dim() == 3, "moe_decode: expert weights");
+  const int64_t x_rows = up_w.size(transposed ? 2 : 1), f = down_w.size(transposed ? 1 : 2);
   TORCH_CHECK(x.is_contiguous() && norm_w.numel() == d && norm_w.is_contiguous(), "moe_decode: x or norm");
   TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
-  TORCH_CHECK(up_w.dim() == 3 && up_w.size(0) == e_count && up_w.size(2) == d && up_w.is_contiguous() &&
-                  down_w.dim() == 3 && down_w.size(0) == e_count && down_w.size(1) == d && down_w.is_contiguous() &&
+  TORCH_CHECK(up_w.size(0) == e_count && up_w.size(transposed ? 1 : 2) == d && up_w.is_contiguous() &&
+                  down_w.size(0) == e_count && down_w.size(transposed ? 2 : 1) == d && down_w.is_contiguous() &&
                   x_rows == (gated ? 2 * f : f),
               "moe_decode: expert weights");
   TORCH_CHECK(1 <= top_k && top_k <= e_count, "moe_decode: top_k");
@@ -136,20 +138,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
   // up pass: the k experts' gate/up rows (and the shared expert's) against the token
   std::vector<float> inputs(apply_to_input ? top_k * d : 0), up(top_k * x_rows + 2 * fs), act_k(top_k * f + fs);
   std::vector<Task> tasks;
+  std::vector<TransposedTask> transposed_tasks;
   for (int64_t j = 0; j < top_k; ++j) {
     const float* in = h.data();
     if (apply_to_input) {
       for (int64_t i = 0; i < d; ++i) inputs[j * d + i] = h[i] * w[j];
       in = inputs.data() + j * d;
     }
-    tasks.push_back({up_w.data_ptr<float>() + id[j] * x_rows * d, x_rows, in, 0, 1, up.data() + j * x_rows, 0});
+    const float* wj = up_w.data_ptr<float>() + id[j] * x_rows * d;
+    if (transposed)
+      transposed_tasks.push_back({wj, d, x_rows, in, up.data() + j * x_rows});
+    else
+      tasks.push_back({wj, x_rows, in, 0, 1, up.data() + j * x_rows, 0});
   }
   float* shared_up = up.data() + top_k * x_rows;
   if (fs) {  // a dense FFN: [gate, up] concatenated when gated
     if (gated) tasks.push_back({shared_gate_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
     tasks.push_back({shared_up_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated ? fs : 0), 0});
   }
-  run_tasks(tasks, d, threads);
+  if (!transposed_tasks.empty()) run_transposed_tasks(transposed_tasks, threads);
+  if (!tasks.empty()) run_tasks(tasks, d, threads);
   const float* ub = data_or_null(up_b);
   for (int64_t j = 0; j < top_k; ++j) {
     float* hj = up.data() + j * x_rows;
@@ -161,10 +169,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
 
   // down pass, then combine: x + (sum_j w_j * out_j + shared)
   std::vector<float> down(top_k * d + (fs ? d : 0));
-  tasks.clear();
-  for (int64_t j = 0; j < top_k; ++j)
-    tasks.push_back({down_w.data_ptr<float>() + id[j] * d * f, d, act_k.data() + j * f, 0, 1, down.data() + j * d, 0});
-  run_tasks(tasks, f, threads);
+  tasks.clear(), transposed_tasks.clear();
+  for (int64_t j = 0; j < top_k; ++j) {
+    const float* wj = down_w.data_ptr<float>() + id[j] * d * f;
+    if (transposed)
+      transposed_tasks.push_back({wj, f, d, act_k.data() + j * f, down.data() + j * d});
+    else
+      tasks.push_back({wj, d, act_k.data() + j * f, 0, 1, down.data() + j * d, 0});
+  }
+  if (transposed)
+    run_transposed_tasks(transposed_tasks, threads);
+  else
+    run_tasks(tasks, f, threads);
   if (fs) run_tasks({{shared_down_w.data_ptr<float>(), d, act_k.data() + top_k * f, 0, 1, down.data() + top_k * d, 0}},
                     fs, threads);
   const float* db = data_or_null(down_b);

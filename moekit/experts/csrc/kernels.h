@@ -12,6 +12,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 inline float dot(const float* a, const float* b, int64_t k_len) {
   int64_t k = 0;
@@ -60,6 +63,63 @@ inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t thr
   }
 }
 
+// y[:n] += a * w[:n]
+inline void axpy(float a, const float* w, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(av, _mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(y + i + 8)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += a * w[i];
+}
+
+// y[n] = sum_k x[k] * w[k, n] for weights stored input-major (w [k_len, cols], as GPT-OSS and Llama 4 keep their
+// experts). The rows of all tasks are cut into blocks as in run_tasks; each core streams its run of rows into its
+// own copy of the outputs (small: they stay in cache), and the copies are summed at the end.
+struct TransposedTask {
+  const float* w;
+  int64_t k_len;
+  int64_t cols;
+  const float* x;
+  float* y;
+};
+
+inline void run_transposed_tasks(const std::vector<TransposedTask>& tasks, int64_t threads) {
+  constexpr int64_t block = 16;  // weight rows per work item
+  std::vector<int64_t> first_block(tasks.size() + 1, 0), first_col(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    first_block[i + 1] = first_block[i] + (tasks[i].k_len + block - 1) / block;
+    first_col[i + 1] = first_col[i] + tasks[i].cols;
+  }
+  const int64_t blocks = first_block.back(), cols = first_col.back();
+  threads = std::max<int64_t>(1, std::min(threads, blocks));
+  std::vector<float> partial(threads * cols, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    float* mine = partial.data() + omp_get_thread_num() * cols;
+#else
+    float* mine = partial.data();
+#endif
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+      const TransposedTask& t = tasks[i];
+      const int64_t k0 = (b - first_block[i]) * block, k1 = std::min(k0 + block, t.k_len);
+      for (int64_t k = k0; k < k1; ++k) axpy(t.x[k], t.w + k * t.cols, mine + first_col[i], t.cols);
+    }
+  }
+  for (size_t i = 0; i < tasks.size(); ++i)
+    for (int64_t c = 0; c < tasks[i].cols; ++c) {
+      float sum = 0.f;
+      for (int64_t r = 0; r < threads; ++r) sum += partial[r * cols + first_col[i] + c];
+      tasks[i].y[c] = sum;
+    }
+}
+
 // y = x / rms(x) * w over n values (y may be x).
 inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
   float sum_sq = 0.f;
@@ -77,15 +137,14 @@ void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor sta
                   at::Tensor counts, at::Tensor y, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
-at::Tensor attention_decode(at::Tensor x, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
-                               std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, double qk_eps,
-                               at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
-                               int64_t pos, int64_t window, double scale, at::Tensor o_w, at::Tensor o_b,
-                               int64_t threads);
+at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                            int64_t pos, int64_t threads, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
+                            std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm,
+                            double qk_eps, double clip, int64_t window, double scale, at::Tensor sinks,
+                            at::Tensor o_w, at::Tensor o_b);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
-    at::Tensor x, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+    at::Tensor x, int64_t threads, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
     at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
     double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
-    at::Tensor down_b, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
-    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
-    int64_t threads);
+    at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
+    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w);
