@@ -29,11 +29,11 @@ static void rope(float* x, int64_t heads, int64_t head_dim, const float* cos, co
   }
 }
 
-static at::Tensor optional(const at::Tensor& t, int64_t numel, const char* what) {
-  if (t.numel() == 0) return t;
+// An optional input: empty, or fp32, contiguous and numel long.
+static void check_optional(const at::Tensor& t, int64_t numel, const char* what) {
+  if (t.numel() == 0) return;
   check_fp32(t, what);
   TORCH_CHECK(t.is_contiguous() && t.numel() == numel, "attention_decode: ", what, " shape");
-  return t;
 }
 
 // x [D]: the residual stream of the one token; returns x + o_proj(attention(norm(x))). qkv_w: q [Hq*hd, D],
@@ -63,7 +63,7 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
     check_fp32(qkv_w[i], "projection weight");
     TORCH_CHECK(qkv_w[i].is_contiguous() && qkv_w[i].dim() == 2 && qkv_w[i].size(1) == d, "attention_decode: qkv");
     rows[i] = qkv_w[i].size(0);
-    optional(qkv_b[i], rows[i], "projection bias");
+    check_optional(qkv_b[i], rows[i], "projection bias");
   }
   TORCH_CHECK(rows[0] % head_dim == 0 && rows[1] == kv_heads * head_dim && rows[2] == rows[1],
               "attention_decode: projection widths");
@@ -71,10 +71,10 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
   TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads per key-value head");
   TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows[0],
               "attention_decode: o_proj");
-  optional(o_b, d, "o_proj bias");
-  optional(sinks, heads, "sinks");
-  optional(q_norm_w, full_qk_norm ? rows[0] : head_dim, "q norm weight");
-  optional(k_norm_w, full_qk_norm ? rows[1] : head_dim, "k norm weight");
+  check_optional(o_b, d, "o_proj bias");
+  check_optional(sinks, heads, "sinks");
+  check_optional(q_norm_w, full_qk_norm ? rows[0] : head_dim, "q norm weight");
+  check_optional(k_norm_w, full_qk_norm ? rows[1] : head_dim, "k norm weight");
   const int64_t r = cos.numel();
   TORCH_CHECK(r % 2 == 0 && r <= head_dim && sin.numel() == r, "attention_decode: rotary width");
   if (r) check_fp32(cos, "cos"), check_fp32(sin, "sin");
@@ -142,7 +142,7 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
   float* yp = y.data_ptr<float>();
   run_tasks({{o_w.data_ptr<float>(), d, attn.data(), 0, 1, yp, 0}}, rows[0], threads);
   const float* xp = x.data_ptr<float>();
-  const float* ob = o_b.numel() ? o_b.data_ptr<float>() : nullptr;
+  const float* ob = data_or_null(o_b);
   for (int64_t n = 0; n < d; ++n) yp[n] = xp[n] + (ob ? yp[n] + ob[n] : yp[n]);
   return y;
 }

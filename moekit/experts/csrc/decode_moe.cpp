@@ -46,8 +46,6 @@ void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved,
   }
 }
 
-const float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
-
 }  // namespace
 
 // x [D]: the residual stream of the one token. Returns (x + moe(norm(x)) [D], the chosen experts [k] in

@@ -46,17 +46,38 @@ struct Task {
   int64_t y_stride;
 };
 
+constexpr int64_t kRowsPerBlock = 16;  // weight rows per work item
+
+// Work items of a task list: task i owns items [first[i], first[i + 1]) (tasks have `rows` weight rows).
+template <class T>
+std::vector<int64_t> first_blocks(const std::vector<T>& tasks) {
+  std::vector<int64_t> first(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i)
+    first[i + 1] = first[i] + (tasks[i].rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  return first;
+}
+
+// Work item b: its task and that task's weight rows [r0, r1).
+struct Block {
+  size_t task;
+  int64_t r0, r1;
+};
+
+template <class T>
+Block block_of(const std::vector<T>& tasks, const std::vector<int64_t>& first, int64_t b) {
+  const size_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+  const int64_t r0 = (b - first[i]) * kRowsPerBlock;
+  return {i, r0, std::min(r0 + kRowsPerBlock, tasks[i].rows)};
+}
+
 inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t threads) {
-  constexpr int64_t block = 16;  // weight rows per work item
-  std::vector<int64_t> first_block(tasks.size() + 1, 0);
-  for (size_t i = 0; i < tasks.size(); ++i) first_block[i + 1] = first_block[i] + (tasks[i].rows + block - 1) / block;
-  const int64_t blocks = first_block.back();
+  const std::vector<int64_t> first = first_blocks(tasks);
+  const int64_t blocks = first.back();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
-    const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
-    const Task& t = tasks[i];
-    const int64_t n0 = (b - first_block[i]) * block, n1 = std::min(n0 + block, t.rows);
-    for (int64_t n = n0; n < n1; ++n) {
+    const Block blk = block_of(tasks, first, b);
+    const Task& t = tasks[blk.task];
+    for (int64_t n = blk.r0; n < blk.r1; ++n) {
       const float* row = t.w + n * k_len;
       for (int64_t j = 0; j < t.m; ++j) t.y[j * t.y_stride + n] = dot(row, t.x + j * t.x_stride, k_len);
     }
@@ -76,25 +97,22 @@ inline void axpy(float a, const float* w, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * w[i];
 }
 
-// y[n] = sum_k x[k] * w[k, n] for weights stored input-major (w [k_len, cols], as GPT-OSS and Llama 4 keep their
+// y[n] = sum_k x[k] * w[k, n] for weights stored input-major (w [rows, cols], as GPT-OSS and Llama 4 keep their
 // experts). The rows of all tasks are cut into blocks as in run_tasks; each core streams its run of rows into its
 // own copy of the outputs (small: they stay in cache), and the copies are summed at the end.
 struct TransposedTask {
   const float* w;
-  int64_t k_len;
+  int64_t rows;
   int64_t cols;
   const float* x;
   float* y;
 };
 
 inline void run_transposed_tasks(const std::vector<TransposedTask>& tasks, int64_t threads) {
-  constexpr int64_t block = 16;  // weight rows per work item
-  std::vector<int64_t> first_block(tasks.size() + 1, 0), first_col(tasks.size() + 1, 0);
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    first_block[i + 1] = first_block[i] + (tasks[i].k_len + block - 1) / block;
-    first_col[i + 1] = first_col[i] + tasks[i].cols;
-  }
-  const int64_t blocks = first_block.back(), cols = first_col.back();
+  const std::vector<int64_t> first = first_blocks(tasks);
+  std::vector<int64_t> first_col(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i) first_col[i + 1] = first_col[i] + tasks[i].cols;
+  const int64_t blocks = first.back(), cols = first_col.back();
   threads = std::max<int64_t>(1, std::min(threads, blocks));
   std::vector<float> partial(threads * cols, 0.f);
 #pragma omp parallel num_threads(threads)
@@ -106,10 +124,9 @@ inline void run_transposed_tasks(const std::vector<TransposedTask>& tasks, int64
 #endif
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
-      const TransposedTask& t = tasks[i];
-      const int64_t k0 = (b - first_block[i]) * block, k1 = std::min(k0 + block, t.k_len);
-      for (int64_t k = k0; k < k1; ++k) axpy(t.x[k], t.w + k * t.cols, mine + first_col[i], t.cols);
+      const Block blk = block_of(tasks, first, b);
+      const TransposedTask& t = tasks[blk.task];
+      for (int64_t k = blk.r0; k < blk.r1; ++k) axpy(t.x[k], t.w + k * t.cols, mine + first_col[blk.task], t.cols);
     }
   }
   for (size_t i = 0; i < tasks.size(); ++i)
@@ -127,6 +144,9 @@ inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float 
   const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
 }
+
+// An optional input's data: nullptr for an empty tensor.
+inline const float* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
 inline void check_fp32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.dtype() == at::kFloat, "moekit kernel: ", what, " must be fp32 on the CPU");
