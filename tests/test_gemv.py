@@ -45,6 +45,22 @@ def test_decode_segment_mm_and_linear_equal_training_path():
         torch.testing.assert_close(lin(row), ref(row), rtol=1e-5, atol=1e-5)
 
 
+def test_tiled_segment_kernel_matches_matmul_on_every_edge():
+    """Row counts around the 3-row tiles and 48-row passes, a width that is no multiple of the 4-column tiles or
+    the 96-column work items, and an input width with a tail past the 8-wide vectors."""
+    torch.manual_seed(0)
+    counts = [1, 2, 3, 4, 0, 5, 47, 48, 49, 97, 192]
+    w, x = torch.randn(len(counts), 203, 1029), torch.randn(sum(counts), 1029)
+    segments, start = [], 0
+    for e, c in enumerate(counts):
+        segments.append((e, start, c))
+        start += c
+    y = torch.full((x.shape[0], 203), float("nan"))
+    assert gemv.segment_gemm(w, x, segments, y)  # the kernel took it
+    ref = torch.cat([x[a : a + c] @ w[e].t() for e, a, c in segments])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [96, 2048])  # below the kernel's size (torch.mv), and 8 MB (the kernel)
 def test_gather_gemv_takes_id_tensors_and_one_shared_row(rows):
     """The decode path passes the router's id tensor and one token row expanded (stride 0) to its k experts."""

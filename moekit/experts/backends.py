@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moekit.experts.gemv import gather_gemv
 from moekit.experts.layout import apply_activation
-from moekit.experts.segment_mm import FEW_ROWS, segment_mm, torch_grouped_mm
+from moekit.experts.segment_mm import TILED_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -77,7 +77,7 @@ class LoopBackend(ExpertsBackend):
 class GroupedBackend(ExpertsBackend):
     """Dropless grouped compute: two segment matmuls around one activation over all rows. matmul picks the kernel:
     'auto' uses torch's grouped matmul on GPUs (where it is a real kernel) and, on CPU, for small expert matrices;
-    otherwise (and always with 'segment') moekit's few-row kernel and worker-pool segment matmul."""
+    otherwise (and always with 'segment') moekit's tiled kernel and per-thread MKL products by segment length."""
 
     def __init__(self, name: str, describe: str, matmul: str = "auto"):
         self.name, self.describe, self.matmul = name, describe, matmul
@@ -89,10 +89,10 @@ class GroupedBackend(ExpertsBackend):
             return segment_mm
         if x_SD.is_cuda:
             return torch_grouped_mm
-        # CPU: torch's grouped matmul runs small expert matrices 1.3-2x faster than the worker pool, whose per-task
-        # cost dominates there, and loses to it on large ones; segments of a few rows (decode) go to moekit's kernel
+        # CPU: torch's grouped matmul runs small expert matrices faster than per-segment products, whose per-task
+        # cost dominates there, and loses to them on large ones; short segments (decode) go to moekit's kernel
         small = w[0].numel() <= _CPU_GROUPED_MAX_NUMEL
-        return torch_grouped_mm if small and max(counts, default=0) > FEW_ROWS else segment_mm
+        return torch_grouped_mm if small and max(counts, default=0) > TILED_ROWS else segment_mm
 
     def unsupported(self, experts, x_SD):
         reason = super().unsupported(experts, x_SD)

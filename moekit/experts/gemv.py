@@ -28,7 +28,7 @@ _lock = threading.Lock()
 _kernel = {"module": None, "tried": False}
 
 
-def _load_kernel():
+def load_kernel():
     """The compiled extension, building it on first use; None where it cannot be built (then never retried)."""
     with _lock:
         if not _kernel["tried"]:
@@ -101,7 +101,7 @@ def _has_avx2_fma() -> bool:
 
 
 def kernel_available() -> bool:
-    return _load_kernel() is not None
+    return load_kernel() is not None
 
 
 def segment_gemm(
@@ -158,4 +158,4 @@ def kernel_for(nbytes: int, *tensors: torch.Tensor):
     """The kernel when it can take these fp32 CPU tensors and they are large enough to stream; else None."""
     if nbytes < MIN_KERNEL_BYTES or any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
         return None
-    return _load_kernel()
+    return load_kernel()

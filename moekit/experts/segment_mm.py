@@ -1,28 +1,27 @@
 """Segment matmul: rows of x sorted into contiguous per-expert segments, each multiplied by its expert's matrix.
 
 On CPU, one torch matmul per expert leaves the second core idle for the small segments of MoE decode and
-prefill (a gemv or a few-row gemm barely runs in parallel), so the segments are spread over a small pool of
-single-threaded workers instead, each producing its own rows (or its own weight-gradient rows): no reduction
-across workers, so results are bitwise deterministic. Backward is written out so it runs on the same pool.
+prefill (a gemv or a few-row gemm barely runs in parallel), so the segments' products are spread over torch's own
+OpenMP threads instead, one single-threaded product per task (csrc/parallel_mm.cpp), each producing its own rows
+(or its own weight-gradient rows): no reduction across threads, so results are bitwise deterministic. (A pool of
+Python threads did this before: the OpenMP threads of the torch ops in between spun on the same cores while it
+ran, 20-25% of a prefill layer.) Backward is written out so it runs the same way.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import torch
 
-from moekit.experts.gemv import segment_gemm
+from moekit.experts.gemv import load_kernel, segment_gemm
 
-# Segments shorter than this are never split across workers: splitting would read the expert's weights twice.
+# Segments shorter than this are never split across threads: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
-# Segments of at most this many rows go to moekit's few-row kernel (compute stays below the memory time up to
-# about here on a 2-core AVX2 machine).
-FEW_ROWS = 16
+# Segments of at most this many rows go to moekit's tiled kernel (csrc/segment_gemm.cpp), longer ones to MKL: about
+# where MKL's packing of the weights stops costing more than it saves.
+TILED_ROWS = 192
 # Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
 # about where a CPU's FLOP rate per byte of bandwidth crosses over.
 _MEMORY_BOUND_ROWS = 16
@@ -32,50 +31,25 @@ def _cost(rows: int, width: int) -> float:
     return max(rows, _MEMORY_BOUND_ROWS) * width
 
 
-_pool_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+# (cost, a, b, out): out = a @ b
+Product = tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _workers() -> ThreadPoolExecutor | None:
-    """A pool of single-threaded workers as large as torch's intra-op thread count (None when that is 1).
-    Re-created after a fork (a child inherits no threads)."""
-    global _pool
-    n = torch.get_num_threads()
-    if n <= 1:
-        return None
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] != n:
-            _pool = (os.getpid(), n, ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)))
-        return _pool[2]
-
-
-Task = tuple[float, Callable[[], None]]
-
-
-def _run(tasks: list[Task]) -> None:
-    """Run (cost, fn) tasks: longest first onto the least loaded worker, then wait for all."""
-    pool = _workers()
-    if pool is None or len(tasks) <= 1:
-        _run_all([fn for _, fn in tasks])
+def _run(products: list[Product], zeros: Sequence[torch.Tensor] = ()) -> None:
+    """Every out = a @ b product and zero fill, each on one thread, the costliest first; serially (each product
+    multi-threaded) with one thread or no kernel."""
+    products = sorted(products, key=lambda p: -p[0])
+    a, b, out = ([p[i] for p in products] for i in (1, 2, 3))
+    threads = torch.get_num_threads()
+    kernel = load_kernel() if threads > 1 and all(t.is_cpu for t in a + b) else None
+    if kernel is not None:
+        kernel.mm_tasks(a, b, out, list(zeros), threads)
         return
-    n = torch.get_num_threads()
-    bins: list[list[Callable[[], None]]] = [[] for _ in range(n)]
-    loads = [0.0] * n
-    for cost, fn in sorted(tasks, key=lambda t: -t[0]):
-        i = loads.index(min(loads))
-        bins[i].append(fn)
-        loads[i] += cost
-    # The caller only waits: running a share itself would put its multi-threaded matmuls beside the workers.
-    futures = [pool.submit(_run_all, fns) for fns in bins if fns]
-    for fut in futures:
-        fut.result()
-
-
-def _run_all(fns: list[Callable[[], None]]) -> None:
-    # Grad mode is per thread: the workers must not record the out= matmuls for autograd.
     with torch.no_grad():
-        for fn in fns:
-            fn()
+        for a_i, b_i, out_i in zip(a, b, out, strict=True):
+            torch.mm(a_i, b_i, out=out_i)
+        for z in zeros:
+            z.zero_()
 
 
 def _chunks(length: int, parts: int) -> list[tuple[int, int]]:
@@ -99,35 +73,28 @@ def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transpo
     """y[rows of e] = x[rows of e] @ w[e]^T ([E, N, K] weights) or @ w[e] ([E, K, N] when transposed)."""
     n_out = w.shape[-1] if transposed else w.shape[-2]
     y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
-
-    def piece(e: int, a: int, b: int) -> None:
-        torch.mm(x_SK[a:b], w[e] if transposed else w[e].t(), out=y_SN[a:b])
-
-    # Few-row segments (decode, small batches, the many small experts of fine-grained MoEs) are memory-bound:
-    # moekit's kernel reads each weight row once for all their rows, at close to streaming speed, where a few-row
-    # MKL gemm reaches about half of it. Longer segments go to the pool of single-threaded MKL workers.
-    few, start = [], 0
+    # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
+    # much of their time packing weights it uses for a few rows; moekit's kernel reads them in place, each weight
+    # row once for all the rows of its segment. Longer segments are single-threaded MKL products, one per thread.
+    short, start = [], 0
     for e, c in enumerate(counts):
-        if 0 < c <= FEW_ROWS and not transposed:
-            few.append((e, start, c))
+        if 0 < c <= TILED_ROWS and not transposed:
+            short.append((e, start, c))
         start += c
-    if few and not segment_gemm(w, x_SK, few, y_SN):
-        few = []  # no kernel here: matmuls below
-    if len(few) < sum(1 for c in counts if c):  # some segments are longer: MKL on the pool
-        done = {e for e, _, _ in few}
+    if short and not segment_gemm(w, x_SK, short, y_SN):
+        short = []  # no kernel here: matmuls below
+    if len(short) < sum(1 for c in counts if c):
+        done = {e for e, _, _ in short}
         pieces = [p for p in _row_pieces(counts) if p[0] not in done]
-        _run([(_cost(b - a, n_out), lambda e=e, a=a, b=b: piece(e, a, b)) for e, a, b in pieces])
+        _run([(_cost(b - a, n_out), x_SK[a:b], w[e] if transposed else w[e].t(), y_SN[a:b]) for e, a, b in pieces])
     return y_SN
 
 
 def _grad_input(dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
     n_in = w.shape[-2] if transposed else w.shape[-1]
     dx_SK = dy_SN.new_empty(dy_SN.shape[0], n_in)
-
-    def piece(e: int, a: int, b: int) -> None:
-        torch.mm(dy_SN[a:b], w[e].t() if transposed else w[e], out=dx_SK[a:b])
-
-    _run([(_cost(p[2] - p[1], n_in), lambda p=p: piece(*p)) for p in _row_pieces(counts)])
+    pieces = _row_pieces(counts)
+    _run([(_cost(b - a, n_in), dy_SN[a:b], w[e].t() if transposed else w[e], dx_SK[a:b]) for e, a, b in pieces])
     return dx_SK
 
 
@@ -137,24 +104,22 @@ def _grad_weight(
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
     total = sum(counts) or 1
-    workers = max(torch.get_num_threads(), 1)
-    # Untouched experts get zero gradient; zeroing runs on the workers too (first touch of fresh pages is slow).
-    tasks: list[Task] = [(w[e].numel() / 4, lambda e=e: dw[e].zero_()) for e, c in enumerate(counts) if c == 0]
+    threads = max(torch.get_num_threads(), 1)
+    products: list[Product] = []
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
         x_e, dy_e = x_SK[start : start + c], dy_SN[start : start + c]
-        rows = dw.shape[1]
-        parts = max(1, min(workers, round(workers * c / total))) if c >= _MIN_SPLIT_ROWS else 1
-        for a, b in _chunks(rows, parts):
+        parts = max(1, min(threads, round(threads * c / total))) if c >= _MIN_SPLIT_ROWS else 1
+        for a, b in _chunks(dw.shape[1], parts):
             if transposed:
-                fn = lambda e=e, a=a, b=b, x_e=x_e, dy_e=dy_e: torch.mm(x_e[:, a:b].t(), dy_e, out=dw[e, a:b])
+                products.append((_cost(c, b - a), x_e[:, a:b].t(), dy_e, dw[e, a:b]))
             else:
-                fn = lambda e=e, a=a, b=b, x_e=x_e, dy_e=dy_e: torch.mm(dy_e[:, a:b].t(), x_e, out=dw[e, a:b])
-            tasks.append((_cost(c, b - a), fn))
+                products.append((_cost(c, b - a), dy_e[:, a:b].t(), x_e, dw[e, a:b]))
         start += c
-    _run(tasks)
+    # Untouched experts get zero gradient, zeroed on the threads too (first touch of fresh pages is slow).
+    _run(products, [dw[e] for e, c in enumerate(counts) if c == 0])
     return dw
 
 

@@ -157,6 +157,8 @@ void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor sta
                   at::Tensor counts, at::Tensor y, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
+void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
+              std::vector<at::Tensor> zero, int64_t threads);
 at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
                             int64_t pos, int64_t threads, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
                             std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm,
