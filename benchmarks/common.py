@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from moekit.experts import huge_pages
+
 
 def timeit(fn: Callable[[], object], min_reps: int = 3, budget_s: float = 2.0) -> float:
     """Median seconds of fn() after one warm-up call; repeats until min_reps and budget_s are both reached."""
@@ -23,8 +25,9 @@ def timeit(fn: Callable[[], object], min_reps: int = 3, budget_s: float = 2.0) -
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20) -> float:
-    """Bytes per second of a large fp32 sum: what streaming weights from memory can reach here."""
-    x = torch.ones(nbytes // 4)
+    """Bytes per second of a large fp32 sum: what streaming weights from memory can reach here (in huge pages, as
+    moekit keeps its weights)."""
+    x = huge_pages.empty((nbytes // 4,), torch.float32).fill_(1)
     return nbytes / timeit(lambda: x.sum(), min_reps=5, budget_s=1.0)
 
 

@@ -93,3 +93,23 @@ def test_build_directory_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_KERNEL_DIR", str(tmp_path))
     path = gemv._build_directory()
     assert path.parent == tmp_path and path.is_dir() and torch.__version__.split("+")[0] in path.name
+
+
+def test_large_weights_live_in_huge_pages_and_round_trip(tmp_path):
+    """Expert stacks of a huge page or more get their own 2 MB aligned mapping (decode streams them); they behave as
+    any tensor: initialised, trained, saved with safetensors and loaded back."""
+    from safetensors.torch import load_file, save_file
+
+    from moekit.experts import ExpertWeights, huge_pages
+    from moekit.experts.layout import ExpertLayout
+
+    experts = ExpertWeights(4, 256, 512, ExpertLayout())  # gate_up 4 MB, down 2 MB
+    for p in (experts.gate_up_proj, experts.down_proj):
+        assert p.data_ptr() % 2**21 == 0 and 0.015 < p.std() < 0.025  # rehomed, then initialised
+    experts.gate_up_proj.sum().backward()
+    assert torch.equal(experts.gate_up_proj.grad, torch.ones_like(experts.gate_up_proj))
+    small = huge_pages.empty((100,), torch.float32)  # under a huge page: plain torch.empty
+    assert small.shape == (100,)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": experts.gate_up_proj.detach()}, str(path))
+    assert torch.equal(load_file(str(path))["w"], experts.gate_up_proj.detach())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.experts import huge_pages
 from moekit.experts.layout import ExpertLayout
 
 
@@ -29,6 +30,7 @@ class ExpertWeights(nn.Module):
         else:
             self.gate_up_proj_bias = self.down_proj_bias = None
         if not self.gate_up_proj.is_meta:  # a meta model (counting, loading) has nothing to initialise
+            huge_pages.rehome(self)
             self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from moekit._validate import check_int
 from moekit.config.model import ModelConfig
+from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
 from moekit.layers.decode_step import attention_step, moe_step
@@ -77,6 +78,7 @@ class MoEDecoder(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
         if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise
+            huge_pages.rehome(self)
             self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

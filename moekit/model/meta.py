@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moekit.config.model import ModelConfig
+from moekit.experts import huge_pages
 
 _INITS = (
     "normal_",
@@ -56,8 +57,8 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype | None = None) -> nn.Module:
 def materialize(model: nn.Module, device: str = "cpu") -> nn.Module:
     """Give every meta tensor memory on `device`: uninitialised for parameters (a checkpoint fills them), zeros for
     buffers (running state such as routing loads; rotary frequencies are built on the CPU and are never meta).
-    Tied tensors stay tied. Unlike Module.to_empty it calls torch.empty/zeros directly, which needs no meta-tensor
-    machinery (sympy, decompositions)."""
+    Tied tensors stay tied; large CPU parameters get huge pages (huge_pages.py). Unlike Module.to_empty it calls
+    torch.empty/zeros directly, which needs no meta-tensor machinery (sympy, decompositions)."""
     made: dict[int, torch.Tensor] = {}
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,11 @@ def materialize(model: nn.Module, device: str = "cpu") -> nn.Module:
             if not t.is_meta:
                 made[id(t)] = t
             elif isinstance(t, nn.Parameter):
-                made[id(t)] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device=device), t.requires_grad)
+                if torch.device(device).type == "cpu":
+                    data = huge_pages.empty(t.shape, t.dtype)
+                else:
+                    data = torch.empty(t.shape, dtype=t.dtype, device=device)
+                made[id(t)] = nn.Parameter(data, t.requires_grad)
             else:
                 made[id(t)] = torch.zeros(t.shape, dtype=t.dtype, device=device)
         return made[id(t)]
