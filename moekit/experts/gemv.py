@@ -1,13 +1,15 @@
-"""Memory-bound expert products: few rows of x against each expert's matrix (decode, small batches).
+"""moekit's C++ kernels for expert products where MKL leaves speed behind, and the Python face of each.
 
 At decode a token's k experts each multiply one row (and so do the attention projections and the output head):
 gemvs whose cost is reading the weights. On this class of CPU, MKL's gemv reaches 35-60% of the streaming
 bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), and its
-few-row gemm about half, so moekit carries a small C++ kernel (csrc/: one OpenMP loop over blocks
-of weight rows of all segments, each row read once for all the rows of its segment, AVX2/FMA dot products) that
-reaches 85-95% of it. It is built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
-~/.cache/moekit/kernels or $MOEKIT_KERNEL_DIR) the first time a product is large enough to matter; where it cannot
-be built the callers fall back to torch's matmuls. Both agree up to float rounding."""
+few-row gemm about half; for segments of a few dozen rows it spends much of its time packing weights it uses for
+only those rows; and a weight gradient of a few rows is all writes, which plain stores double. So moekit carries
+small C++ kernels (csrc/: weight rows read in place, once for all the rows of their segment, AVX2/FMA; streaming
+stores for weight gradients) that reach 85-95% of the streaming bandwidth and 1.1-1.6x MKL's speed on short
+segments. They are built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
+~/.cache/moekit/kernels or $MOEKIT_KERNEL_DIR) the first time a product is large enough to matter; where they
+cannot be built the callers fall back to torch's matmuls. Both agree up to float rounding."""
 
 from __future__ import annotations
 
@@ -110,13 +112,40 @@ def segment_gemm(
     """Fill the rows of each (expert, start, count) segment of y_SN with those x rows times the expert's matrix;
     False (nothing written) when the kernel cannot take it: too little to stream (under MIN_KERNEL_BYTES of
     weights, where any kernel is fast), not fp32 contiguous CPU tensors, or no kernel here."""
-    nbytes = len(segments) * w_ENK[0].numel() * w_ENK.element_size()
-    kernel = kernel_for(nbytes, w_ENK, x_SK, y_SN) if segments else None
-    if kernel is None or not (w_ENK.is_contiguous() and x_SK.is_contiguous() and y_SN.is_contiguous()):
+    kernel = _segment_kernel(w_ENK, segments, x_SK, y_SN)
+    if kernel is None:
         return False
-    table = torch.tensor(segments, dtype=torch.long).t().contiguous()  # rows: experts, starts, counts
-    kernel.segment_gemm(w_ENK, x_SK, table[0], table[1], table[2], y_SN, torch.get_num_threads())
+    kernel.segment_gemm(w_ENK, x_SK, *_segment_table(segments), y_SN, torch.get_num_threads())
     return True
+
+
+def segment_grad_weight(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, segments: list[tuple[int, int, int]], dw_ENK: torch.Tensor
+) -> bool:
+    """dw_ENK[e] = dy^T x over the rows of each (expert, start, count) segment, count <= GRAD_WEIGHT_ROWS (0: zeros),
+    written with streaming stores; False (nothing written) where the kernel cannot take it, as segment_gemm."""
+    kernel = _segment_kernel(dw_ENK, segments, x_SK, dy_SN)
+    if kernel is None:
+        return False
+    kernel.segment_grad_weight(x_SK, dy_SN, *_segment_table(segments), dw_ENK, torch.get_num_threads())
+    return True
+
+
+# Weight-gradient segments up to this many rows are memory-bound (writing dw): the streaming kernel's range.
+GRAD_WEIGHT_ROWS = 16
+
+
+def _segment_kernel(w_ENK: torch.Tensor, segments: list[tuple[int, int, int]], *rows: torch.Tensor):
+    nbytes = len(segments) * w_ENK[0].numel() * w_ENK.element_size()
+    kernel = kernel_for(nbytes, w_ENK, *rows) if segments else None
+    if kernel is None or not all(t.is_contiguous() for t in (w_ENK, *rows)):
+        return None
+    return kernel
+
+
+def _segment_table(segments: list[tuple[int, int, int]]) -> tuple[torch.Tensor, ...]:
+    """Experts, starts and counts as three contiguous int64 tensors."""
+    return tuple(torch.tensor(segments, dtype=torch.long).t().contiguous())
 
 
 def gather_gemv(w_ENK: torch.Tensor, ids: list[int] | torch.Tensor, x_SK: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moekit.experts.gemv import load_kernel, segment_gemm
+from moekit.experts.gemv import GRAD_WEIGHT_ROWS, load_kernel, segment_gemm, segment_grad_weight
 
 # Segments shorter than this are never split across threads: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
@@ -103,23 +103,28 @@ def _grad_weight(
 ) -> torch.Tensor:
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    # Short segments (and untouched experts: zeros) are memory-bound: moekit's kernel writes their rows once, with
+    # streaming stores. The rest are MKL products, long segments split along dw's rows across threads.
+    short = [(e, starts[e], c) for e, c in enumerate(counts) if c <= GRAD_WEIGHT_ROWS] if not transposed else []
+    if short and not segment_grad_weight(x_SK, dy_SN, short, dw):
+        short = []
+    done = {e for e, _, _ in short}
     total = sum(counts) or 1
     threads = max(torch.get_num_threads(), 1)
     products: list[Product] = []
-    start = 0
     for e, c in enumerate(counts):
-        if c == 0:
+        if c == 0 or e in done:
             continue
-        x_e, dy_e = x_SK[start : start + c], dy_SN[start : start + c]
+        x_e, dy_e = x_SK[starts[e] : starts[e] + c], dy_SN[starts[e] : starts[e] + c]
         parts = max(1, min(threads, round(threads * c / total))) if c >= _MIN_SPLIT_ROWS else 1
         for a, b in _chunks(dw.shape[1], parts):
             if transposed:
                 products.append((_cost(c, b - a), x_e[:, a:b].t(), dy_e, dw[e, a:b]))
             else:
                 products.append((_cost(c, b - a), dy_e[:, a:b].t(), x_e, dw[e, a:b]))
-        start += c
     # Untouched experts get zero gradient, zeroed on the threads too (first touch of fresh pages is slow).
-    _run(products, [dw[e] for e, c in enumerate(counts) if c == 0])
+    _run(products, [dw[e] for e, c in enumerate(counts) if c == 0 and e not in done])
     return dw
 
 

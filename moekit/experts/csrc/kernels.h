@@ -155,6 +155,8 @@ inline void check_fp32(const at::Tensor& t, const char* what) {
 // The functions the extension exports (bindings.cpp).
 void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,
                   at::Tensor counts, at::Tensor y, int64_t threads);
+void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Tensor starts, at::Tensor counts,
+                         at::Tensor dw, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
 void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
