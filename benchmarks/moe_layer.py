@@ -1,7 +1,9 @@
 """One MoE layer, forward and forward+backward: moekit's fast backend and loop against transformers' own block
 with each experts implementation that runs here, on the same weights and inputs, next to the floor.
 
-Floor = max(bytes of the experts actually touched / measured read bandwidth, FLOPs / measured dense matmul rate).
+Floor = max(bytes of the experts actually touched / measured read bandwidth, FLOPs / measured dense matmul rate),
+both rates measured again (best of a few runs) right before each row: this machine's speed drifts by 20% within
+minutes, and a floor from another minute would flatter or wrong the row.
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
 gradient (all E experts) written once.
 
@@ -71,6 +73,7 @@ def run(tokens: list[int]) -> dict:
         e, k, f = block.cfg.num_experts, block.cfg.top_k, block.cfg.expert_hidden
         expert_bytes = 3 * 1024 * f * 4
         for t in tokens:
+            bw, rate = read_bandwidth(), matmul_rate()
             x = torch.randn(1, t, 1024) * 0.5
             with torch.no_grad():
                 plan = block.router(x.view(-1, 1024))
@@ -86,6 +89,7 @@ def run(tokens: list[int]) -> dict:
             for mode in ("fwd", "fwd+bwd"):
                 floor = floor_fwd if mode == "fwd" else floor_bwd
                 row = {"shape": shape, "tokens": t, "mode": mode, "floor_ms": floor * 1e3, "ms": {}}
+                row |= {"read_GBps": bw / 1e9, "matmul_GFLOPs": rate / 1e9}
                 for name, fn in impls.items():
                     block.set_backend("loop" if name == "moekit loop" else "grouped")
                     row["ms"][name] = 1e3 * timeit(_step(fn, mode, block, hf_block, x))
@@ -126,9 +130,12 @@ def _step(fn, mode, block, hf_block, x):
 
 def markdown(results: dict) -> str:
     names = list(results["rows"][0]["ms"])
+    reads = [r["read_GBps"] for r in results["rows"]]
+    rates = [r["matmul_GFLOPs"] for r in results["rows"]]
     lines = [
-        f"Measured {results['date']} on {results['machine']} (read {results['read_GBps']:.1f} GB/s, "
-        f"matmul {results['matmul_GFLOPs']:.0f} GFLOP/s). Cells: ms (multiple of the floor).",
+        f"Measured {results['date']} on {results['machine']} (floors from the rates measured before each row: read "
+        f"{min(reads):.1f}-{max(reads):.1f} GB/s, matmul {min(rates):.0f}-{max(rates):.0f} GFLOP/s). "
+        "Cells: ms (multiple of the floor).",
         "",
         "| layer | T | pass | floor ms | " + " | ".join(names) + " |",
         "|" + "---|" * (4 + len(names)),
