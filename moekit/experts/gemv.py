@@ -50,7 +50,7 @@ def _build():
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
     csrc = Path(__file__).parent / "csrc"
     build_dir = _build_directory()
-    with _build_lock(build_dir):
+    with _build_lock(build_dir), _environment_ninja():
         return load(
             name="moekit_kernels",
             sources=[str(p) for p in sorted(csrc.glob("*.cpp"))],
@@ -60,6 +60,23 @@ def _build():
             build_directory=str(build_dir),
             verbose=False,
         )
+
+
+@contextlib.contextmanager
+def _environment_ninja():
+    """Build with the ninja installed beside this Python when there is one, activated or not: a system ninja of
+    another version reads the other's logs as stale and rebuilds everything (a minute) whenever the two alternate,
+    as between `moekit` run from an activated environment and `.venv/bin/moekit` run without."""
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if not (Path(here) / "ninja").exists():
+        yield
+        return
+    os.environ["PATH"] = here + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _build_directory() -> Path:
