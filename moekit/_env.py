@@ -29,4 +29,4 @@ def _keep_freed_memory() -> bool:
         return False
 
 
-MALLOC_TUNED = _keep_freed_memory()
+_keep_freed_memory()

@@ -20,11 +20,11 @@ def _wanted(nbytes: int) -> bool:
     return nbytes >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("MOEKIT_HUGE_PAGES", "1") != "0"
 
 
-def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty on the CPU, in huge pages when the tensor is at least one huge page."""
+def empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.empty, in huge pages when on the CPU and at least one huge page large."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if not _wanted(nbytes):
-        return torch.empty(shape, dtype=dtype)
+    if torch.device(device).type != "cpu" or not _wanted(nbytes):
+        return torch.empty(shape, dtype=dtype, device=device)
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it
     region.madvise(mmap.MADV_HUGEPAGE)
     start = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE

@@ -10,6 +10,7 @@ ran, 20-25% of a prefill layer.) Backward is written out so it runs the same way
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -57,16 +58,21 @@ def _chunks(length: int, parts: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
+def _segments(counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, row count) of every expert, the untouched ones included."""
+    starts = itertools.accumulate(counts, initial=0)
+    return [(e, start, c) for e, (start, c) in enumerate(zip(starts, counts, strict=False))]  # starts ends one later
+
+
 def _row_pieces(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(expert, row start, row end) pieces; long segments split so no worker idles while one works alone."""
-    total = sum(counts)
-    target = max(_MIN_SPLIT_ROWS, math.ceil(total / max(torch.get_num_threads(), 1)))
-    pieces, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            pieces += [(e, start + a, start + b) for a, b in _chunks(c, math.ceil(c / target))]
-        start += c
-    return pieces
+    """(expert, row start, row end) pieces; long segments split so no thread idles while one works alone."""
+    target = max(_MIN_SPLIT_ROWS, math.ceil(sum(counts) / max(torch.get_num_threads(), 1)))
+    return [
+        (e, start + a, start + b)
+        for e, start, c in _segments(counts)
+        if c
+        for a, b in _chunks(c, math.ceil(c / target))
+    ]
 
 
 def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
@@ -76,11 +82,7 @@ def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transpo
     # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
     # much of their time packing weights it uses for a few rows; moekit's kernel reads them in place, each weight
     # row once for all the rows of its segment. Longer segments are single-threaded MKL products, one per thread.
-    short, start = [], 0
-    for e, c in enumerate(counts):
-        if 0 < c <= TILED_ROWS and not transposed:
-            short.append((e, start, c))
-        start += c
+    short = [(e, a, c) for e, a, c in _segments(counts) if 0 < c <= TILED_ROWS] if not transposed else []
     if short and not segment_gemm(w, x_SK, short, y_SN):
         short = []  # no kernel here: matmuls below
     if len(short) < sum(1 for c in counts if c):
@@ -103,20 +105,19 @@ def _grad_weight(
 ) -> torch.Tensor:
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
-    starts = [sum(counts[:e]) for e in range(len(counts))]
     # Short segments (and untouched experts: zeros) are memory-bound: moekit's kernel writes their rows once, with
     # streaming stores. The rest are MKL products, long segments split along dw's rows across threads.
-    short = [(e, starts[e], c) for e, c in enumerate(counts) if c <= GRAD_WEIGHT_ROWS] if not transposed else []
+    short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS] if not transposed else []
     if short and not segment_grad_weight(x_SK, dy_SN, short, dw):
         short = []
     done = {e for e, _, _ in short}
     total = sum(counts) or 1
     threads = max(torch.get_num_threads(), 1)
     products: list[Product] = []
-    for e, c in enumerate(counts):
+    for e, start, c in _segments(counts):
         if c == 0 or e in done:
             continue
-        x_e, dy_e = x_SK[starts[e] : starts[e] + c], dy_SN[starts[e] : starts[e] + c]
+        x_e, dy_e = x_SK[start : start + c], dy_SN[start : start + c]
         parts = max(1, min(threads, round(threads * c / total))) if c >= _MIN_SPLIT_ROWS else 1
         for a, b in _chunks(dw.shape[1], parts):
             if transposed:

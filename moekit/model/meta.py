@@ -66,11 +66,7 @@ def materialize(model: nn.Module, device: str = "cpu") -> nn.Module:
             if not t.is_meta:
                 made[id(t)] = t
             elif isinstance(t, nn.Parameter):
-                if torch.device(device).type == "cpu":
-                    data = huge_pages.empty(t.shape, t.dtype)
-                else:
-                    data = torch.empty(t.shape, dtype=t.dtype, device=device)
-                made[id(t)] = nn.Parameter(data, t.requires_grad)
+                made[id(t)] = nn.Parameter(huge_pages.empty(t.shape, t.dtype, device), t.requires_grad)
             else:
                 made[id(t)] = torch.zeros(t.shape, dtype=t.dtype, device=device)
         return made[id(t)]

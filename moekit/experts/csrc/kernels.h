@@ -35,31 +35,48 @@ inline float dot(const float* a, const float* b, int64_t k_len) {
   return acc;
 }
 
-// Four weight rows against one input row: dot(w + i * k_len, x) into y[i * y_stride] for i < 4. Four streams
-// in flight at once read memory faster than one row after another (more misses outstanding per core).
-inline void dot4(const float* w, const float* x, int64_t k_len, float* y, int64_t y_stride) {
+// y[i * ldy + j] = dot(x row i, w row j) for i < MR, j < NR; rows are K long, x rows ldx apart, w rows ldw apart.
+// With kPrefetch, it also prefetches the NR weight rows at `prefetch` (a template flag: a run-time test in the loop
+// costs a third of the speed).
+template <int MR, int NR, bool kPrefetch = false>
+inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k_len, float* y, int64_t ldy,
+                     const float* prefetch = nullptr) {
   int64_t k = 0;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #if defined(__AVX2__) && defined(__FMA__)
-  __m256 a[4][2];
-  for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  for (; k + 16 <= k_len; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int i = 0; i < 4; ++i) {
-      a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i * k_len + k), x0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i * k_len + k + 8), x1, a[i][1]);
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (; k + 8 <= k_len; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    if (kPrefetch && (k & 15) == 0)  // one 64-byte line per row every other step
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * ldw + k), _MM_HINT_T0);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < 4; ++i) {
-    float buf[8];
-    _mm256_storeu_ps(buf, _mm256_add_ps(a[i][0], a[i][1]));
-    acc[i] = ((buf[0] + buf[4]) + (buf[1] + buf[5])) + ((buf[2] + buf[6]) + (buf[3] + buf[7]));
+  if constexpr (NR == 4) {  // four sums per row at once, one store
+    if (k == k_len) {
+      for (int i = 0; i < MR; ++i) {
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+        _mm_storeu_ps(y + i * ldy, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+      }
+      return;
+    }
   }
 #endif
-  for (int i = 0; i < 4; ++i) {
-    for (int64_t kk = k; kk < k_len; ++kk) acc[i] += w[i * k_len + kk] * x[kk];
-    y[i * y_stride] = acc[i];
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float v = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      v = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#endif
+      for (int64_t kk = k; kk < k_len; ++kk) v += x[i * ldx + kk] * w[j * ldw + kk];
+      y[i * ldy + j] = v;
+    }
 }
 
 // y[j * y_stride + n] = dot(w[n, :], x[j * x_stride, :]) for weight rows n < rows and input rows j < m.
@@ -105,8 +122,8 @@ inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t thr
     const Block blk = block_of(tasks, first, b);
     const Task& t = tasks[blk.task];
     int64_t n = blk.r0;
-    if (t.m == 1)  // decode: four rows at a time
-      for (; n + 4 <= blk.r1; n += 4) dot4(t.w + n * k_len, t.x, k_len, t.y + n, 1);
+    if (t.m == 1)  // decode: four rows at a time (more misses in flight per core than one after another)
+      for (; n + 4 <= blk.r1; n += 4) dot_tile<1, 4>(t.x, 0, t.w + n * k_len, k_len, k_len, t.y + n, 0);
     for (; n < blk.r1; ++n) {
       const float* row = t.w + n * k_len;
       for (int64_t j = 0; j < t.m; ++j) t.y[j * t.y_stride + n] = dot(row, t.x + j * t.x_stride, k_len);
@@ -173,6 +190,19 @@ inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float 
   for (int64_t i = 0; i < n; ++i) sum_sq += x[i] * x[i];
   const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+}
+
+// The (experts, starts, counts) table of a segment call: every expert id below num_experts, every segment inside
+// the rows and at most max_count long.
+inline void check_segments(const at::Tensor& experts, const at::Tensor& starts, const at::Tensor& counts,
+                           int64_t num_experts, int64_t rows, int64_t max_count, const char* what) {
+  const int64_t* ep = experts.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < experts.size(0); ++i)
+    TORCH_CHECK(ep[i] >= 0 && ep[i] < num_experts && sp[i] >= 0 && cp[i] >= 0 && cp[i] <= max_count &&
+                    sp[i] + cp[i] <= rows,
+                what, ": segment ranges");
 }
 
 // An optional input's data: nullptr for an empty tensor.

@@ -13,50 +13,6 @@ constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
 
-// y[i * ldy + j] = dot(x row i, w row j) for i < MR, j < NR; rows are K long, x rows ldx apart, w rows ldw apart.
-// With kPrefetch, it also prefetches the NR weight rows at `prefetch` (a template flag: a run-time test in the loop
-// costs a third of the speed).
-template <int MR, int NR, bool kPrefetch = false>
-inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k_len, float* y, int64_t ldy,
-                     const float* prefetch = nullptr) {
-  int64_t k = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (; k + 8 <= k_len; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
-    if (kPrefetch && (k & 15) == 0)  // one 64-byte line per row every other step
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * ldw + k), _MM_HINT_T0);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  if constexpr (NR == 4) {  // four sums per row at once, one store
-    if (k == k_len) {
-      for (int i = 0; i < MR; ++i) {
-        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
-        _mm_storeu_ps(y + i * ldy, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-      }
-      return;
-    }
-  }
-#endif
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float v = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      v = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-#endif
-      for (int64_t kk = k; kk < k_len; ++kk) v += x[i * ldx + kk] * w[j * ldw + kk];
-      y[i * ldy + j] = v;
-    }
-}
-
 // All m input rows against NR weight rows.
 template <int NR>
 void dot_rows(const float* x, int64_t m, const float* w, int64_t k_len, float* y, int64_t ldy, const float* prefetch) {
@@ -86,9 +42,7 @@ void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor sta
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* cp = counts.data_ptr<int64_t>();
   const int64_t segments = experts.size(0);
-  for (int64_t i = 0; i < segments; ++i)
-    TORCH_CHECK(ep[i] >= 0 && ep[i] < w.size(0) && sp[i] >= 0 && cp[i] >= 0 && sp[i] + cp[i] <= x.size(0),
-                "segment_gemm: ranges");
+  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), "segment_gemm");
   const float* wp = w.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -164,10 +118,7 @@ void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Te
   const int64_t* ep = experts.data_ptr<int64_t>();
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* cp = counts.data_ptr<int64_t>();
-  for (int64_t i = 0; i < segments; ++i)
-    TORCH_CHECK(ep[i] >= 0 && ep[i] < dw.size(0) && sp[i] >= 0 && cp[i] >= 0 && cp[i] <= kMaxRows &&
-                    sp[i] + cp[i] <= x.size(0),
-                "segment_grad_weight: ranges");
+  check_segments(experts, starts, counts, dw.size(0), x.size(0), kMaxRows, "segment_grad_weight");
   const float* xp = x.data_ptr<float>();
   const float* dyp = dy.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
