@@ -1,6 +1,7 @@
-"""The one-call decode steps (moekit/layers/decode_step.py and the C++ behind them) compute what the modules they
-stand in for compute: per family against transformers' greedy decoding and against moekit's own modules step by
-step, and on the routing and expert variants no tiny published config switches on."""
+"""The one-call decode steps (moekit/layers/decode_step.py and the C++ behind them: a whole model's step, or one
+block's) compute what the modules they stand in for compute: per family against transformers' greedy decoding and
+against moekit's own modules step by step, and on the routing and expert variants no tiny published config switches
+on."""
 
 import sys
 from pathlib import Path
@@ -10,13 +11,15 @@ import torch
 
 import moekit
 import moekit.model.decoder as decoder
+from moekit.config.attention import RopeScaling
 from moekit.config.moe import MoEConfig
 from moekit.experts import gemv
 from moekit.experts.layout import ExpertLayout
 from moekit.infer.cache import KVCache
-from moekit.layers.decode_step import moe_step
+from moekit.layers.decode_step import ffn_step
 from moekit.layers.moe import MoEBlock
 from moekit.layers.norm import RMSNorm
+from moekit.layers.rope import RotaryEmbedding
 from moekit.routing.spec import RoutingSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,28 +28,31 @@ from hf_tiny import FAMILIES, hf_tiny_model  # noqa: E402
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not gemv.kernel_available(), reason="no C++ compiler: the modules run instead")
 
-# Which blocks take the one-call path in each tiny config (the others' variants are left to the modules: MLA,
-# chunked or NoPE-with-temperature attention, LayerNorm; group-limited routing, SparseMixer).
+# Which one-call paths each tiny config takes: the whole step ("chain") where every block is covered, else the
+# covered blocks one by one (the others' variants are left to the modules: MLA, chunked or NoPE-with-temperature
+# attention, LayerNorm; group-limited routing, SparseMixer). "ffn" covers MoE blocks and dense FFN layers.
 FUSED = {
-    "mixtral": {"attention", "moe"},
-    "qwen2_moe": {"attention", "moe"},
-    "qwen3_moe": {"attention", "moe"},
-    "olmoe": {"attention", "moe"},
-    "glm4_moe": {"attention"},
-    "gpt_oss": {"attention", "moe"},  # sinks, sliding/full layers, yarn; transposed interleaved experts
-    "llama4_text": {"moe"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
+    "mixtral": {"chain"},
+    "qwen2_moe": {"chain"},  # sparse and dense layers, a sigmoid-gated shared expert, qkv bias
+    "qwen3_moe": {"chain"},
+    "olmoe": {"chain"},
+    "glm4_moe": {"attention", "ffn"},  # its dense first layer
+    "gpt_oss": {"chain"},  # sinks, sliding/full layers, yarn; transposed interleaved experts
+    "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
+    "deepseek_v2": {"ffn"},  # its dense first layer (MLA attention, group-limited routing: the modules)
+    "deepseek_v3": {"ffn"},
 }
 CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3", {"n_group": 1, "topk_group": 1}),  # sigmoid, selection bias, renormalisation eps, scaling
     ("glm4_moe", {"n_group": 1, "topk_group": 1}),  # ... with partial rotary, QK-norm and qkv bias attention
 ]
-FUSED_OVERRIDDEN = {"deepseek_v3": {"moe"}, "glm4_moe": {"attention", "moe"}}
+FUSED_OVERRIDDEN = {"deepseek_v3": {"ffn"}, "glm4_moe": {"chain"}}
 
 
 def _spy(monkeypatch) -> dict[str, int]:
     """Count the steps each one-call path actually took."""
-    taken = {"attention": 0, "moe": 0}
-    attention_step, moe_step_ = decoder.attention_step, decoder.moe_step
+    taken = {"chain": 0, "attention": 0, "ffn": 0}
+    chain_step, attention_step, ffn_step_ = decoder.chain_step, decoder.attention_step, decoder.ffn_step
 
     def counted(kind, fn):
         def wrapper(*args):
@@ -56,8 +62,9 @@ def _spy(monkeypatch) -> dict[str, int]:
 
         return wrapper
 
+    monkeypatch.setattr(decoder, "chain_step", counted("chain", chain_step))
     monkeypatch.setattr(decoder, "attention_step", counted("attention", attention_step))
-    monkeypatch.setattr(decoder, "moe_step", counted("moe", moe_step_))
+    monkeypatch.setattr(decoder, "ffn_step", counted("ffn", ffn_step_))
     return taken
 
 
@@ -84,14 +91,22 @@ def test_decode_steps_equal_the_modules_and_transformers(family, overrides, tmp_
     fused = _decode_logits(model, prompt, 10)
     expected_paths = (FUSED_OVERRIDDEN if overrides else FUSED).get(family, set())
     assert {kind for kind, n in taken.items() if n} == expected_paths
+    block_steps = None
+    if "chain" in expected_paths:  # the same model block by block
+        monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
+        taken.update(attention=0, ffn=0)
+        block_steps = _decode_logits(model, prompt, 10)
+        assert taken["attention"] and taken["ffn"]
     _modules_only(monkeypatch)
     reference = _decode_logits(model, prompt, 10)
-    assert float((fused - reference).norm() / reference.norm()) < 1e-5
+    assert _rel(fused, reference) < 1e-5
+    assert block_steps is None or _rel(block_steps, reference) < 1e-5
 
 
 def _modules_only(monkeypatch) -> None:
+    monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
     monkeypatch.setattr(decoder, "attention_step", lambda *args: None)
-    monkeypatch.setattr(decoder, "moe_step", lambda *args: None)
+    monkeypatch.setattr(decoder, "ffn_step", lambda *args: None)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,10 +131,12 @@ def test_attention_step_where_clip_and_sinks_bind(family, tmp_path, monkeypatch)
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     fused = _decode_logits(model, prompt, 8)
-    assert taken["attention"] > 0
+    monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
+    block_steps = _decode_logits(model, prompt, 8)
+    assert taken["chain"] and taken["attention"]
     _modules_only(monkeypatch)
     reference = _decode_logits(model, prompt, 8)
-    assert _rel(fused, reference) < 1e-5
+    assert _rel(fused, reference) < 1e-5 and _rel(block_steps, reference) < 1e-5
     for attn in attns:  # without the variant the logits are another model's: it binds
         attn.clip_qkv, attn.sinks = None, None
     assert _rel(_decode_logits(model, prompt, 8), reference) > 1e-2
@@ -184,7 +201,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_moe_step_covers_routing_and_expert_variants(name, monkeypatch):
+def test_ffn_step_covers_routing_and_expert_variants(name, monkeypatch):
     monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     torch.manual_seed(0)
     block, norm = MoEBlock(32, VARIANTS[name]).eval(), RMSNorm(32)
@@ -193,26 +210,26 @@ def test_moe_step_covers_routing_and_expert_variants(name, monkeypatch):
             p.normal_(std=0.5)
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
-        y, info = moe_step(norm, block, x)
+        y, info = ffn_step(norm, block, x)
         ref, ref_info = block(norm(x))
     torch.testing.assert_close(y, x + ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(info.tokens_per_expert_E, ref_info.tokens_per_expert_E)
     assert sorted(info.topk_ids_TK.tolist()[0]) == sorted(ref_info.topk_ids_TK.tolist()[0])
     with torch.no_grad(), pytest.raises(ValueError, match="router input contains NaN"):
-        moe_step(norm, block, torch.full_like(x, float("nan")))
+        ffn_step(norm, block, torch.full_like(x, float("nan")))
 
 
-def test_moe_step_declines_training_and_other_backends(monkeypatch):
+def test_ffn_step_declines_training_and_other_backends(monkeypatch):
     monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     block, norm = MoEBlock(32, VARIANTS["gelu_mlp"]), RMSNorm(32)
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
-        assert moe_step(norm, block.train(), x) is None  # training: jitter, load counts
+        assert ffn_step(norm, block.train(), x) is None  # training: jitter, load counts
         block.eval().set_backend("loop")  # a chosen reference backend is honoured
-        assert moe_step(norm, block, x) is None
+        assert ffn_step(norm, block, x) is None
         block.set_backend("auto")
-        assert moe_step(norm, block, torch.randn(1, 2, 32)) is None  # not one token
-    assert moe_step(norm, block, x) is None  # gradients wanted
+        assert ffn_step(norm, block, torch.randn(1, 2, 32)) is None  # not one token
+    assert ffn_step(norm, block, x) is None  # gradients wanted
 
 
 def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
@@ -234,3 +251,50 @@ def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
     _modules_only(monkeypatch)
     reference = _decode_logits(model, prompt, 4)
     assert _rel(fused, reference) < 1e-5
+
+
+def test_chain_switches_longrope_factors_and_adds_the_head_bias(tmp_path, monkeypatch):
+    """Phi-3.5-MoE's longrope (long factors once the sequence outgrows the original context) and an output-head
+    bias reach the whole-step path too: given to a mixtral model whose every block it covers, the step equals the
+    modules on both sides of the switch."""
+    hf_tiny_model("mixtral", tmp_path)
+    model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
+    half = model.rotary.inv_freq.numel()
+    scaling = RopeScaling(
+        type="longrope",
+        factor=4.0,
+        original_max_position=24,
+        short_factor=tuple(1.0 + 0.1 * i for i in range(half)),
+        long_factor=tuple(1.0 + i for i in range(half)),
+    )
+    model.rotary = RotaryEmbedding(model.rotary.inv_freq.numel() * 2, 10000.0, scaling)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features))
+    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    taken = _spy(monkeypatch)
+    prompt = torch.randint(3, 96, (1, 18), generator=torch.Generator().manual_seed(1))
+    fused = _decode_logits(model, prompt, 12)  # positions 18..29: the switch at 24
+    assert taken["chain"] == 12
+    _modules_only(monkeypatch)
+    reference = _decode_logits(model, prompt, 12)
+    assert _rel(fused, reference) < 1e-5
+
+
+def test_chain_checks_the_token_and_declines_what_it_does_not_compute(tmp_path, monkeypatch):
+    hf_tiny_model("qwen3_moe", tmp_path)
+    model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
+    taken = _spy(monkeypatch)
+    prompt = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+    cache = KVCache()
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        with pytest.raises(ValueError, match=r"ids outside the vocabulary: allowed \[0, 95\]"):
+            model(torch.tensor([[96]]), cache=cache)
+        assert cache.length == 5  # nothing was cached for the refused token
+        model.set_backend("loop")  # a chosen reference backend is honoured: the modules run
+        model(torch.tensor([[7]]), cache=cache)
+        assert taken["chain"] == 0 and taken["ffn"] == len(model.layers) - len(model.moe_blocks())  # dense layers
+        model.set_backend("auto")
+        model(torch.tensor([[7]]), cache=cache)
+        assert taken["chain"] == 1
+    model(torch.tensor([[7]]), cache=cache)  # gradients wanted: the modules
+    assert taken["chain"] == 1

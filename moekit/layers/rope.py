@@ -85,11 +85,17 @@ class RotaryEmbedding(nn.Module):
             inv_freq_long, self.attention_factor_long = rope_frequencies(dim, theta, scaling, long=True)
             self.register_buffer("inv_freq_long", inv_freq_long, persistent=False)
 
+    def frequencies(self, length: int) -> tuple[torch.Tensor, float]:
+        """inv_freq [dim / 2] and the attention factor for a sequence of `length` positions (longrope switches to
+        its long factors past the original context)."""
+        if self.longrope and length > self.scaling.original_max_position:
+            return self.inv_freq_long, self.attention_factor_long
+        return self.inv_freq, self.attention_factor
+
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""
-        inv_freq, factor = self.inv_freq, self.attention_factor
-        if self.longrope and positions_BT.numel() and int(positions_BT.max()) + 1 > self.scaling.original_max_position:
-            inv_freq, factor = self.inv_freq_long, self.attention_factor_long
+        length = int(positions_BT.max()) + 1 if self.longrope and positions_BT.numel() else 0  # no sync otherwise
+        inv_freq, factor = self.frequencies(length)
         freqs_BTH = positions_BT.float().unsqueeze(-1) * inv_freq.float()
         emb = torch.cat((freqs_BTH, freqs_BTH), dim=-1)
         return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)

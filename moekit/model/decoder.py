@@ -12,7 +12,7 @@ from moekit.config.model import ModelConfig
 from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import Attention, AttentionInputs, causal_mask
-from moekit.layers.decode_step import attention_step, moe_step
+from moekit.layers.decode_step import attention_step, chain_step, ffn_step
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.linear import Linear
 from moekit.layers.mla import LatentAttention
@@ -53,12 +53,11 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, MoEInfo | None]:
         fused_BTD = attention_step(self.input_layernorm, self.self_attn, x_BTD, inputs)  # decode: one kernel call
         x_BTD = fused_BTD if fused_BTD is not None else x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
+        fused = ffn_step(self.post_attention_layernorm, self.mlp, x_BTD) if token_mask_BT is None else None
+        if fused is not None:
+            return fused
         if not isinstance(self.mlp, MoEBlock):
             return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
-        if token_mask_BT is None:
-            fused = moe_step(self.post_attention_layernorm, self.mlp, x_BTD)
-            if fused is not None:
-                return fused
         y_BTD, info = self.mlp(self.post_attention_layernorm(x_BTD), token_ids_BT, token_mask_BT)
         return x_BTD + y_BTD, info
 
@@ -156,6 +155,10 @@ class MoEDecoder(nn.Module):
         logits_to_keep: only the last n positions' logits (0: all), as in transformers; a prompt's prefill needs
         one, and the output head is a large share of its work."""
         check_int("logits_to_keep", logits_to_keep, 0)
+        if cache is not None and attention_mask is None and not (return_routing or return_mtp):
+            logits = chain_step(self, input_ids, cache)  # decode: the whole step in one kernel call
+            if logits is not None:
+                return logits
         x_BTD, infos, positions_BT, token_mask_BT = self._trunk(input_ids, attention_mask, cache)
         logits = self.head(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
         if not (return_routing or return_mtp):

@@ -1,7 +1,7 @@
 // The Python module of moekit's kernels (moekit/experts/gemv.py builds and loads it).
 #include <torch/extension.h>
 
-#include "kernels.h"
+#include "decode.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_gemm", &segment_gemm);
@@ -9,6 +9,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv);
   m.def("linear_gemv", &linear_gemv);
   m.def("mm_tasks", &mm_tasks);
-  m.def("attention_decode", &attention_decode);
-  m.def("moe_decode", &moe_decode);
+  py::class_<AttentionDecode, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
+      .def(py::init<at::Tensor, double, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, at::Tensor,
+                    at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor>())
+      .def("__call__", &AttentionDecode::forward);
+  py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
+      .def(py::init<at::Tensor, double, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
+                    bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
+                    at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
+      .def("__call__", &FfnDecode::forward);
+  py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
+      .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
+                    std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor>())
+      .def("step", &DecodeChain::step);
 }

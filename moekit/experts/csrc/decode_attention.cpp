@@ -5,7 +5,7 @@
 // weights) add up to more than the step's own memory traffic on small models.
 #include <cmath>
 
-#include "kernels.h"
+#include "decode.h"
 
 // RMSNorm of `width`-wide groups of x in place; the weight covers one group (per-head norm) or all of x (full).
 static void group_norm(float* x, int64_t total, const at::Tensor& w, float eps) {
@@ -36,71 +36,88 @@ static void check_optional(const at::Tensor& t, int64_t numel, const char* what)
   TORCH_CHECK(t.is_contiguous() && t.numel() == numel, "attention_decode: ", what, " shape");
 }
 
-// x [D]: the residual stream of the one token; returns x + o_proj(attention(norm(x))). qkv_w: q [Hq*hd, D],
-// k and v [Hkv*hd, D]; qkv_b and o_b: biases or empty tensors; q_norm_w, k_norm_w: [hd] (per head) or, with
-// full_qk_norm, the whole projection's width, or empty; clip > 0 clamps q, k and v to [-clip, clip] (OLMoE's
-// clip_qkv: after a full-width norm, before a per-head one); cos, sin [r <= hd] or empty (no rotary embedding);
-// k_cache, v_cache [Hkv, capacity, hd] contiguous, the new token going to index pos; window > 0 limits attention
-// to the last `window` keys (the query's own included); sinks [Hq] (GPT-OSS) or empty: one more logit per head
-// in the softmax's denominator, with no value.
-at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
-                            int64_t pos, int64_t threads, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
-                            std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm,
-                            double qk_eps, double clip, int64_t window, double scale, at::Tensor sinks,
-                            at::Tensor o_w, at::Tensor o_b) {
-  check_fp32(x, "x"), check_fp32(norm_w, "norm weight"), check_fp32(o_w, "o_proj weight");
-  check_fp32(k_cache, "key cache"), check_fp32(v_cache, "value cache");
+// qkv_w: q [Hq*hd, D], k and v [Hkv*hd, D]; qkv_b and o_b: biases or empty tensors; q_norm_w, k_norm_w: [hd]
+// (per head) or, with full_qk_norm, the whole projection's width, or empty; clip > 0 clamps q, k and v to
+// [-clip, clip] (OLMoE's clip_qkv: after a full-width norm, before a per-head one); window > 0 limits attention to
+// the last `window` keys (the query's own included); sinks [Hq] (GPT-OSS) or empty: one more logit per head in the
+// softmax's denominator, with no value.
+AttentionDecode::AttentionDecode(at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
+                                 std::vector<at::Tensor> qkv_b, int64_t head_dim, at::Tensor q_norm_w,
+                                 at::Tensor k_norm_w, bool full_qk_norm, double qk_eps, double clip, int64_t window,
+                                 double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b)
+    : head_dim(head_dim), norm_w_(norm_w), q_norm_w_(q_norm_w), k_norm_w_(k_norm_w), sinks_(sinks), o_w_(o_w),
+      o_b_(o_b), qkv_w_(qkv_w), qkv_b_(qkv_b), eps_(static_cast<float>(eps)), qk_eps_(static_cast<float>(qk_eps)),
+      clip_(static_cast<float>(clip)), scale_(static_cast<float>(scale)), full_qk_norm_(full_qk_norm),
+      window_(window) {
+  check_fp32(norm_w, "norm weight"), check_fp32(o_w, "o_proj weight");
   TORCH_CHECK(qkv_w.size() == 3 && qkv_b.size() == 3, "attention_decode: q, k and v weights and biases");
-  const int64_t d = x.numel();
-  TORCH_CHECK(x.is_contiguous() && norm_w.is_contiguous() && norm_w.numel() == d, "attention_decode: x or norm");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.is_contiguous(),
-              "attention_decode: caches");
-  const int64_t kv_heads = k_cache.size(0), capacity = k_cache.size(1), head_dim = k_cache.size(2);
-  TORCH_CHECK(0 <= pos && pos < capacity, "attention_decode: no room in the cache");
-  int64_t rows[3];
+  d = norm_w.numel();
+  TORCH_CHECK(norm_w.is_contiguous(), "attention_decode: norm");
   for (int i = 0; i < 3; ++i) {
     check_fp32(qkv_w[i], "projection weight");
     TORCH_CHECK(qkv_w[i].is_contiguous() && qkv_w[i].dim() == 2 && qkv_w[i].size(1) == d, "attention_decode: qkv");
-    rows[i] = qkv_w[i].size(0);
-    check_optional(qkv_b[i], rows[i], "projection bias");
+    rows_[i] = qkv_w[i].size(0);
+    check_optional(qkv_b[i], rows_[i], "projection bias");
   }
-  TORCH_CHECK(rows[0] % head_dim == 0 && rows[1] == kv_heads * head_dim && rows[2] == rows[1],
+  TORCH_CHECK(head_dim > 0 && rows_[0] % head_dim == 0 && rows_[1] % head_dim == 0 && rows_[2] == rows_[1],
               "attention_decode: projection widths");
-  const int64_t heads = rows[0] / head_dim;
+  heads = rows_[0] / head_dim, kv_heads = rows_[1] / head_dim;
   TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads per key-value head");
-  TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows[0],
+  TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows_[0],
               "attention_decode: o_proj");
   check_optional(o_b, d, "o_proj bias");
   check_optional(sinks, heads, "sinks");
-  check_optional(q_norm_w, full_qk_norm ? rows[0] : head_dim, "q norm weight");
-  check_optional(k_norm_w, full_qk_norm ? rows[1] : head_dim, "k norm weight");
+  check_optional(q_norm_w, full_qk_norm ? rows_[0] : head_dim, "q norm weight");
+  check_optional(k_norm_w, full_qk_norm ? rows_[1] : head_dim, "k norm weight");
+}
+
+void AttentionDecode::check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const {
+  check_fp32(k_cache, "key cache"), check_fp32(v_cache, "value cache");
+  TORCH_CHECK((k_cache.dim() == 3 || (k_cache.dim() == 4 && k_cache.size(0) == 1)) && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && k_cache.size(-3) == kv_heads &&
+                  k_cache.size(-1) == head_dim,
+              "attention_decode: caches");
+  TORCH_CHECK(0 <= pos && pos < k_cache.size(-2), "attention_decode: no room in the cache");
+}
+
+at::Tensor AttentionDecode::forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                                    at::Tensor v_cache, int64_t pos, int64_t threads) const {
+  check_fp32(x, "x");
+  TORCH_CHECK(x.is_contiguous() && x.numel() == d, "attention_decode: x");
+  check_caches(k_cache, v_cache, pos);
   const int64_t r = cos.numel();
   TORCH_CHECK(r % 2 == 0 && r <= head_dim && sin.numel() == r, "attention_decode: rotary width");
   if (r) check_fp32(cos, "cos"), check_fp32(sin, "sin");
   TORCH_CHECK(!r || (cos.is_contiguous() && sin.is_contiguous()), "attention_decode: cos, sin");
+  at::Tensor y = at::empty_like(x);
+  run(x.data_ptr<float>(), y.data_ptr<float>(), r ? cos.data_ptr<float>() : nullptr,
+      r ? sin.data_ptr<float>() : nullptr, r, k_cache, v_cache, pos, threads);
+  return y;
+}
+
+void AttentionDecode::run(const float* x, float* y, const float* cos, const float* sin, int64_t r,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos, int64_t threads) const {
+  const int64_t capacity = k_cache.size(-2);
 
   // norm, then q, k and v in one pass over their weights
-  std::vector<float> h(d), qkv(rows[0] + 2 * rows[1]);
-  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), h.data(), d, static_cast<float>(eps));
-  float* out[3] = {qkv.data(), qkv.data() + rows[0], qkv.data() + rows[0] + rows[1]};
+  std::vector<float> h(d), qkv(rows_[0] + 2 * rows_[1]);
+  rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
+  float* out[3] = {qkv.data(), qkv.data() + rows_[0], qkv.data() + rows_[0] + rows_[1]};
   std::vector<Task> tasks;
-  for (int i = 0; i < 3; ++i) tasks.push_back({qkv_w[i].data_ptr<float>(), rows[i], h.data(), 0, 1, out[i], 0});
+  for (int i = 0; i < 3; ++i) tasks.push_back({qkv_w_[i].data_ptr<float>(), rows_[i], h.data(), 0, 1, out[i], 0});
   run_tasks(tasks, d, threads);
   for (int i = 0; i < 3; ++i) {
-    if (qkv_b[i].numel() == 0) continue;
-    const float* b = qkv_b[i].data_ptr<float>();
-    for (int64_t n = 0; n < rows[i]; ++n) out[i][n] += b[n];
+    if (qkv_b_[i].numel() == 0) continue;
+    const float* b = qkv_b_[i].data_ptr<float>();
+    for (int64_t n = 0; n < rows_[i]; ++n) out[i][n] += b[n];
   }
-  if (full_qk_norm) group_norm(out[0], rows[0], q_norm_w, qk_eps), group_norm(out[1], rows[1], k_norm_w, qk_eps);
-  if (clip > 0) {
-    const float c = static_cast<float>(clip);
-    for (float& v : qkv) v = std::min(std::max(v, -c), c);
-  }
-  if (!full_qk_norm) group_norm(out[0], rows[0], q_norm_w, qk_eps), group_norm(out[1], rows[1], k_norm_w, qk_eps);
+  if (full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
+  if (clip_ > 0)
+    for (float& v : qkv) v = std::min(std::max(v, -clip_), clip_);
+  if (!full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
   if (r) {
-    rope(out[0], heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
-    rope(out[1], kv_heads, head_dim, cos.data_ptr<float>(), sin.data_ptr<float>(), r);
+    rope(out[0], heads, head_dim, cos, sin, r);
+    rope(out[1], kv_heads, head_dim, cos, sin, r);
   }
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
@@ -110,9 +127,10 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
   }
 
   // the one query of each head over keys [start, pos]
-  const int64_t start = window > 0 ? std::max<int64_t>(0, pos + 1 - window) : 0, n_keys = pos + 1 - start;
+  const int64_t start = window_ > 0 ? std::max<int64_t>(0, pos + 1 - window_) : 0, n_keys = pos + 1 - start;
   const int64_t group = heads / kv_heads;
-  std::vector<float> attn(rows[0]), scores(heads * n_keys);
+  const float* sinks = data_or_null(sinks_);
+  std::vector<float> attn(rows_[0]), scores(heads * n_keys);
 #pragma omp parallel for num_threads(threads) if (heads * n_keys * head_dim > (1 << 16))
   for (int64_t hh = 0; hh < heads; ++hh) {
     const int64_t g = hh / group;
@@ -120,13 +138,13 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
     const float* keys = kc + (g * capacity + start) * head_dim;
     const float* values = vc + (g * capacity + start) * head_dim;
     float* s = scores.data() + hh * n_keys;
-    const float sink = sinks.numel() ? sinks.data_ptr<float>()[hh] : -INFINITY;
+    const float sink = sinks ? sinks[hh] : -INFINITY;
     float top = sink;
     for (int64_t j = 0; j < n_keys; ++j) {
-      s[j] = dot(q, keys + j * head_dim, head_dim) * static_cast<float>(scale);
+      s[j] = dot(q, keys + j * head_dim, head_dim) * scale_;
       top = std::max(top, s[j]);
     }
-    float total = sinks.numel() ? std::exp(sink - top) : 0.f;
+    float total = sinks ? std::exp(sink - top) : 0.f;
     for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
     float* o = attn.data() + hh * head_dim;
     std::fill(o, o + head_dim, 0.f);
@@ -137,12 +155,9 @@ at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
     }
   }
 
-  // output projection and residual
-  at::Tensor y = at::empty_like(x);
-  float* yp = y.data_ptr<float>();
-  run_tasks({{o_w.data_ptr<float>(), d, attn.data(), 0, 1, yp, 0}}, rows[0], threads);
-  const float* xp = x.data_ptr<float>();
-  const float* ob = data_or_null(o_b);
-  for (int64_t n = 0; n < d; ++n) yp[n] = xp[n] + (ob ? yp[n] + ob[n] : yp[n]);
-  return y;
+  // output projection and residual (into a row of its own: y may be x)
+  std::vector<float> projected(d);
+  run_tasks({{o_w_.data_ptr<float>(), d, attn.data(), 0, 1, projected.data(), 0}}, rows_[0], threads);
+  const float* ob = data_or_null(o_b_);
+  for (int64_t n = 0; n < d; ++n) y[n] = x[n] + (ob ? projected[n] + ob[n] : projected[n]);
 }

@@ -1,11 +1,11 @@
 // One decode step of a token-choice MoE block at batch 1, in one call: RMSNorm, the router, top-k routing, the k
 // experts (and the shared expert) streamed in two passes over their weights, the weighted combine and the
-// residual add. In eager PyTorch the same step is some 50 small operators (routing math, the plan, activation,
+// residual add. A dense FFN is the same step with no experts: its weights take the shared expert's place. In eager PyTorch the same step is some 50 small operators (routing math, the plan, activation,
 // combine), each with its fixed cost; see decode_attention.cpp.
 #include <cmath>
 #include <numeric>
 
-#include "kernels.h"
+#include "decode.h"
 
 namespace {
 
@@ -48,153 +48,168 @@ void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved,
 
 }  // namespace
 
-// x [D]: the residual stream of the one token. Returns (x + moe(norm(x)) [D], the chosen experts [k] in
-// selection order, tokens per expert [E]).
 // Routing: logits = router_w @ h (+ router_b); softmax_after_topk: top-k on the logits, weights = softmax over the
 // k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
 // then optionally / (sum + normalize_eps), times scaling. apply_to_input scales each expert's input instead of
 // its output.
 // Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F]; transposed: up_w [E, D, X], down_w
-// [E, F, D]; biases [E, X] and [E, D] or empty.
+// [E, F, D]; biases [E, X] and [E, D] or empty. No experts (a dense FFN): router_w, up_w and down_w empty.
 // Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
-    at::Tensor x, int64_t threads, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
-    at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
-    double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
-    at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
-    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w) {
-  for (const at::Tensor* t : {&x, &norm_w, &router_w, &up_w, &down_w}) check_fp32(*t, "moe_decode input");
-  for (const at::Tensor* t : {&router_b, &selection_bias, &up_b, &down_b, &shared_gate_w, &shared_up_w,
-                              &shared_down_w, &shared_sigmoid_w})
+FfnDecode::FfnDecode(at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+                     at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k,
+                     bool normalize, double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w,
+                     at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
+                     bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
+                     at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w)
+    : d(norm_w.numel()), experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
+      norm_w_(norm_w), router_w_(router_w), router_b_(router_b), selection_bias_(selection_bias), up_w_(up_w),
+      down_w_(down_w), up_b_(up_b), down_b_(down_b), shared_gate_w_(shared_gate_w), shared_up_w_(shared_up_w),
+      shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), eps_(static_cast<float>(eps)),
+      normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
+      alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), sigmoid_(sigmoid_scores),
+      softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
+      transposed_(transposed), gated_(gated), interleaved_(interleaved), activation_(activation) {
+  check_fp32(norm_w, "moe_decode input");
+  for (const at::Tensor* t : {&router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b, &shared_gate_w,
+                              &shared_up_w, &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
-  const int64_t d = x.numel(), e_count = router_w.size(0);
-  TORCH_CHECK(up_w.dim() == 3 && down_w.dim() == 3, "moe_decode: expert weights");
-  const int64_t x_rows = up_w.size(transposed ? 2 : 1), f = down_w.size(transposed ? 1 : 2);
-  TORCH_CHECK(x.is_contiguous() && norm_w.numel() == d && norm_w.is_contiguous(), "moe_decode: x or norm");
-  TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
-  TORCH_CHECK(up_w.size(0) == e_count && up_w.size(transposed ? 1 : 2) == d && up_w.is_contiguous() &&
-                  down_w.size(0) == e_count && down_w.size(transposed ? 2 : 1) == d && down_w.is_contiguous() &&
-                  x_rows == (gated ? 2 * f : f),
-              "moe_decode: expert weights");
-  TORCH_CHECK(1 <= top_k && top_k <= e_count, "moe_decode: top_k");
-  TORCH_CHECK(router_b.numel() == 0 || router_b.numel() == e_count, "moe_decode: router bias");
-  TORCH_CHECK(selection_bias.numel() == 0 || selection_bias.numel() == e_count, "moe_decode: selection bias");
-  TORCH_CHECK(up_b.numel() == 0 || (up_b.numel() == e_count * x_rows && down_b.numel() == e_count * d),
-              "moe_decode: expert biases");
-  const int64_t fs = shared_up_w.numel() ? shared_up_w.size(0) : 0;
-  TORCH_CHECK(!fs || (shared_up_w.size(1) == d && shared_down_w.size(0) == d && shared_down_w.size(1) == fs &&
-                      (gated ? shared_gate_w.numel() == fs * d : shared_gate_w.numel() == 0) &&
-                      shared_up_w.is_contiguous() && shared_down_w.is_contiguous() &&
-                      (!gated || shared_gate_w.is_contiguous()) &&
-                      (shared_sigmoid_w.numel() == 0 || shared_sigmoid_w.numel() == d)),
+  TORCH_CHECK(norm_w.is_contiguous(), "moe_decode: norm");
+  x_rows_ = f_ = 0;
+  if (experts) {
+    TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
+    TORCH_CHECK(up_w.dim() == 3 && down_w.dim() == 3, "moe_decode: expert weights");
+    x_rows_ = up_w.size(transposed ? 2 : 1), f_ = down_w.size(transposed ? 1 : 2);
+    TORCH_CHECK(up_w.size(0) == experts && up_w.size(transposed ? 1 : 2) == d && up_w.is_contiguous() &&
+                    down_w.size(0) == experts && down_w.size(transposed ? 2 : 1) == d && down_w.is_contiguous() &&
+                    x_rows_ == (gated ? 2 * f_ : f_),
+                "moe_decode: expert weights");
+    TORCH_CHECK(1 <= top_k && top_k <= experts, "moe_decode: top_k");
+    TORCH_CHECK(router_b.numel() == 0 || router_b.numel() == experts, "moe_decode: router bias");
+    TORCH_CHECK(selection_bias.numel() == 0 || selection_bias.numel() == experts, "moe_decode: selection bias");
+    TORCH_CHECK(up_b.numel() == 0 || (up_b.numel() == experts * x_rows_ && down_b.numel() == experts * d),
+                "moe_decode: expert biases");
+  }
+  fs_ = shared_up_w.numel() ? shared_up_w.size(0) : 0;
+  TORCH_CHECK(experts || fs_, "moe_decode: neither experts nor a dense FFN");
+  TORCH_CHECK(!fs_ || (shared_up_w.size(1) == d && shared_down_w.size(0) == d && shared_down_w.size(1) == fs_ &&
+                       (gated ? shared_gate_w.numel() == fs_ * d : shared_gate_w.numel() == 0) &&
+                       shared_up_w.is_contiguous() && shared_down_w.is_contiguous() &&
+                       (!gated || shared_gate_w.is_contiguous()) &&
+                       (shared_sigmoid_w.numel() == 0 || shared_sigmoid_w.numel() == d)),
               "moe_decode: shared expert");
+}
 
-  std::vector<float> h(d);
-  rms_norm(x.data_ptr<float>(), norm_w.data_ptr<float>(), h.data(), d, static_cast<float>(eps));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward(at::Tensor x, int64_t threads) const {
+  check_fp32(x, "moe_decode input");
+  TORCH_CHECK(x.is_contiguous() && x.numel() == d, "moe_decode: x");
+  at::Tensor y = at::empty_like(x), ids = at::empty({top_k}, at::kLong), counts = at::zeros({experts}, at::kLong);
+  run(x.data_ptr<float>(), y.data_ptr<float>(), ids.data_ptr<int64_t>(), threads);
+  for (int64_t j = 0; j < top_k; ++j) counts.data_ptr<int64_t>()[ids.data_ptr<int64_t>()[j]] = 1;
+  return {y, ids, counts};
+}
 
-  // router and routing, in fp32
-  std::vector<float> logits(e_count), choice(e_count);
-  run_tasks({{router_w.data_ptr<float>(), e_count, h.data(), 0, 1, logits.data(), 0}}, d, 1);
-  const float* rb = data_or_null(router_b);
+// The router's choice for the normed token h: ids [top_k] in selection order and their weights w [top_k].
+void FfnDecode::route(const float* h, int64_t* id, float* w) const {
+  std::vector<float> logits(experts), choice(experts);
+  run_tasks({{router_w_.data_ptr<float>(), experts, h, 0, 1, logits.data(), 0}}, d, 1);
+  const float* rb = data_or_null(router_b_);
   float total = 0.f;
-  for (int64_t e = 0; e < e_count; ++e) total += (logits[e] += rb ? rb[e] : 0.f);
+  for (int64_t e = 0; e < experts; ++e) total += (logits[e] += rb ? rb[e] : 0.f);
   TORCH_CHECK_VALUE(std::isfinite(total), "router input contains NaN or inf: allowed finite values only");
   std::vector<float> scores(logits);
-  if (sigmoid_scores) {
+  if (sigmoid_) {
     for (float& s : scores) s = 1.f / (1.f + std::exp(-s));
-  } else if (!softmax_after_topk) {
+  } else if (!softmax_after_topk_) {
     const float top = *std::max_element(scores.begin(), scores.end());
     float sum = 0.f;
     for (float& s : scores) sum += (s = std::exp(s - top));
     for (float& s : scores) s /= sum;
   }
-  const float* sb = data_or_null(selection_bias);
-  for (int64_t e = 0; e < e_count; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
-  at::Tensor ids = at::empty({top_k}, at::kLong), counts = at::zeros({e_count}, at::kLong);
-  int64_t* id = ids.data_ptr<int64_t>();
-  std::vector<int64_t> order(e_count);
+  const float* sb = data_or_null(selection_bias_);
+  for (int64_t e = 0; e < experts; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
+  std::vector<int64_t> order(experts);
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
     return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
   });
-  std::vector<float> w(top_k);
-  for (int64_t j = 0; j < top_k; ++j) id[j] = order[j], w[j] = scores[order[j]], counts.data_ptr<int64_t>()[id[j]] = 1;
-  if (softmax_after_topk) {  // over the k selected logits
-    const float top = *std::max_element(w.begin(), w.end());
+  for (int64_t j = 0; j < top_k; ++j) id[j] = order[j], w[j] = scores[order[j]];
+  if (softmax_after_topk_) {  // over the k selected logits
+    const float top = *std::max_element(w, w + top_k);
     float sum = 0.f;
-    for (float& v : w) sum += (v = std::exp(v - top));
-    for (float& v : w) v /= sum;
+    for (int64_t j = 0; j < top_k; ++j) sum += (w[j] = std::exp(w[j] - top));
+    for (int64_t j = 0; j < top_k; ++j) w[j] /= sum;
   }
-  if (normalize) {
+  if (normalize_) {
     float sum = 0.f;
-    for (float v : w) sum += v;
-    for (float& v : w) v /= sum + static_cast<float>(normalize_eps);
+    for (int64_t j = 0; j < top_k; ++j) sum += w[j];
+    for (int64_t j = 0; j < top_k; ++j) w[j] /= sum + normalize_eps_;
   }
-  if (scaling != 1.0)
-    for (float& v : w) v *= static_cast<float>(scaling);
+  if (scaling_ != 1.f)
+    for (int64_t j = 0; j < top_k; ++j) w[j] *= scaling_;
+}
+
+void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) const {
+  const int64_t k = top_k, x_rows = x_rows_, f = f_, fs = fs_;
+  std::vector<float> h(d), w(k);
+  rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
+  if (k) route(h.data(), id, w.data());
 
   // up pass: the k experts' gate/up rows (and the shared expert's) against the token
-  std::vector<float> inputs(apply_to_input ? top_k * d : 0), up(top_k * x_rows + 2 * fs), act_k(top_k * f + fs);
+  std::vector<float> inputs(apply_to_input_ ? k * d : 0), up(k * x_rows + 2 * fs), act_k(k * f + fs);
   std::vector<Task> tasks;
   std::vector<TransposedTask> transposed_tasks;
-  for (int64_t j = 0; j < top_k; ++j) {
+  for (int64_t j = 0; j < k; ++j) {
     const float* in = h.data();
-    if (apply_to_input) {
+    if (apply_to_input_) {
       for (int64_t i = 0; i < d; ++i) inputs[j * d + i] = h[i] * w[j];
       in = inputs.data() + j * d;
     }
-    const float* wj = up_w.data_ptr<float>() + id[j] * x_rows * d;
-    if (transposed)
+    const float* wj = up_w_.data_ptr<float>() + id[j] * x_rows * d;
+    if (transposed_)
       transposed_tasks.push_back({wj, d, x_rows, in, up.data() + j * x_rows});
     else
       tasks.push_back({wj, x_rows, in, 0, 1, up.data() + j * x_rows, 0});
   }
-  float* shared_up = up.data() + top_k * x_rows;
+  float* shared_up = up.data() + k * x_rows;
   if (fs) {  // a dense FFN: [gate, up] concatenated when gated
-    if (gated) tasks.push_back({shared_gate_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
-    tasks.push_back({shared_up_w.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated ? fs : 0), 0});
+    if (gated_) tasks.push_back({shared_gate_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
+    tasks.push_back({shared_up_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated_ ? fs : 0), 0});
   }
   if (!transposed_tasks.empty()) run_transposed_tasks(transposed_tasks, threads);
   if (!tasks.empty()) run_tasks(tasks, d, threads);
-  const float* ub = data_or_null(up_b);
-  for (int64_t j = 0; j < top_k; ++j) {
+  const float* ub = data_or_null(up_b_);
+  for (int64_t j = 0; j < k; ++j) {
     float* hj = up.data() + j * x_rows;
     if (ub)
       for (int64_t i = 0; i < x_rows; ++i) hj[i] += ub[id[j] * x_rows + i];
-    activate(hj, act_k.data() + j * f, f, gated, interleaved, activation, alpha, limit);
+    activate(hj, act_k.data() + j * f, f, gated_, interleaved_, activation_, alpha_, limit_);
   }
-  if (fs) activate(shared_up, act_k.data() + top_k * f, fs, gated, false, activation, alpha, limit);
+  if (fs) activate(shared_up, act_k.data() + k * f, fs, gated_, false, activation_, alpha_, limit_);
 
   // down pass, then combine: x + (sum_j w_j * out_j + shared)
-  std::vector<float> down(top_k * d + (fs ? d : 0));
+  std::vector<float> down(k * d + (fs ? d : 0));
   tasks.clear(), transposed_tasks.clear();
-  for (int64_t j = 0; j < top_k; ++j) {
-    const float* wj = down_w.data_ptr<float>() + id[j] * d * f;
-    if (transposed)
+  for (int64_t j = 0; j < k; ++j) {
+    const float* wj = down_w_.data_ptr<float>() + id[j] * d * f;
+    if (transposed_)
       transposed_tasks.push_back({wj, f, d, act_k.data() + j * f, down.data() + j * d});
     else
       tasks.push_back({wj, d, act_k.data() + j * f, 0, 1, down.data() + j * d, 0});
   }
-  if (transposed)
-    run_transposed_tasks(transposed_tasks, threads);
-  else
-    run_tasks(tasks, f, threads);
-  if (fs) run_tasks({{shared_down_w.data_ptr<float>(), d, act_k.data() + top_k * f, 0, 1, down.data() + top_k * d, 0}},
-                    fs, threads);
-  const float* db = data_or_null(down_b);
+  if (!transposed_tasks.empty()) run_transposed_tasks(transposed_tasks, threads);
+  if (!tasks.empty()) run_tasks(tasks, f, threads);
+  if (fs) run_tasks({{shared_down_w_.data_ptr<float>(), d, act_k.data() + k * f, 0, 1, down.data() + k * d, 0}}, fs,
+                    threads);
+  const float* db = data_or_null(down_b_);
   float shared_scale = 1.f;
-  if (fs && shared_sigmoid_w.numel())
-    shared_scale = 1.f / (1.f + std::exp(-dot(shared_sigmoid_w.data_ptr<float>(), h.data(), d)));
-  at::Tensor y = at::empty_like(x);
-  float* yp = y.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  if (fs && shared_sigmoid_w_.numel())
+    shared_scale = 1.f / (1.f + std::exp(-dot(shared_sigmoid_w_.data_ptr<float>(), h.data(), d)));
   for (int64_t i = 0; i < d; ++i) {
     float routed = 0.f;
-    for (int64_t j = 0; j < top_k; ++j) {
+    for (int64_t j = 0; j < k; ++j) {
       const float out = down[j * d + i] + (db ? db[id[j] * d + i] : 0.f);
-      routed += apply_to_input ? out : w[j] * out;
+      routed += apply_to_input_ ? out : w[j] * out;
     }
-    yp[i] = xp[i] + (fs ? routed + shared_scale * down[top_k * d + i] : routed);
+    y[i] = x[i] + (fs ? routed + shared_scale * down[k * d + i] : routed);
   }
-  return {y, ids, counts};
 }

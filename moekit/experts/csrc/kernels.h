@@ -221,14 +221,3 @@ void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
 void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
               std::vector<at::Tensor> zero, int64_t threads);
-at::Tensor attention_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
-                            int64_t pos, int64_t threads, at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
-                            std::vector<at::Tensor> qkv_b, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm,
-                            double qk_eps, double clip, int64_t window, double scale, at::Tensor sinks,
-                            at::Tensor o_w, at::Tensor o_b);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_decode(
-    at::Tensor x, int64_t threads, at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
-    at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize,
-    double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
-    at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha, double limit,
-    at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w);

@@ -1,0 +1,85 @@
+// Decode at batch 1: one block's step as one call (AttentionDecode, FfnDecode), and a whole model's step as one
+// call (DecodeChain). Each block keeps its weights and settings, checked once when it is built (moekit's Python
+// side builds them once per model and keeps them), so a step only checks what changes: the token and the caches.
+// Steps allocate nothing but their outputs, and several threads may run steps of the same blocks at once.
+#pragma once
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+// x + o_proj(attention(norm(x))) for one token of a grouped-query attention block (decode_attention.cpp).
+class AttentionDecode {
+ public:
+  AttentionDecode(at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w, std::vector<at::Tensor> qkv_b,
+                  int64_t head_dim, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm, double qk_eps, double clip,
+                  int64_t window, double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b);
+  // x [D]; cos, sin [r <= head_dim] or empty; caches [Hkv, capacity, hd] (a leading batch axis of 1 allowed), the
+  // new key and value going to index pos. Returns x + attention [D].
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                     int64_t pos, int64_t threads) const;
+  // The step on raw rows: y [D] = x + attention (y may be x); cos and sin hold rope_dim values (0: no rotary).
+  void run(const float* x, float* y, const float* cos, const float* sin, int64_t rope_dim, const at::Tensor& k_cache,
+           const at::Tensor& v_cache, int64_t pos, int64_t threads) const;
+  // The caches fit this block and have room at pos.
+  void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const;
+
+  int64_t head_dim, d, heads, kv_heads;
+
+ private:
+  at::Tensor norm_w_, q_norm_w_, k_norm_w_, sinks_, o_w_, o_b_;
+  std::vector<at::Tensor> qkv_w_, qkv_b_;
+  float eps_, qk_eps_, clip_, scale_;
+  bool full_qk_norm_;
+  int64_t window_, rows_[3];
+};
+
+// x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
+// shared expert, combine) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp).
+class FfnDecode {
+ public:
+  FfnDecode(at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b, at::Tensor selection_bias,
+            bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize, double normalize_eps,
+            double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
+            at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha,
+            double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
+            at::Tensor shared_sigmoid_w);
+  // x [D] -> (x + ffn [D], the chosen experts [k] in selection order, tokens per expert [E]).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
+  // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
+  void run(const float* x, float* y, int64_t* ids, int64_t threads) const;
+
+  int64_t d, experts, top_k;
+
+ private:
+  void route(const float* h, int64_t* ids, float* weights) const;
+
+  at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;
+  at::Tensor shared_gate_w_, shared_up_w_, shared_down_w_, shared_sigmoid_w_;
+  float eps_, normalize_eps_, scaling_, alpha_, limit_;
+  bool sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_;
+  int64_t activation_, x_rows_, f_, fs_;
+};
+
+// A whole decoder step for one token: embedding row, every layer's attention and FFN blocks, final RMSNorm and the
+// output head, in one call (decode_chain.cpp). Between layers nothing returns to Python: at one token of a small
+// model, the fixed costs of the calls, checks and views there (each some tens of microseconds with the caches cold
+// from streaming weights) add up to a tenth of the step.
+class DecodeChain {
+ public:
+  DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
+              std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers, at::Tensor norm_w,
+              double eps, at::Tensor head_w, at::Tensor head_b);
+  // token [1, 1] int64 at position pos; rotary angles pos * inv_freq (cos, sin times rope_factor; inv_freq of
+  // rope_dim / 2); the caches of every layer. Returns the logits [1, 1, V].
+  at::Tensor step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
+                  std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t threads) const;
+
+ private:
+  at::Tensor embed_w_, norm_w_, head_w_, head_b_;
+  std::vector<std::shared_ptr<AttentionDecode>> attention_;
+  std::vector<std::shared_ptr<FfnDecode>> ffn_;
+  std::vector<bool> rope_layers_;
+  float eps_;
+};

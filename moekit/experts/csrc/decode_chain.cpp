@@ -1,0 +1,68 @@
+// A whole decoder step for one token in one call (see decode.h): the residual stream stays one row here from the
+// embedding to the logits.
+#include <cmath>
+
+#include "decode.h"
+
+DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
+                         std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers,
+                         at::Tensor norm_w, double eps, at::Tensor head_w, at::Tensor head_b)
+    : embed_w_(embed_w), norm_w_(norm_w), head_w_(head_w), head_b_(head_b), attention_(attention), ffn_(ffn),
+      rope_layers_(rope_layers), eps_(static_cast<float>(eps)) {
+  check_fp32(embed_w, "embedding"), check_fp32(norm_w, "final norm"), check_fp32(head_w, "output head");
+  const int64_t d = norm_w.numel();
+  TORCH_CHECK(embed_w.dim() == 2 && embed_w.size(1) == d && embed_w.is_contiguous(), "decode_chain: embedding");
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == d && head_w.is_contiguous() && norm_w.is_contiguous(),
+              "decode_chain: output head");
+  if (head_b.numel()) check_fp32(head_b, "head bias");
+  TORCH_CHECK(head_b.numel() == 0 || (head_b.numel() == head_w.size(0) && head_b.is_contiguous()),
+              "decode_chain: head bias");
+  TORCH_CHECK(attention.size() == ffn.size() && rope_layers.size() == ffn.size(), "decode_chain: layers");
+  for (size_t i = 0; i < ffn.size(); ++i)
+    TORCH_CHECK(attention[i] && ffn[i] && attention[i]->d == d && ffn[i]->d == d, "decode_chain: layer widths");
+}
+
+at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
+                             std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
+                             int64_t threads) const {
+  const int64_t d = norm_w_.numel(), vocab = embed_w_.size(0), layers = ffn_.size();
+  TORCH_CHECK(token.numel() == 1 && token.scalar_type() == at::kLong, "decode_chain: one int64 token");
+  const int64_t id = *token.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(0 <= id && id < vocab, "input_ids hold ids outside the vocabulary: allowed [0, ", vocab - 1, "]");
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == layers && static_cast<int64_t>(v_caches.size()) == layers,
+              "decode_chain: one key and one value cache per layer");
+  for (int64_t i = 0; i < layers; ++i) attention_[i]->check_caches(k_caches[i], v_caches[i], pos);
+
+  // rotary angles of this position, each frequency twice as RotaryEmbedding lays them out: [f0..fn-1, f0..fn-1]
+  const int64_t half = inv_freq.numel();
+  if (half) check_fp32(inv_freq, "inv_freq");
+  std::vector<float> cos(2 * half), sin(2 * half);
+  const float factor = static_cast<float>(rope_factor);
+  for (int64_t i = 0; i < half; ++i) {
+    const float angle = static_cast<float>(pos) * inv_freq.data_ptr<float>()[i];
+    cos[i] = cos[i + half] = std::cos(angle) * factor;
+    sin[i] = sin[i + half] = std::sin(angle) * factor;
+  }
+
+  std::vector<float> x(embed_w_.data_ptr<float>() + id * d, embed_w_.data_ptr<float>() + (id + 1) * d);
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < layers; ++i) {
+    const AttentionDecode& attention = *attention_[i];
+    const int64_t r = rope_layers_[i] ? 2 * half : 0;
+    TORCH_CHECK(r <= attention.head_dim, "decode_chain: rotary width");
+    attention.run(x.data(), x.data(), cos.data(), sin.data(), r, k_caches[i], v_caches[i], pos, threads);
+    ids.resize(ffn_[i]->top_k);
+    ffn_[i]->run(x.data(), x.data(), ids.data(), threads);
+  }
+
+  std::vector<float> h(d);
+  rms_norm(x.data(), norm_w_.data_ptr<float>(), h.data(), d, eps_);
+  at::Tensor logits = at::empty({1, 1, head_w_.size(0)}, embed_w_.options());
+  float* out = logits.data_ptr<float>();
+  run_tasks({{head_w_.data_ptr<float>(), head_w_.size(0), h.data(), 0, 1, out, 0}}, d, threads);
+  if (head_b_.numel()) {
+    const float* b = head_b_.data_ptr<float>();
+    for (int64_t n = 0; n < head_w_.size(0); ++n) out[n] += b[n];
+  }
+  return logits;
+}
