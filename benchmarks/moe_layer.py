@@ -4,6 +4,7 @@ with each experts implementation that runs here, on the same weights and inputs,
 Floor = max(bytes of the experts actually touched / measured read bandwidth, FLOPs / measured dense matmul rate),
 both rates measured again (best of a few runs) right before each row: this machine's speed drifts by 20% within
 minutes, and a floor from another minute would flatter or wrong the row.
+The forward runs as inference (eval mode, no_grad), forward+backward in training mode, on both sides.
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
 gradient (all E experts) written once.
 
@@ -105,6 +106,9 @@ def _hf(cfg, hf_block, x, impl):
 
 
 def _step(fn, mode, block, hf_block, x):
+    """The timed step: the forward in inference mode (eval, no_grad), as a server runs it, or forward+backward in
+    training mode."""
+    block.train(mode != "fwd"), hf_block.train(mode != "fwd")
     if mode == "fwd":
 
         def fwd():

@@ -16,7 +16,7 @@ from moekit.config.moe import MoEConfig
 from moekit.experts import gemv
 from moekit.experts.layout import ExpertLayout
 from moekit.infer.cache import KVCache
-from moekit.layers.decode_step import ffn_step
+from moekit.layers.decode_step import ffn_step, moe_block_step
 from moekit.layers.moe import MoEBlock
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import RotaryEmbedding
@@ -210,11 +210,17 @@ def test_ffn_step_covers_routing_and_expert_variants(name, monkeypatch):
             p.normal_(std=0.5)
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
-        y, info = ffn_step(norm, block, x)
-        ref, ref_info = block(norm(x))
+        ref, ref_info = block.set_backend("loop") or block(norm(x))  # the modules
+        block.set_backend("auto")
+        y, info = ffn_step(norm, block, x)  # norm, block and residual in one call
+        alone, alone_info = moe_block_step(block, norm(x))  # the block alone in one call
+        called, _ = block(norm(x))  # what the block's forward takes at one token
     torch.testing.assert_close(y, x + ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(info.tokens_per_expert_E, ref_info.tokens_per_expert_E)
-    assert sorted(info.topk_ids_TK.tolist()[0]) == sorted(ref_info.topk_ids_TK.tolist()[0])
+    torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(called, alone)
+    for got in (info, alone_info):
+        assert torch.equal(got.tokens_per_expert_E, ref_info.tokens_per_expert_E)
+        assert sorted(got.topk_ids_TK.tolist()[0]) == sorted(ref_info.topk_ids_TK.tolist()[0])
     with torch.no_grad(), pytest.raises(ValueError, match="router input contains NaN"):
         ffn_step(norm, block, torch.full_like(x, float("nan")))
 

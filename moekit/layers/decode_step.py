@@ -45,11 +45,13 @@ nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 def _plan(module: nn.Module, build, *args):
-    """The module's cached plan (None: this path does not apply to it), rebuilt when anything was re-registered."""
+    """The module's cached plan made by `build` (None: that path does not apply to it), rebuilt when anything was
+    re-registered."""
     key = _registrations[0]
-    cached = _plans.get(module)
+    plans = _plans.setdefault(module, {})
+    cached = plans.get(build)
     if cached is None or cached[0] != key:
-        cached = _plans[module] = (key, build(*args))
+        cached = plans[build] = (key, build(*args))
     return cached[1]
 
 
@@ -128,10 +130,23 @@ def ffn_step(norm: nn.Module, ffn: nn.Module, x_BTD: torch.Tensor):
     step = _plan(ffn, _ffn_plan, norm, ffn)
     if step is None:
         return None
+    return _run_ffn(step, ffn, x_BTD)
+
+
+def moe_block_step(block: MoEBlock, x_BTD: torch.Tensor):
+    """(block(x), its MoEInfo) for one token (x [1, 1, D]) in one kernel call (the block alone, with no norm or
+    residual around it), or None where that path does not apply, as ffn_step."""
+    if not _one_token_fp32(x_BTD) or torch.is_grad_enabled() or not _inference(block):
+        return None
+    step = _plan(block, _block_plan, block)
+    return None if step is None else _run_ffn(step, block, x_BTD)
+
+
+def _run_ffn(step, ffn: nn.Module, x_BTD: torch.Tensor):
     y_D, ids_K, counts_E = step(x_BTD.view(-1), torch.get_num_threads())
     if not isinstance(ffn, MoEBlock):
         return y_D.view(1, 1, -1), None
-    info = MoEInfo(counts_E, ffn.cfg.routing.top_k, 0, x_BTD.new_zeros((), dtype=torch.float32), ids_K.view(1, -1))
+    info = MoEInfo(counts_E, ffn.router.spec.top_k, 0, x_BTD.new_zeros((), dtype=torch.float32), ids_K.view(1, -1))
     return y_D.view(1, 1, -1), info
 
 
@@ -143,12 +158,17 @@ def _ffn_plan(norm: nn.Module, ffn: nn.Module):
         if ffn.layout.bias:
             return None
         return _ffn_decode(norm, None, ffn, None)
-    if not (isinstance(ffn, MoEBlock) and ffn.fusable):
+    return _block_plan(ffn, norm)
+
+
+def _block_plan(block: nn.Module, norm: RMSNorm | None = None):
+    """An MoE block's C++ step (FfnDecode), after `norm` and with the residual when given one; or None."""
+    if not (isinstance(block, MoEBlock) and block.fusable):
         return None
-    return _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate)
+    return _ffn_decode(norm, block, block.shared_experts, block.shared_expert_gate)
 
 
-def _ffn_decode(norm: RMSNorm, block: MoEBlock | None, dense: FeedForward | None, dense_gate: nn.Linear | None):
+def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward | None, dense_gate: nn.Linear | None):
     layout = (block.experts if block is not None else dense).layout
     shared = [_NONE] * 4
     if dense is not None:
@@ -157,7 +177,7 @@ def _ffn_decode(norm: RMSNorm, block: MoEBlock | None, dense: FeedForward | None
         shared = [gate, dense.up_proj.weight, dense.down_proj.weight, sigmoid]
     routing = [_NONE, _NONE, _NONE, False, False, 0, False, 0.0, 1.0, False, _NONE, _NONE, _NONE, _NONE]
     if block is not None:
-        spec, experts, router = block.cfg.routing, block.experts, block.router
+        spec, experts, router = block.router.spec, block.experts, block.router
         routing = [
             router.weight,
             _NONE if router.bias is None else router.bias,
@@ -174,7 +194,8 @@ def _ffn_decode(norm: RMSNorm, block: MoEBlock | None, dense: FeedForward | None
             experts.gate_up_proj_bias if layout.bias else _NONE,
             experts.down_proj_bias if layout.bias else _NONE,
         ]
-    kernel = _kernel(norm.weight, *(t for t in [*routing, *shared] if isinstance(t, torch.Tensor) and t.numel()))
+    norm_args = [_NONE, 0.0, False] if norm is None else [norm.weight, norm.eps, True]  # with a norm: the residual
+    kernel = _kernel(*(t for t in [norm_args[0], *routing, *shared] if isinstance(t, torch.Tensor) and t.numel()))
     if kernel is None:
         return None
     layout_args = [
@@ -185,7 +206,7 @@ def _ffn_decode(norm: RMSNorm, block: MoEBlock | None, dense: FeedForward | None
         layout.swiglu_alpha,
         layout.swiglu_limit,
     ]
-    return kernel.FfnDecode(norm.weight, norm.eps, *routing, *layout_args, *shared)
+    return kernel.FfnDecode(*norm_args, *routing, *layout_args, *shared)
 
 
 def chain_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:

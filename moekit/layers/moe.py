@@ -88,6 +88,12 @@ class MoEBlock(nn.Module):
                 f"MoE input shape {tuple(x_BTD.shape)} is invalid: allowed [batch, tokens, {self.hidden_size}]"
             )
         b, t, d = x_BTD.shape
+        if b * t == 1 and token_mask_BT is None and self.fusable:  # decode at batch 1: one kernel call if it applies
+            from moekit.layers.decode_step import moe_block_step  # (it builds on this module)
+
+            fused = moe_block_step(self, x_BTD)
+            if fused is not None:
+                return fused
         if self.cfg.router == "soft":
             y_BTD, info = self._soft(x_BTD, token_mask_BT)
         else:

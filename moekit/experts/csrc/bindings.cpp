@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor>())
       .def("__call__", &AttentionDecode::forward);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
-      .def(py::init<at::Tensor, double, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
+      .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
       .def("__call__", &FfnDecode::forward);

@@ -1,7 +1,8 @@
 // One decode step of a token-choice MoE block at batch 1, in one call: RMSNorm, the router, top-k routing, the k
 // experts (and the shared expert) streamed in two passes over their weights, the weighted combine and the
-// residual add. A dense FFN is the same step with no experts: its weights take the shared expert's place. In eager PyTorch the same step is some 50 small operators (routing math, the plan, activation,
-// combine), each with its fixed cost; see decode_attention.cpp.
+// residual add. A dense FFN is the same step with no experts: its weights take the shared expert's place. In eager
+// PyTorch the same step is some 50 small operators (routing math, the plan, activation, combine), each with its
+// fixed cost; see decode_attention.cpp.
 #include <cmath>
 #include <numeric>
 
@@ -55,25 +56,28 @@ void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved,
 // Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F]; transposed: up_w [E, D, X], down_w
 // [E, F, D]; biases [E, X] and [E, D] or empty. No experts (a dense FFN): router_w, up_w and down_w empty.
 // Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
-FfnDecode::FfnDecode(at::Tensor norm_w, double eps, at::Tensor router_w, at::Tensor router_b,
+// norm_w [D], or empty: no norm.
+FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor router_w, at::Tensor router_b,
                      at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k,
                      bool normalize, double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w,
                      at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
                      bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
                      at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w)
-    : d(norm_w.numel()), experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
+    : d(norm_w.numel() ? norm_w.numel() : (router_w.numel() ? router_w.size(1) : shared_up_w.size(-1))),
+      experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
       norm_w_(norm_w), router_w_(router_w), router_b_(router_b), selection_bias_(selection_bias), up_w_(up_w),
       down_w_(down_w), up_b_(up_b), down_b_(down_b), shared_gate_w_(shared_gate_w), shared_up_w_(shared_up_w),
       shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), eps_(static_cast<float>(eps)),
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
-      alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), sigmoid_(sigmoid_scores),
+      alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
+      sigmoid_(sigmoid_scores),
       softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
       transposed_(transposed), gated_(gated), interleaved_(interleaved), activation_(activation) {
-  check_fp32(norm_w, "moe_decode input");
-  for (const at::Tensor* t : {&router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b, &shared_gate_w,
-                              &shared_up_w, &shared_down_w, &shared_sigmoid_w})
+  for (const at::Tensor* t : {&norm_w, &router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b,
+                              &shared_gate_w, &shared_up_w, &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
   TORCH_CHECK(norm_w.is_contiguous(), "moe_decode: norm");
+  TORCH_CHECK(router_w.numel() || shared_up_w.numel(), "moe_decode: neither experts nor a dense FFN");
   x_rows_ = f_ = 0;
   if (experts) {
     TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
@@ -90,7 +94,6 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, at::Tensor router_w, at::Ten
                 "moe_decode: expert biases");
   }
   fs_ = shared_up_w.numel() ? shared_up_w.size(0) : 0;
-  TORCH_CHECK(experts || fs_, "moe_decode: neither experts nor a dense FFN");
   TORCH_CHECK(!fs_ || (shared_up_w.size(1) == d && shared_down_w.size(0) == d && shared_down_w.size(1) == fs_ &&
                        (gated ? shared_gate_w.numel() == fs_ * d : shared_gate_w.numel() == 0) &&
                        shared_up_w.is_contiguous() && shared_down_w.is_contiguous() &&
@@ -150,8 +153,8 @@ void FfnDecode::route(const float* h, int64_t* id, float* w) const {
 
 void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) const {
   const int64_t k = top_k, x_rows = x_rows_, f = f_, fs = fs_;
-  std::vector<float> h(d), w(k);
-  rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
+  std::vector<float> h(x, x + d), w(k);
+  if (norm_w_.numel()) rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
   if (k) route(h.data(), id, w.data());
 
   // up pass: the k experts' gate/up rows (and the shared expert's) against the token
@@ -210,6 +213,6 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
       const float out = down[j * d + i] + (db ? db[id[j] * d + i] : 0.f);
       routed += apply_to_input_ ? out : w[j] * out;
     }
-    y[i] = x[i] + (fs ? routed + shared_scale * down[k * d + i] : routed);
+    y[i] = (residual_ ? x[i] : 0.f) + (fs ? routed + shared_scale * down[k * d + i] : routed);
   }
 }
