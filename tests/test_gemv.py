@@ -11,9 +11,12 @@ from moekit.experts.segment_mm import segment_mm
 from moekit.layers.linear import Linear
 
 
-@pytest.mark.parametrize("shape,ids", [((16, 96, 40), [3, 3, 0, 15]), ((8, 1024, 1027), [7, 2])])
+@pytest.mark.parametrize(
+    "shape,ids", [((16, 96, 40), [3, 3, 0, 15]), ((8, 1024, 1027), [7, 2]), ((16, 1024, 389), [5, 0, 5])]
+)
 def test_gather_gemv_matches_matmul(shape, ids):
-    """The small case takes torch.mv; the large one (4+ MB, odd width for the vector tail) the kernel."""
+    """The small case takes torch.mv; the large ones (4+ MB, odd widths for the vector tail) the kernel, with rows
+    of a page or more four at a time and shorter rows one after another."""
     w, x = torch.randn(*shape), torch.randn(len(ids), shape[2])
     ref = torch.stack([w[e] @ x[r] for r, e in enumerate(ids)])
     with warnings.catch_warnings():
@@ -45,12 +48,14 @@ def test_decode_segment_mm_and_linear_equal_training_path():
         torch.testing.assert_close(lin(row), ref(row), rtol=1e-5, atol=1e-5)
 
 
-def test_tiled_segment_kernel_matches_matmul_on_every_edge():
+@pytest.mark.parametrize("width", [1029, 389])  # weight rows of a page or more; shorter (1-3 rows: one stream)
+def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, monkeypatch):
     """Row counts around the 3-row tiles and 48-row passes, a width that is no multiple of the 4-column tiles or
     the 96-column work items, and an input width with a tail past the 8-wide vectors."""
+    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     torch.manual_seed(0)
     counts = [1, 2, 3, 4, 0, 5, 47, 48, 49, 97, 192]
-    w, x = torch.randn(len(counts), 203, 1029), torch.randn(sum(counts), 1029)
+    w, x = torch.randn(len(counts), 203, width), torch.randn(sum(counts), width)
     segments, start = [], 0
     for e, c in enumerate(counts):
         segments.append((e, start, c))

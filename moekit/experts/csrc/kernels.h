@@ -91,6 +91,10 @@ struct Task {
 };
 
 constexpr int64_t kRowsPerBlock = 16;  // weight rows per work item
+// Weight rows of at least this many floats (a 4 KB page) are read four at a time, four streams of a page or more
+// each; shorter rows one after another, one unbroken stream, which the hardware prefetchers follow best (measured:
+// 1.2-1.4x the four-row tiles' speed for 1.5 KB rows, 0.9x for 4 KB ones).
+constexpr int64_t kLongRow = 1024;
 
 // Work items of a task list: task i owns items [first[i], first[i + 1]) (tasks have `rows` weight rows).
 template <class T>
@@ -122,7 +126,7 @@ inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t thr
     const Block blk = block_of(tasks, first, b);
     const Task& t = tasks[blk.task];
     int64_t n = blk.r0;
-    if (t.m == 1)  // decode: four rows at a time (more misses in flight per core than one after another)
+    if (t.m == 1 && k_len >= kLongRow)  // decode: four rows of a page or more at a time (four streams in flight)
       for (; n + 4 <= blk.r1; n += 4) dot_tile<1, 4>(t.x, 0, t.w + n * k_len, k_len, k_len, t.y + n, 0);
     for (; n < blk.r1; ++n) {
       const float* row = t.w + n * k_len;

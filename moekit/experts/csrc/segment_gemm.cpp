@@ -52,6 +52,11 @@ void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor sta
     const int64_t s = item / per_segment, n0 = (item % per_segment) * kColsPerItem;
     const int64_t n1 = std::min(n_len, n0 + kColsPerItem);
     const float* w_e = wp + ep[s] * n_len * k_len;
+    if (cp[s] <= 3 && k_len < kLongRow) {  // up to three rows against short weight rows: one stream (kernels.h)
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t i = sp[s]; i < sp[s] + cp[s]; ++i) yp[i * n_len + n] = dot(w_e + n * k_len, xp + i * k_len, k_len);
+      continue;
+    }
     // A pass's input rows stay in L2 while the item's weight rows go by (from memory on the first pass only).
     for (int64_t r0 = 0; r0 < cp[s]; r0 += kRowsPerPass) {
       const int64_t m = std::min(kRowsPerPass, cp[s] - r0);
