@@ -82,7 +82,6 @@ def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 def test_decode_steps_equal_the_modules_and_transformers(family, overrides, tmp_path, monkeypatch):
     hf = hf_tiny_model(family, tmp_path, **overrides)
     model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)  # tiny weights: take the kernels anyway
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     hf.generation_config.eos_token_id = None
@@ -127,7 +126,6 @@ def test_attention_step_where_clip_and_sinks_bind(family, tmp_path, monkeypatch)
                     lin.weight.mul_(300.0)
             else:
                 attn.sinks.normal_(std=2.0)
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     fused = _decode_logits(model, prompt, 8)
@@ -201,8 +199,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_ffn_step_covers_routing_and_expert_variants(name, monkeypatch):
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+def test_ffn_step_covers_routing_and_expert_variants(name):
     torch.manual_seed(0)
     block, norm = MoEBlock(32, VARIANTS[name]).eval(), RMSNorm(32)
     with torch.no_grad():
@@ -225,8 +222,7 @@ def test_ffn_step_covers_routing_and_expert_variants(name, monkeypatch):
         ffn_step(norm, block, torch.full_like(x, float("nan")))
 
 
-def test_ffn_step_declines_training_and_other_backends(monkeypatch):
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+def test_ffn_step_declines_training_and_other_backends():
     block, norm = MoEBlock(32, VARIANTS["gelu_mlp"]), RMSNorm(32)
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
@@ -243,7 +239,6 @@ def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
     loaded by assignment, a swapped expert stack) must be what the next step reads."""
     hf_tiny_model("qwen2_moe", tmp_path)
     model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     _decode_logits(model, prompt, 2)  # plans built
     layer = model.layers[min(model.moe_blocks())]
@@ -275,7 +270,6 @@ def test_chain_switches_longrope_factors_and_adds_the_head_bias(tmp_path, monkey
     )
     model.rotary = RotaryEmbedding(model.rotary.inv_freq.numel() * 2, 10000.0, scaling)
     model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features))
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 18), generator=torch.Generator().manual_seed(1))
     fused = _decode_logits(model, prompt, 12)  # positions 18..29: the switch at 24

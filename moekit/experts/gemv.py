@@ -202,6 +202,11 @@ def _num_ids(ids: list[int] | torch.Tensor) -> int:
 
 def kernel_for(nbytes: int, *tensors: torch.Tensor):
     """The kernel when it can take these fp32 CPU tensors and they are large enough to stream; else None."""
-    if nbytes < MIN_KERNEL_BYTES or any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
+    return kernel_taking(*tensors) if nbytes >= MIN_KERNEL_BYTES else None
+
+
+def kernel_taking(*tensors: torch.Tensor):
+    """The kernel when it is built and these tensors are fp32 on the CPU (of any size); else None."""
+    if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
         return None
     return load_kernel()

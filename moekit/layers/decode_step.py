@@ -58,9 +58,7 @@ def _plan(module: nn.Module, build, *args):
 def _kernel(*tensors: torch.Tensor):
     """The kernels where they are built and take these tensors (fp32 on the CPU, contiguous), else None. No size
     threshold: at one token a block's kernel call beats its eager operators at any size."""
-    if any(t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() for t in tensors):
-        return None
-    return gemv.load_kernel()
+    return gemv.kernel_taking(*tensors) if all(t.is_contiguous() for t in tensors) else None
 
 
 def _one_token_fp32(x_BTD: torch.Tensor) -> bool:
@@ -217,7 +215,7 @@ def chain_step(model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor
         or input_ids.dtype != torch.long
         or torch.is_grad_enabled()
         or cache.length == 0  # a prompt: the modules
-        or not input_ids.device.type == "cpu"
+        or input_ids.device.type != "cpu"
     ):
         return None
     plan = _plan(model, _chain_plan, model)

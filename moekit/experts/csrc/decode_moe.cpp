@@ -70,8 +70,7 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
       shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), eps_(static_cast<float>(eps)),
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
       alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
-      sigmoid_(sigmoid_scores),
-      softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
+      sigmoid_(sigmoid_scores), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
       transposed_(transposed), gated_(gated), interleaved_(interleaved), activation_(activation) {
   for (const at::Tensor* t : {&norm_w, &router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b,
                               &shared_gate_w, &shared_up_w, &shared_down_w, &shared_sigmoid_w})
