@@ -222,6 +222,33 @@ def test_ffn_step_covers_routing_and_expert_variants(name):
         ffn_step(norm, block, torch.full_like(x, float("nan")))
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_block_over_many_tokens_in_one_call(name):
+    """Inference over a batch of tokens runs the block as one kernel call (segments per expert, ffn_tokens.cpp):
+    the modules' output and routing, with short segments in moekit's kernel and long ones (over 192 rows) in MKL."""
+    torch.manual_seed(0)
+    block = MoEBlock(32, VARIANTS[name]).eval()
+    with torch.no_grad():
+        for p in [*block.parameters(), *block.buffers()]:
+            p.normal_(std=0.5)
+    for shape in [(1, 5), (2, 3), (1, 1000)]:
+        x = torch.randn(*shape, 32)
+        with torch.no_grad():
+            ref, ref_info = block.set_backend("loop") or block(x)  # the modules
+            block.set_backend("auto")
+            fused = moe_block_step(block, x)
+            y, info = block(x)
+        assert fused is not None and torch.equal(fused[0], y)  # the forward took the one call
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(info.tokens_per_expert_E, ref_info.tokens_per_expert_E)
+        assert info.topk_ids_TK.sort(-1).values.equal(ref_info.topk_ids_TK.sort(-1).values)
+        assert (info.assignments, info.dropped) == (ref_info.assignments, 0)
+    assert max(ref_info.tokens_per_expert_E) > 192  # a long segment was among them
+    with torch.no_grad(), pytest.raises(ValueError, match="router input contains NaN"):
+        block(torch.full((1, 4, 32), float("nan")))
+    assert moe_block_step(block, x) is None  # gradients wanted: the modules
+
+
 def test_ffn_step_declines_training_and_other_backends():
     block, norm = MoEBlock(32, VARIANTS["gelu_mlp"]), RMSNorm(32)
     x = torch.randn(1, 1, 32)

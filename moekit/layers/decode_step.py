@@ -132,20 +132,29 @@ def ffn_step(norm: nn.Module, ffn: nn.Module, x_BTD: torch.Tensor):
 
 
 def moe_block_step(block: MoEBlock, x_BTD: torch.Tensor):
-    """(block(x), its MoEInfo) for one token (x [1, 1, D]) in one kernel call (the block alone, with no norm or
-    residual around it), or None where that path does not apply, as ffn_step."""
-    if not _one_token_fp32(x_BTD) or torch.is_grad_enabled() or not _inference(block):
+    """(block(x), its MoEInfo) for any number of tokens (x [B, T, D]) in one kernel call (the block alone, with no
+    norm or residual around it), or None where that path does not apply, as ffn_step. One token is a decode step;
+    more run as one segment per expert (ffn_tokens.cpp), saving the operators around the expert products."""
+    if x_BTD.dtype != torch.float32 or not x_BTD.is_cpu or torch.is_grad_enabled() or not _inference(block):
         return None
     step = _plan(block, _block_plan, block)
-    return None if step is None else _run_ffn(step, block, x_BTD)
+    if step is None:
+        return None
+    if x_BTD.shape[0] * x_BTD.shape[1] == 1:
+        return _run_ffn(step, block, x_BTD)
+    y_TD, ids_TK, counts_E = step.tokens(x_BTD.reshape(-1, x_BTD.shape[-1]).contiguous(), torch.get_num_threads())
+    return y_TD.view(x_BTD.shape), _routed_info(block, counts_E, ids_TK)
 
 
 def _run_ffn(step, ffn: nn.Module, x_BTD: torch.Tensor):
     y_D, ids_K, counts_E = step(x_BTD.view(-1), torch.get_num_threads())
-    if not isinstance(ffn, MoEBlock):
-        return y_D.view(1, 1, -1), None
-    info = MoEInfo(counts_E, ffn.router.spec.top_k, 0, x_BTD.new_zeros((), dtype=torch.float32), ids_K.view(1, -1))
+    info = _routed_info(ffn, counts_E, ids_K.view(1, -1)) if isinstance(ffn, MoEBlock) else None
     return y_D.view(1, 1, -1), info
+
+
+def _routed_info(block: MoEBlock, counts_E: torch.Tensor, ids_TK: torch.Tensor) -> MoEInfo:
+    """A fused step's MoEInfo: dropless, no balancing loss (inference)."""
+    return MoEInfo(counts_E, ids_TK.numel(), 0, counts_E.new_zeros((), dtype=torch.float32), ids_TK)
 
 
 def _ffn_plan(norm: nn.Module, ffn: nn.Module):

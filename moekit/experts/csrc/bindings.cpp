@@ -17,7 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor>())
-      .def("__call__", &FfnDecode::forward);
+      .def("__call__", &FfnDecode::forward)
+      .def("tokens", &FfnDecode::forward_tokens);
   py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
       .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
                     std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor>())

@@ -36,8 +36,8 @@ class AttentionDecode {
 };
 
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
-// shared expert, combine) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp). Without
-// a norm weight and the residual: ffn(x), the block alone.
+// shared expert, combine) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp); or for a
+// batch of tokens (ffn_tokens.cpp). Without a norm weight and the residual: ffn(x), the block alone.
 class FfnDecode {
  public:
   FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor router_w, at::Tensor router_b, at::Tensor selection_bias,
@@ -50,11 +50,14 @@ class FfnDecode {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
   // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
   void run(const float* x, float* y, int64_t* ids, int64_t threads) const;
+  // x [T, D] -> (x + ffn [T, D] (or ffn alone), the chosen experts [T, k], tokens per expert [E]).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_tokens(at::Tensor x, int64_t threads) const;
 
   int64_t d, experts, top_k;
 
  private:
   void route(const float* h, int64_t* ids, float* weights) const;
+  void choose(const float* logits, int64_t* ids, float* weights) const;
 
   at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;
   at::Tensor shared_gate_w_, shared_up_w_, shared_down_w_, shared_sigmoid_w_;

@@ -6,48 +6,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "activation.h"
 #include "decode.h"
-
-namespace {
-
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kClampedSwiglu = 4 };
-
-float act(float g, int64_t kind) {
-  switch (kind) {
-    case kSilu:
-      return g / (1.f + std::exp(-g));
-    case kGelu:
-      return 0.5f * g * (1.f + std::erf(g * static_cast<float>(M_SQRT1_2)));
-    case kGeluTanh: {
-      const float c = std::sqrt(2.f / static_cast<float>(M_PI));
-      return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g)));
-    }
-    default:
-      return std::max(g, 0.f);
-  }
-}
-
-// a[i] = act(gate) * up (or GPT-OSS's clamped form) from the f-wide gate/up pre-activations h: concatenated
-// [gate..., up...] or interleaved [g0, u0, g1, u1, ...]; ungated: a[i] = act(h[i]).
-void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved, int64_t kind, float alpha,
-              float limit) {
-  for (int64_t i = 0; i < f; ++i) {
-    if (!gated) {
-      a[i] = act(h[i], kind);
-      continue;
-    }
-    float g = interleaved ? h[2 * i] : h[i], u = interleaved ? h[2 * i + 1] : h[f + i];
-    if (kind == kClampedSwiglu) {
-      g = std::min(g, limit);
-      u = std::min(std::max(u, -limit), limit);
-      a[i] = (u + 1.f) * (g / (1.f + std::exp(-alpha * g)));
-    } else {
-      a[i] = act(g, kind) * u;
-    }
-  }
-}
-
-}  // namespace
 
 // Routing: logits = router_w @ h (+ router_b); softmax_after_topk: top-k on the logits, weights = softmax over the
 // k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
@@ -112,13 +72,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward(at::Tensor x, 
 
 // The router's choice for the normed token h: ids [top_k] in selection order and their weights w [top_k].
 void FfnDecode::route(const float* h, int64_t* id, float* w) const {
-  std::vector<float> logits(experts), choice(experts);
+  std::vector<float> logits(experts);
   run_tasks({{router_w_.data_ptr<float>(), experts, h, 0, 1, logits.data(), 0}}, d, 1);
   const float* rb = data_or_null(router_b_);
   float total = 0.f;
   for (int64_t e = 0; e < experts; ++e) total += (logits[e] += rb ? rb[e] : 0.f);
   TORCH_CHECK_VALUE(std::isfinite(total), "router input contains NaN or inf: allowed finite values only");
-  std::vector<float> scores(logits);
+  choose(logits.data(), id, w);
+}
+
+// The top-k choice and weights from one token's router logits (bias included).
+void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
+  std::vector<float> scores(logits, logits + experts), choice(experts);
   if (sigmoid_) {
     for (float& s : scores) s = 1.f / (1.f + std::exp(-s));
   } else if (!softmax_after_topk_) {

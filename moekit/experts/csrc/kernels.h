@@ -216,6 +216,22 @@ inline void check_fp32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.dtype() == at::kFloat, "moekit kernel: ", what, " must be fp32 on the CPU");
 }
 
+// y[i * ldy + n] = dot(x row i, w row n) for input rows i < m (ldx apart) and weight rows n < n_len (k_len long,
+// contiguous): one expert's segment of a few hundred rows at most (segment_gemm.cpp).
+struct Product {
+  const float* w;
+  int64_t n_len, k_len;
+  const float* x;
+  int64_t ldx, m;
+  float* y;
+  int64_t ldy;
+};
+// Every product's weight rows cut into runs, spread over the threads; each weight row is read from memory once.
+void run_products(const std::vector<Product>& products, int64_t threads);
+// Up to this many rows a product is moekit's to run (run_products); longer ones go to MKL, whose packing of the
+// weights then pays for itself (Python's segment_mm.TILED_ROWS is the same bound).
+constexpr int64_t kTiledRows = 192;
+
 // The functions the extension exports (bindings.cpp).
 void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,
                   at::Tensor counts, at::Tensor y, int64_t threads);

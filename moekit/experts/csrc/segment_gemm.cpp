@@ -13,20 +13,55 @@ constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
 
-// All m input rows against NR weight rows.
+// All m input rows (ldx apart) against NR weight rows.
 template <int NR>
-void dot_rows(const float* x, int64_t m, const float* w, int64_t k_len, float* y, int64_t ldy, const float* prefetch) {
+void dot_rows(const float* x, int64_t ldx, int64_t m, const float* w, int64_t k_len, float* y, int64_t ldy,
+              const float* prefetch) {
   int64_t i = 0;
   if (prefetch) {  // the first tile prefetches
     i = std::min<int64_t>(m, kTileRows);
-    if (i == 3) dot_tile<3, NR, true>(x, k_len, w, k_len, k_len, y, ldy, prefetch);
-    if (i == 2) dot_tile<2, NR, true>(x, k_len, w, k_len, k_len, y, ldy, prefetch);
-    if (i == 1) dot_tile<1, NR, true>(x, k_len, w, k_len, k_len, y, ldy, prefetch);
+    if (i == 3) dot_tile<3, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
+    if (i == 2) dot_tile<2, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
+    if (i == 1) dot_tile<1, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
   }
   for (; i + kTileRows <= m; i += kTileRows)
-    dot_tile<kTileRows, NR>(x + i * k_len, k_len, w, k_len, k_len, y + i * ldy, ldy);
-  if (m - i == 2) dot_tile<2, NR>(x + i * k_len, k_len, w, k_len, k_len, y + i * ldy, ldy);
-  if (m - i == 1) dot_tile<1, NR>(x + i * k_len, k_len, w, k_len, k_len, y + i * ldy, ldy);
+    dot_tile<kTileRows, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
+  if (m - i == 2) dot_tile<2, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
+  if (m - i == 1) dot_tile<1, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
+}
+
+// Weight rows [n0, n1) of one product against all its input rows.
+void product_columns(const Product& p, int64_t n0, int64_t n1) {
+  const int64_t k_len = p.k_len;
+  if (p.m <= 3 && k_len < kLongRow) {  // up to three rows against short weight rows: one stream (kernels.h)
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t i = 0; i < p.m; ++i) p.y[i * p.ldy + n] = dot(p.w + n * k_len, p.x + i * p.ldx, k_len);
+    return;
+  }
+  // A pass's input rows stay in L2 while the item's weight rows go by (from memory on the first pass only).
+  for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
+    const int64_t m = std::min(kRowsPerPass, p.m - r0);
+    const float* x = p.x + r0 * p.ldx;
+    float* y = p.y + r0 * p.ldy;
+    int64_t n = n0;
+    for (; n + kTileCols <= n1; n += kTileCols) {
+      const float* next = r0 == 0 && n + 2 * kTileCols <= n1 ? p.w + (n + kTileCols) * k_len : nullptr;
+      dot_rows<kTileCols>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, next);
+    }
+    for (; n < n1; ++n) dot_rows<1>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, nullptr);
+  }
+}
+
+void run_products(const std::vector<Product>& products, int64_t threads) {
+  std::vector<int64_t> first(products.size() + 1, 0);  // product i owns items [first[i], first[i + 1])
+  for (size_t i = 0; i < products.size(); ++i)
+    first[i + 1] = first[i] + (products[i].n_len + kColsPerItem - 1) / kColsPerItem;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t item = 0; item < first.back(); ++item) {
+    const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+    const int64_t n0 = (item - first[i]) * kColsPerItem;
+    product_columns(products[i], n0, std::min(products[i].n_len, n0 + kColsPerItem));
+  }
 }
 
 // Segments: rows [start, start + count) of x (sorted by expert) times expert e's matrix, into the same rows of y.
@@ -38,38 +73,15 @@ void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor sta
   TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && w.size(2) == x.size(1), "segment_gemm: shapes");
   const int64_t n_len = w.size(1), k_len = w.size(2);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_len, "segment_gemm: output shape");
+  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), "segment_gemm");
   const int64_t* ep = experts.data_ptr<int64_t>();
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* cp = counts.data_ptr<int64_t>();
-  const int64_t segments = experts.size(0);
-  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), "segment_gemm");
-  const float* wp = w.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t per_segment = (n_len + kColsPerItem - 1) / kColsPerItem;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t item = 0; item < segments * per_segment; ++item) {
-    const int64_t s = item / per_segment, n0 = (item % per_segment) * kColsPerItem;
-    const int64_t n1 = std::min(n_len, n0 + kColsPerItem);
-    const float* w_e = wp + ep[s] * n_len * k_len;
-    if (cp[s] <= 3 && k_len < kLongRow) {  // up to three rows against short weight rows: one stream (kernels.h)
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t i = sp[s]; i < sp[s] + cp[s]; ++i) yp[i * n_len + n] = dot(w_e + n * k_len, xp + i * k_len, k_len);
-      continue;
-    }
-    // A pass's input rows stay in L2 while the item's weight rows go by (from memory on the first pass only).
-    for (int64_t r0 = 0; r0 < cp[s]; r0 += kRowsPerPass) {
-      const int64_t m = std::min(kRowsPerPass, cp[s] - r0);
-      const float* x_s = xp + (sp[s] + r0) * k_len;
-      float* y_s = yp + (sp[s] + r0) * n_len;
-      int64_t n = n0;
-      for (; n + kTileCols <= n1; n += kTileCols) {
-        const float* next = r0 == 0 && n + 2 * kTileCols <= n1 ? w_e + (n + kTileCols) * k_len : nullptr;
-        dot_rows<kTileCols>(x_s, m, w_e + n * k_len, k_len, y_s + n, n_len, next);
-      }
-      for (; n < n1; ++n) dot_rows<1>(x_s, m, w_e + n * k_len, k_len, y_s + n, n_len, nullptr);
-    }
-  }
+  std::vector<Product> products;
+  for (int64_t s = 0; s < experts.size(0); ++s)
+    products.push_back({w.data_ptr<float>() + ep[s] * n_len * k_len, n_len, k_len, x.data_ptr<float>() + sp[s] * k_len,
+                        k_len, cp[s], y.data_ptr<float>() + sp[s] * n_len, n_len});
+  run_products(products, threads);
 }
 
 // One row per task: y[r] = w[ids[r]] @ x[r]. w [E, N, K] contiguous; x [R, K] with unit inner stride and any row
