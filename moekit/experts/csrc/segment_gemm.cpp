@@ -6,9 +6,9 @@
 // a weight row, both contiguous along K, computed in tiles of kTileRows input rows x kTileCols weight rows (12 AVX2
 // accumulators, 7 loads per 12 FMAs). A work item is one segment's run of kColsPerItem weight rows, taken against
 // kRowsPerPass input rows at a time: those stay in L2 while each tile's weight rows, read from memory once, stay in
-// L1 for all of them, and the next tile's weight rows are prefetched meanwhile (each row is its own 4 KB stretch,
-// which the hardware prefetchers do not follow across). Measured here: 1.1-1.6x MKL's speed for 4-128 rows, as fast
-// as the weights stream for 1-4, on par around 256.
+// L1 for all of them, and where rows are shorter than a page the next tile's weight rows are prefetched meanwhile
+// (four short streams at once, which the hardware prefetchers pick up too late). Measured here: 1.1-1.6x MKL's
+// speed for 4-128 rows, 75-100% of the streaming bandwidth for 1-3, 60-80% for 4-8, on par with MKL around 256.
 constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 3
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
@@ -45,7 +45,10 @@ void product_columns(const Product& p, int64_t n0, int64_t n1) {
     float* y = p.y + r0 * p.ldy;
     int64_t n = n0;
     for (; n + kTileCols <= n1; n += kTileCols) {
-      const float* next = r0 == 0 && n + 2 * kTileCols <= n1 ? p.w + (n + kTileCols) * k_len : nullptr;
+      // rows of a page or more: the hardware prefetchers follow them, and software prefetches only evict the
+      // input rows from L1 (measured 1.1-1.2x at 1-3 rows without); shorter ones gain from them at 4 rows and more
+      const bool prefetch = r0 == 0 && k_len < kLongRow && n + 2 * kTileCols <= n1;
+      const float* next = prefetch ? p.w + (n + kTileCols) * k_len : nullptr;
       dot_rows<kTileCols>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, next);
     }
     for (; n < n1; ++n) dot_rows<1>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, nullptr);
