@@ -2,8 +2,10 @@
 with each experts implementation that runs here, on the same weights and inputs, next to the floor.
 
 Floor = max(bytes of the experts actually touched / measured read bandwidth, FLOPs / measured dense matmul rate),
-both rates measured again (best of a few runs) right before each row: this machine's speed drifts by 20% within
-minutes, and a floor from another minute would flatter or wrong the row.
+both rates measured again (best of a few runs) before each row and between its rounds, the best kept: this machine's
+speed drifts by 20% and more within minutes, and a floor from another minute would flatter or wrong the row. For
+the same reason the implementations take turns: ROUNDS rounds, each timing every implementation once in turn (the
+median of a short burst), and a cell is the median of its rounds.
 The forward runs as inference (eval mode, no_grad), forward+backward in training mode, on both sides.
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
 gradient (all E experts) written once.
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import statistics  # noqa: E402
+
 from common import machine, matmul_rate, read_bandwidth, timeit  # noqa: E402
 
 from moekit import MoEBlock  # noqa: E402
@@ -40,6 +44,7 @@ SHAPES = {
     ),
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+ROUNDS = 3
 
 
 def build(family: str, cls: str, kw: dict):
@@ -61,32 +66,37 @@ def build(family: str, cls: str, kw: dict):
 def run(tokens: list[int]) -> dict:
     torch.manual_seed(0)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "rows": []}
-    print(f"# {results['machine']}; each row's floor from the read bandwidth and matmul rate measured just before it")
+    print(f"# {results['machine']}; each row's floor from the best read and matmul rates measured around its rounds")
     for shape, (family, cls, kw) in SHAPES.items():
         cfg, hf_block, block = build(family, cls, kw)
         e, k, f = block.cfg.num_experts, block.cfg.top_k, block.cfg.expert_hidden
         expert_bytes = 3 * 1024 * f * 4
         for t in tokens:
-            bw, rate = read_bandwidth(), matmul_rate()
             x = torch.randn(1, t, 1024) * 0.5
             with torch.no_grad():
                 plan = block.router(x.view(-1, 1024))
             touched = int((plan.tokens_per_expert_E > 0).sum())
-            floor_fwd = max(touched * expert_bytes / bw, 2 * t * k * 3 * 1024 * f / rate)  # noqa: E501
             impls = {"moekit grouped": lambda: block(x)[0], "moekit loop": lambda: block(x)[0]}
             for name in HF_IMPLS:
                 if name == "batched_mm" and t * k * expert_bytes > 4e9:
                     continue  # it gathers one weight copy per (token, expert): out of memory here
                 impls[f"transformers {name}"] = lambda name=name: _hf(cfg, hf_block, x, name)
             flops = 2 * t * k * 3 * 1024 * f
-            floor_bwd = max((2 * touched + e) * expert_bytes / bw, 3 * flops / rate)
             for mode in ("fwd", "fwd+bwd"):
-                floor = floor_fwd if mode == "fwd" else floor_bwd
+                bw, rate, times = read_bandwidth(), matmul_rate(), {name: [] for name in impls}
+                for _ in range(ROUNDS):
+                    for name, fn in impls.items():
+                        block.set_backend("loop" if name == "moekit loop" else "grouped")
+                        times[name].append(1e3 * timeit(_step(fn, mode, block, hf_block, x), budget_s=0.5))
+                    bw, rate = max(bw, read_bandwidth()), max(rate, matmul_rate())
+                if mode == "fwd":
+                    floor = max(touched * expert_bytes / bw, flops / rate)
+                else:
+                    floor = max((2 * touched + e) * expert_bytes / bw, 3 * flops / rate)
                 row = {"shape": shape, "tokens": t, "mode": mode, "floor_ms": floor * 1e3, "ms": {}}
                 row |= {"read_GBps": bw / 1e9, "matmul_GFLOPs": rate / 1e9}
-                for name, fn in impls.items():
-                    block.set_backend("loop" if name == "moekit loop" else "grouped")
-                    row["ms"][name] = 1e3 * timeit(_step(fn, mode, block, hf_block, x))
+                row["ms"] = {name: statistics.median(ts) for name, ts in times.items()}
+                row["rounds_ms"] = times
                 results["rows"].append(row)
                 best_hf = min(v for n, v in row["ms"].items() if n.startswith("transformers"))
                 cells = "  ".join(f"{n} {v:8.2f} ({v / row['floor_ms']:.2f}x)" for n, v in row["ms"].items())
@@ -130,9 +140,9 @@ def markdown(results: dict) -> str:
     reads = [r["read_GBps"] for r in results["rows"]]
     rates = [r["matmul_GFLOPs"] for r in results["rows"]]
     lines = [
-        f"Measured {results['date']} on {results['machine']} (floors from the rates measured before each row: read "
+        f"Measured {results['date']} on {results['machine']} (floors from the best rates around each row: read "
         f"{min(reads):.1f}-{max(reads):.1f} GB/s, matmul {min(rates):.0f}-{max(rates):.0f} GFLOP/s). "
-        "Cells: ms (multiple of the floor).",
+        f"Cells: ms (multiple of the floor), medians of {ROUNDS} interleaved rounds.",
         "",
         "| layer | T | pass | floor ms | " + " | ".join(names) + " |",
         "|" + "---|" * (4 + len(names)),

@@ -1,7 +1,8 @@
 """Decode at batch 1 in few calls: a whole model step in one call where every layer allows it (DecodeChain), else
 two calls per layer, each a whole block: attention (norm, projections, QK-norm, rope, cache write, attention,
 output projection, residual) and FFN (norm, router, top-k routing, the k experts and the shared expert, combine,
-residual; or a dense FFN), in moekit's C++ kernels (csrc/decode*.cpp).
+residual; or a dense FFN), in moekit's C++ kernels (csrc/decode*.cpp). At inference an MoE block over any batch of
+tokens is one call too (moe_block_step; csrc/ffn_tokens.cpp).
 
 Eager PyTorch runs each block as some 50-60 small operators; at one token each costs its fixed few microseconds
 (tens of microseconds with caches cold from streaming the weights), which on a small model adds up to more than
