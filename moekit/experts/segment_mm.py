@@ -21,7 +21,7 @@ from moekit.experts.gemv import GRAD_WEIGHT_ROWS, load_kernel, segment_gemm, seg
 # Segments shorter than this are never split across threads: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
 # Segments of at most this many rows go to moekit's tiled kernel (csrc/segment_gemm.cpp), longer ones to MKL: about
-# where MKL's packing of the weights stops costing more than it saves.
+# where MKL's packing of the weights stops costing more than it saves (kernels.h's kTiledRows: the same bound in C++).
 TILED_ROWS = 192
 # Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
 # about where a CPU's FLOP rate per byte of bandwidth crosses over.
