@@ -57,6 +57,7 @@ class FfnDecode {
 
  private:
   void route(const float* h, int64_t* ids, float* weights) const;
+  void add_router_bias(float* logits, int64_t tokens) const;
   void choose(const float* logits, int64_t* ids, float* weights) const;
 
   at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;

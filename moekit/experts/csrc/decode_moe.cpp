@@ -74,11 +74,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward(at::Tensor x, 
 void FfnDecode::route(const float* h, int64_t* id, float* w) const {
   std::vector<float> logits(experts);
   run_tasks({{router_w_.data_ptr<float>(), experts, h, 0, 1, logits.data(), 0}}, d, 1);
+  add_router_bias(logits.data(), 1);
+  choose(logits.data(), id, w);
+}
+
+// The router bias added to `tokens` rows of logits, which must come out finite (a NaN or inf input would route
+// silently to arbitrary experts).
+void FfnDecode::add_router_bias(float* logits, int64_t tokens) const {
   const float* rb = data_or_null(router_b_);
   float total = 0.f;
-  for (int64_t e = 0; e < experts; ++e) total += (logits[e] += rb ? rb[e] : 0.f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < experts; ++e) total += (logits[t * experts + e] += rb ? rb[e] : 0.f);
   TORCH_CHECK_VALUE(std::isfinite(total), "router input contains NaN or inf: allowed finite values only");
-  choose(logits.data(), id, w);
 }
 
 // The top-k choice and weights from one token's router logits (bias included).

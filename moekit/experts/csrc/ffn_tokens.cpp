@@ -78,10 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward_tokens(at::Ten
   int64_t* id = ids.data_ptr<int64_t>();
   if (k) {
     at::Tensor logits = at::mm(h, router_w_.t());
-    if (router_b_.numel()) logits.add_(router_b_);
-    TORCH_CHECK_VALUE(std::isfinite(logits.sum().item<float>()),
-                      "router input contains NaN or inf: allowed finite values only");
-    const float* lp = logits.data_ptr<float>();
+    float* lp = logits.data_ptr<float>();
+    add_router_bias(lp, t_len);
 #pragma omp parallel for num_threads(threads) if (t_len >= 64)
     for (int64_t t = 0; t < t_len; ++t) choose(lp + t * experts, id + t * k, w.data() + t * k);
     int64_t* cp = counts.data_ptr<int64_t>();
@@ -131,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward_tokens(at::Ten
       for (int64_t i = 0; i < x_rows; ++i) row[i] += ub[id[a] * x_rows + i];
     activate(row, ap + position[a] * f, f, gated_, interleaved_, activation_, alpha_, limit_);
   }
-  for (int64_t t = 0; fs && t < t_len; ++t)
+#pragma omp parallel for num_threads(threads) if (fs && t_len >= 64)
+  for (int64_t t = 0; t < (fs ? t_len : 0); ++t)
     activate(sup + t * 2 * fs, shared_act.data_ptr<float>() + t * fs, fs, gated_, false, activation_, alpha_, limit_);
 
   // down pass
