@@ -66,6 +66,31 @@ def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, monkeypatch):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("k_len,width", [(3, 1029), (35, 389), (203, 1029)])
+def test_input_major_segment_kernel_matches_matmul_on_every_edge(threads, k_len, width, monkeypatch):
+    """y = x @ w[e] for w [E, K, N]: row counts around the two-row tiles, weight rows around the four-row groups
+    and 16-row blocks (3: no group at all; 35 and 203: a tail), output widths past the 8-wide vectors and the
+    256-float stretches, segments the threads' runs share (summed afterwards) or not, and the same answer, bit for
+    bit, on every call with the same threads."""
+    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    counts = [1, 2, 3, 0, 5, 16, 1, 2]
+    w, x = torch.randn(len(counts), k_len, width), torch.randn(sum(counts), k_len)
+    segments, start = [], 0
+    for e, c in enumerate(counts):
+        segments.append((e, start, c))
+        start += c
+    y = torch.full((x.shape[0], width), float("nan"))
+    assert gemv.segment_gemm_input_major(w, x, segments, y)
+    ref = torch.cat([x[a : a + c] @ w[e] for e, a, c in segments])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    again = torch.empty_like(y)
+    gemv.segment_gemm_input_major(w, x, segments, again)
+    assert torch.equal(y, again)
+
+
 @pytest.mark.parametrize("width", [1000, 1029])  # streaming stores with a scalar tail; unaligned rows, plain stores
 def test_weight_gradient_kernel_matches_matmul(width):
     """Segments of 0 (zeros), 1, 2, 5 and 16 rows; every element of dw written."""

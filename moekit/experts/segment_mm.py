@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 import torch
 
-from moekit.experts.gemv import GRAD_WEIGHT_ROWS, load_kernel, segment_gemm, segment_grad_weight
+from moekit.experts.gemv import (
+    GRAD_WEIGHT_ROWS,
+    INPUT_MAJOR_ROWS,
+    load_kernel,
+    segment_gemm,
+    segment_gemm_input_major,
+    segment_grad_weight,
+)
 
 # Segments shorter than this are never split across threads: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
@@ -78,26 +85,30 @@ def _row_pieces(counts: Sequence[int]) -> list[tuple[int, int, int]]:
 def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
     """y[rows of e] = x[rows of e] @ w[e]^T ([E, N, K] weights) or @ w[e] ([E, K, N] when transposed)."""
     n_out = w.shape[-1] if transposed else w.shape[-2]
-    y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
-    # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
-    # much of their time packing weights it uses for a few rows; moekit's kernel reads them in place, each weight
-    # row once for all the rows of its segment. Longer segments are single-threaded MKL products, one per thread.
-    short = [(e, a, c) for e, a, c in _segments(counts) if 0 < c <= TILED_ROWS] if not transposed else []
-    if short and not segment_gemm(w, x_SK, short, y_SN):
-        short = []  # no kernel here: matmuls below
-    if len(short) < sum(1 for c in counts if c):
-        done = {e for e, _, _ in short}
-        pieces = [p for p in _row_pieces(counts) if p[0] not in done]
-        _run([(_cost(b - a, n_out), x_SK[a:b], w[e] if transposed else w[e].t(), y_SN[a:b]) for e, a, b in pieces])
-    return y_SN
+    return _products(x_SK, w, counts, n_out, input_major=transposed)
 
 
 def _grad_input(dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
     n_in = w.shape[-2] if transposed else w.shape[-1]
-    dx_SK = dy_SN.new_empty(dy_SN.shape[0], n_in)
-    pieces = _row_pieces(counts)
-    _run([(_cost(b - a, n_in), dy_SN[a:b], w[e].t() if transposed else w[e], dx_SK[a:b]) for e, a, b in pieces])
-    return dx_SK
+    # dx = dy @ w[e] for output-major weights, which makes them input-major for this product, and the other way round
+    return _products(dy_SN, w, counts, n_in, input_major=not transposed)
+
+
+def _products(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], n_out: int, input_major: bool) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e] (input_major: w [E, K, N]) or @ w[e]^T ([E, N, K])."""
+    y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
+    # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
+    # much of their time packing weights it uses for a few rows; moekit's kernels read them in place, each weight
+    # row once for all the rows of its segment. Longer segments are single-threaded MKL products, one per thread.
+    kernel, most_rows = (segment_gemm_input_major, INPUT_MAJOR_ROWS) if input_major else (segment_gemm, TILED_ROWS)
+    short = [(e, a, c) for e, a, c in _segments(counts) if 0 < c <= most_rows]
+    if short and not kernel(w, x_SK, short, y_SN):
+        short = []  # no kernel here: matmuls below
+    if len(short) < sum(1 for c in counts if c):
+        done = {e for e, _, _ in short}
+        pieces = [p for p in _row_pieces(counts) if p[0] not in done]
+        _run([(_cost(b - a, n_out), x_SK[a:b], w[e] if input_major else w[e].t(), y_SN[a:b]) for e, a, b in pieces])
+    return y_SN
 
 
 def _grad_weight(

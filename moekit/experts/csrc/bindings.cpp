@@ -5,6 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_gemm", &segment_gemm);
+  m.def("segment_gemm_input_major", &segment_gemm_input_major);
   m.def("segment_grad_weight", &segment_grad_weight);
   m.def("gather_gemv", &gather_gemv);
   m.def("linear_gemv", &linear_gemv);

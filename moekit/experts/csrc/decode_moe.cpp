@@ -131,7 +131,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   // up pass: the k experts' gate/up rows (and the shared expert's) against the token
   std::vector<float> inputs(apply_to_input_ ? k * d : 0), up(k * x_rows + 2 * fs), act_k(k * f + fs);
   std::vector<Task> tasks;
-  std::vector<TransposedTask> transposed_tasks;
+  std::vector<Product> input_major;
   for (int64_t j = 0; j < k; ++j) {
     const float* in = h.data();
     if (apply_to_input_) {
@@ -140,7 +140,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
     }
     const float* wj = up_w_.data_ptr<float>() + id[j] * x_rows * d;
     if (transposed_)
-      transposed_tasks.push_back({wj, d, x_rows, in, up.data() + j * x_rows});
+      input_major.push_back({wj, x_rows, d, in, d, 1, up.data() + j * x_rows, x_rows});
     else
       tasks.push_back({wj, x_rows, in, 0, 1, up.data() + j * x_rows, 0});
   }
@@ -149,7 +149,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
     if (gated_) tasks.push_back({shared_gate_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
     tasks.push_back({shared_up_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated_ ? fs : 0), 0});
   }
-  if (!transposed_tasks.empty()) run_transposed_tasks(transposed_tasks, threads);
+  if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, d, threads);
   const float* ub = data_or_null(up_b_);
   for (int64_t j = 0; j < k; ++j) {
@@ -162,15 +162,15 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
 
   // down pass, then combine: x + (sum_j w_j * out_j + shared)
   std::vector<float> down(k * d + (fs ? d : 0));
-  tasks.clear(), transposed_tasks.clear();
+  tasks.clear(), input_major.clear();
   for (int64_t j = 0; j < k; ++j) {
     const float* wj = down_w_.data_ptr<float>() + id[j] * d * f;
     if (transposed_)
-      transposed_tasks.push_back({wj, f, d, act_k.data() + j * f, down.data() + j * d});
+      input_major.push_back({wj, d, f, act_k.data() + j * f, f, 1, down.data() + j * d, d});
     else
       tasks.push_back({wj, d, act_k.data() + j * f, 0, 1, down.data() + j * d, 0});
   }
-  if (!transposed_tasks.empty()) run_transposed_tasks(transposed_tasks, threads);
+  if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, f, threads);
   if (fs) run_tasks({{shared_down_w_.data_ptr<float>(), d, act_k.data() + k * f, 0, 1, down.data() + k * d, 0}}, fs,
                     threads);

@@ -19,18 +19,19 @@ struct Rows {
   at::Tensor tensor() const { return at::from_blob(data, {count, width}, {ld, 1}, at::kFloat); }
 };
 
-// A pass's products: each a moekit kernel product (up to kTiledRows rows: the weights read in place) or, longer or
-// with input-major weights, MKL's on one thread per piece (it packs the weights once for all the piece's rows).
+// A pass's products: each a moekit kernel product (up to kTiledRows rows, or kInputMajorRows with input-major
+// weights: the weights read in place) or, longer, MKL's on one thread per piece (it packs the weights once for all
+// the piece's rows).
 struct Products {
   int64_t piece_rows;  // long segments are cut into pieces of about this many rows, so no thread idles
-  std::vector<Product> tiled;
+  std::vector<Product> tiled, input_major;
   std::vector<at::Tensor> a, b, out;
 
   // y = x @ w^T, w [n, k] contiguous at w_data; transposed: x @ w, w [k, n].
   void add(const float* w_data, int64_t n, int64_t k, bool transposed, Rows x, Rows y) {
     if (x.count == 0) return;
-    if (!transposed && x.count <= kTiledRows) {
-      tiled.push_back({w_data, n, k, x.data, x.ld, x.count, y.data, y.ld});
+    if (x.count <= (transposed ? kInputMajorRows : kTiledRows)) {
+      (transposed ? input_major : tiled).push_back({w_data, n, k, x.data, x.ld, x.count, y.data, y.ld});
       return;
     }
     const auto w = at::from_blob(const_cast<float*>(w_data), transposed ? at::IntArrayRef{k, n} : at::IntArrayRef{n, k},
@@ -44,6 +45,7 @@ struct Products {
 
   void run(int64_t threads) {
     if (!tiled.empty()) run_products(tiled, threads);
+    if (!input_major.empty()) run_input_major(input_major, threads);
     if (!a.empty()) {  // the costliest first, as mm_tasks wants them
       std::vector<size_t> order(a.size());
       std::iota(order.begin(), order.end(), 0);
@@ -52,7 +54,7 @@ struct Products {
       for (const size_t i : order) a2.push_back(a[i]), b2.push_back(b[i]), out2.push_back(out[i]);
       mm_tasks(a2, b2, out2, {}, threads);
     }
-    tiled.clear(), a.clear(), b.clear(), out.clear();
+    tiled.clear(), input_major.clear(), a.clear(), b.clear(), out.clear();
   }
 };
 

@@ -148,46 +148,6 @@ inline void axpy(float a, const float* w, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * w[i];
 }
 
-// y[n] = sum_k x[k] * w[k, n] for weights stored input-major (w [rows, cols], as GPT-OSS and Llama 4 keep their
-// experts). The rows of all tasks are cut into blocks as in run_tasks; each core streams its run of rows into its
-// own copy of the outputs (small: they stay in cache), and the copies are summed at the end.
-struct TransposedTask {
-  const float* w;
-  int64_t rows;
-  int64_t cols;
-  const float* x;
-  float* y;
-};
-
-inline void run_transposed_tasks(const std::vector<TransposedTask>& tasks, int64_t threads) {
-  const std::vector<int64_t> first = first_blocks(tasks);
-  std::vector<int64_t> first_col(tasks.size() + 1, 0);
-  for (size_t i = 0; i < tasks.size(); ++i) first_col[i + 1] = first_col[i] + tasks[i].cols;
-  const int64_t blocks = first.back(), cols = first_col.back();
-  threads = std::max<int64_t>(1, std::min(threads, blocks));
-  std::vector<float> partial(threads * cols, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    float* mine = partial.data() + omp_get_thread_num() * cols;
-#else
-    float* mine = partial.data();
-#endif
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const Block blk = block_of(tasks, first, b);
-      const TransposedTask& t = tasks[blk.task];
-      for (int64_t k = blk.r0; k < blk.r1; ++k) axpy(t.x[k], t.w + k * t.cols, mine + first_col[blk.task], t.cols);
-    }
-  }
-  for (size_t i = 0; i < tasks.size(); ++i)
-    for (int64_t c = 0; c < tasks[i].cols; ++c) {
-      float sum = 0.f;
-      for (int64_t r = 0; r < threads; ++r) sum += partial[r * cols + first_col[i] + c];
-      tasks[i].y[c] = sum;
-    }
-}
-
 // y = x / rms(x) * w over n values (y may be x).
 inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
   float sum_sq = 0.f;
@@ -217,7 +177,8 @@ inline void check_fp32(const at::Tensor& t, const char* what) {
 }
 
 // y[i * ldy + n] = dot(x row i, w row n) for input rows i < m (ldx apart) and weight rows n < n_len (k_len long,
-// contiguous): one expert's segment of a few hundred rows at most (segment_gemm.cpp).
+// contiguous): one expert's segment of a few hundred rows at most (segment_gemm.cpp). Input-major products read
+// w as [k_len, n_len] instead (run_input_major).
 struct Product {
   const float* w;
   int64_t n_len, k_len;
@@ -228,6 +189,12 @@ struct Product {
 };
 // Every product's weight rows cut into runs, spread over the threads; each weight row is read from memory once.
 void run_products(const std::vector<Product>& products, int64_t threads);
+// The same for input-major weights (w [k_len, n_len]: y = x @ w, as GPT-OSS and Llama 4 keep their experts, and
+// as every expert's input gradient reads its weights), each weight row read once for all input rows
+// (input_major.cpp).
+void run_input_major(const std::vector<Product>& products, int64_t threads);
+// Up to this many rows an input-major product is moekit's to run (Python's gemv.INPUT_MAJOR_ROWS is the same bound).
+constexpr int64_t kInputMajorRows = 16;
 // Up to this many rows a product is moekit's to run (run_products); longer ones go to MKL, whose packing of the
 // weights then pays for itself (Python's segment_mm.TILED_ROWS is the same bound).
 constexpr int64_t kTiledRows = 192;
@@ -235,6 +202,8 @@ constexpr int64_t kTiledRows = 192;
 // The functions the extension exports (bindings.cpp).
 void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,
                   at::Tensor counts, at::Tensor y, int64_t threads);
+void segment_gemm_input_major(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts, at::Tensor counts,
+                              at::Tensor y, int64_t threads);
 void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Tensor starts, at::Tensor counts,
                          at::Tensor dw, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
