@@ -94,7 +94,9 @@ def _grad_input(dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], tra
     return _products(dy_SN, w, counts, n_in, input_major=not transposed)
 
 
-def _products(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], n_out: int, input_major: bool) -> torch.Tensor:
+def _products(
+    x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], n_out: int, input_major: bool
+) -> torch.Tensor:
     """y[rows of e] = x[rows of e] @ w[e] (input_major: w [E, K, N]) or @ w[e]^T ([E, N, K])."""
     y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
     # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
