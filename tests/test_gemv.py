@@ -91,11 +91,12 @@ def test_input_major_segment_kernel_matches_matmul_on_every_edge(threads, k_len,
     assert torch.equal(y, again)
 
 
-@pytest.mark.parametrize("width", [1000, 1029])  # streaming stores with a scalar tail; unaligned rows, plain stores
+@pytest.mark.parametrize("width", [1000, 1029])  # streaming stores, a column tail; unaligned rows, plain stores
 def test_weight_gradient_kernel_matches_matmul(width):
-    """Segments of 0 (zeros), 1, 2, 5 and 16 rows; every element of dw written."""
+    """Segments of 0 (zeros), 1, 2, 5, 16, 49 and 192 rows, dw rows past the 3-row tiles and 48-row items, columns
+    past the 32-wide panels; every element of dw written."""
     torch.manual_seed(0)
-    counts = [0, 1, 2, 5, 16, 0]
+    counts = [0, 1, 2, 5, 16, 49, 192, 0]
     x, dy = torch.randn(sum(counts), width), torch.randn(sum(counts), 203)
     segments, start = [], 0
     for e, c in enumerate(counts):

@@ -5,9 +5,9 @@ gemvs whose cost is reading the weights. On this class of CPU, MKL's gemv reache
 bandwidth on expert-sized matrices (short rows, small matrices, one thread pool hand-off per call), and its
 few-row gemm about half; for segments of a few dozen rows it spends much of its time packing weights it uses for
 only those rows; and a weight gradient of a few rows is all writes, which plain stores double. So moekit carries
-small C++ kernels (csrc/: weight rows read in place, once for all the rows of their segment, AVX2/FMA; streaming
-stores for weight gradients) that reach 85-95% of the streaming bandwidth and 1.1-1.6x MKL's speed on short
-segments. They are built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
+small C++ kernels (csrc/: weight rows read in place, once for all the rows of their segment, AVX2/FMA; weight
+gradients as outer products over packed panels, each element streamed out once) that reach 85-95% of the streaming
+bandwidth and 1.1-2.7x MKL's speed on short segments. They are built once with torch's cpp_extension (needs a C++ compiler and ninja; cached under
 ~/.cache/moekit/kernels or $MOEKIT_KERNEL_DIR) the first time a product is large enough to matter; where they
 cannot be built the callers fall back to torch's matmuls. Both agree up to float rounding."""
 
@@ -157,7 +157,7 @@ def segment_grad_weight(
     x_SK: torch.Tensor, dy_SN: torch.Tensor, segments: list[tuple[int, int, int]], dw_ENK: torch.Tensor
 ) -> bool:
     """dw_ENK[e] = dy^T x over the rows of each (expert, start, count) segment, count <= GRAD_WEIGHT_ROWS (0: zeros),
-    written with streaming stores; False (nothing written) where the kernel cannot take it, as segment_gemm."""
+    each dw row written once (streaming stores); False (nothing written) where the kernel cannot take it."""
     kernel = _segment_kernel(dw_ENK, segments, x_SK, dy_SN)
     if kernel is None:
         return False
@@ -165,8 +165,9 @@ def segment_grad_weight(
     return True
 
 
-# Weight-gradient segments up to this many rows are memory-bound (writing dw): the streaming kernel's range.
-GRAD_WEIGHT_ROWS = 16
+# Weight-gradient segments up to this many rows go to moekit's kernel, longer ones to MKL (kernels.h's kTiledRows,
+# segment_mm.TILED_ROWS: the same bound). Measured here: 1.0-2.7x MKL's speed at 2-192 rows.
+GRAD_WEIGHT_ROWS = 192
 
 
 def _segment_kernel(w_ENK: torch.Tensor, segments: list[tuple[int, int, int]], *rows: torch.Tensor):

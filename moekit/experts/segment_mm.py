@@ -118,8 +118,8 @@ def _grad_weight(
 ) -> torch.Tensor:
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
-    # Short segments (and untouched experts: zeros) are memory-bound: moekit's kernel writes their rows once, with
-    # streaming stores. The rest are MKL products, long segments split along dw's rows across threads.
+    # Segments up to GRAD_WEIGHT_ROWS (and untouched experts: zeros) go to moekit's kernel, which writes every dw row
+    # once; longer ones are MKL products, split along dw's rows across threads.
     short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS] if not transposed else []
     if short and not segment_grad_weight(x_SK, dy_SN, short, dw):
         short = []
