@@ -7,7 +7,7 @@ few-row gemm about half; for segments of a few dozen rows it spends much of its 
 only those rows; and a weight gradient of a few rows is all writes, which plain stores double. So moekit carries
 small C++ kernels (csrc/: weight rows read in place, once for all the rows of their segment, AVX2/FMA; weight
 gradients as outer products over packed panels, each element streamed out once) that reach 85-95% of the streaming
-bandwidth and 1.1-2.7x MKL's speed on short segments. They are built once with torch's cpp_extension (needs a C++
+bandwidth and 1.1-6x MKL's speed on short segments. They are built once with torch's cpp_extension (needs a C++
 compiler and ninja; cached under ~/.cache/moekit/kernels or $MOEKIT_KERNEL_DIR) the first time a product is large
 enough to matter; where they cannot be built the callers fall back to torch's matmuls.
 Both agree up to float rounding."""
@@ -167,7 +167,7 @@ def segment_grad_weight(
 
 
 # Weight-gradient segments up to this many rows go to moekit's kernel, longer ones to MKL (kernels.h's kTiledRows,
-# segment_mm.TILED_ROWS: the same bound). Measured here: 1.0-2.7x MKL's speed at 2-192 rows.
+# segment_mm.TILED_ROWS: the same bound). Measured here: 1.0-6x MKL's speed at 2-192 rows.
 GRAD_WEIGHT_ROWS = 192
 
 

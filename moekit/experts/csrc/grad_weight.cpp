@@ -4,13 +4,15 @@
 // a multiple of 512 bytes) apart, so a tile's loads all fall into the same few L1 sets and evict one another
 // (measured: less than half the speed). Each dw element is written once, with streaming stores where the rows are
 // 32-byte aligned (no read of the destination line first), untouched experts' rows included (zeros). Measured here
-// on Qwen3- and Mixtral-shaped experts: 1.3-2.7x MKL's speed at 2-16 rows, 1.0-1.6x at 32-192.
+// on Qwen3- and Mixtral-shaped experts: 2-6x MKL's speed at 2-8 rows (about 20 GB/s of writes, this machine's
+// streaming-store rate for nonzero data; zeros went out at 35-40), 1.0-2x at 16-192.
 #include "kernels.h"
 
 namespace {
 
 constexpr int64_t kPanel = 32;        // dw columns (x columns) per panel: four vectors
 constexpr int64_t kRowsPerItem = 96;  // dw rows per work item (its dy columns are packed once for them)
+constexpr int64_t kFewRows = 8;       // segments up to this many rows are bound by writing dw (grad_rows)
 
 // dw[r, 0:32] = sum_i dy[i, r] * x[i, 0:32] for r < MR; dy packed [m][ldd], x packed [m][32].
 template <int MR, bool kStream>
@@ -54,17 +56,29 @@ void outer_tile(const float* dy, int64_t ldd, const float* x, int64_t m, float* 
 }
 
 // dw rows [n0, n1) of one segment (m rows of dy [.., n_len] and x [.., k_len]): dy's columns for them packed
-// [m][n1 - n0] into dyp, then each 32-column panel of x packed [m][32] into xp (it stays in L1 for all the rows).
+// [m][n1 - n0] into dyp, x's full panels packed [m][32] each into xp. Segments of up to kFewRows rows are bound by
+// writing dw: all their panels are packed at once ([panels][m][32], a few KB) and dw is written one row at a time,
+// start to end, a single stream (three rows at once, 4 KB apart, wrote 1.3-1.9x slower here, likely one DRAM bank
+// for all three). Longer ones are compute-bound: 3-row tiles, one panel at a time, in L1 for all the rows.
 template <bool kStream>
 void grad_rows(const float* dy, int64_t n_len, const float* x, int64_t k_len, int64_t m, int64_t n0, int64_t n1,
                float* dw, float* dyp, float* xp) {
   const int64_t rows = n1 - n0, k_full = k_len / kPanel * kPanel;
   for (int64_t i = 0; i < m; ++i) std::copy(dy + i * n_len + n0, dy + i * n_len + n1, dyp + i * rows);
-  for (int64_t k = 0; k < k_full; k += kPanel) {
-    for (int64_t i = 0; i < m; ++i) std::copy_n(x + i * k_len + k, kPanel, xp + i * kPanel);
-    int64_t r = 0;
-    for (; r + 3 <= rows; r += 3) outer_tile<3, kStream>(dyp + r, rows, xp, m, dw + (n0 + r) * k_len + k, k_len);
-    for (; r < rows; ++r) outer_tile<1, kStream>(dyp + r, rows, xp, m, dw + (n0 + r) * k_len + k, k_len);
+  const auto dw_at = [&](int64_t r, int64_t k) { return dw + (n0 + r) * k_len + k; };
+  if (m <= kFewRows) {
+    for (int64_t k = 0; k < k_full; k += kPanel)
+      for (int64_t i = 0; i < m; ++i) std::copy_n(x + i * k_len + k, kPanel, xp + k * m + i * kPanel);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < k_full; k += kPanel)
+        outer_tile<1, kStream>(dyp + r, rows, xp + k * m, m, dw_at(r, k), k_len);
+  } else {
+    for (int64_t k = 0; k < k_full; k += kPanel) {
+      for (int64_t i = 0; i < m; ++i) std::copy_n(x + i * k_len + k, kPanel, xp + i * kPanel);
+      int64_t r = 0;
+      for (; r + 3 <= rows; r += 3) outer_tile<3, kStream>(dyp + r, rows, xp, m, dw_at(r, k), k_len);
+      for (; r < rows; ++r) outer_tile<1, kStream>(dyp + r, rows, xp, m, dw_at(r, k), k_len);
+    }
   }
   for (int64_t r = 0; r < rows; ++r)  // the columns past the last full panel
     for (int64_t k = k_full; k < k_len; ++k) {
@@ -99,7 +113,8 @@ void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Te
   const int64_t per_segment = (n_len + kRowsPerItem - 1) / kRowsPerItem;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> dyp(std::max<int64_t>(max_count, 1) * kRowsPerItem), xp(std::max<int64_t>(max_count, 1) * kPanel);
+    const int64_t most = std::max<int64_t>(max_count, 1);
+    std::vector<float> dyp(most * kRowsPerItem), xp(std::max(most * kPanel, std::min(most, kFewRows) * k_len));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < segments * per_segment; ++item) {
       const int64_t s = item / per_segment, n0 = item % per_segment * kRowsPerItem;
