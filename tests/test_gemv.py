@@ -108,17 +108,23 @@ def test_weight_gradient_kernel_matches_matmul(width):
     torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_segment_mm_with_every_kernel_matches_autograd():
-    """Kernel-sized weights, segments for each path: none, short (streamed weight gradient), tiled, and MKL."""
+@pytest.mark.parametrize("transposed", [False, True])  # [E, N, K] weights; input-major [E, K, N] (GPT-OSS, Llama 4)
+def test_segment_mm_with_every_kernel_matches_autograd(transposed):
+    """Kernel-sized weights, segments for each path: none, short (weight-gradient kernel, input-major kernel),
+    tiled, and MKL."""
     torch.manual_seed(0)
     counts = [0, 3, 16, 17, 100, 200, 0, 1]
     w = (torch.randn(8, 256, 1024) * 0.02).requires_grad_()
+    if transposed:
+        w = (torch.randn(8, 1024, 256) * 0.02).requires_grad_()
     x = torch.randn(sum(counts), 1024, requires_grad=True)
     dy = torch.randn(sum(counts), 256)
-    y = segment_mm(x, w, counts)
+    y = segment_mm(x, w, counts, transposed=transposed)
     gx, gw = torch.autograd.grad(y, [x, w], dy)
     starts = [sum(counts[:e]) for e in range(len(counts))]
-    ref = torch.cat([x[a : a + c] @ w[e].t() for e, (a, c) in enumerate(zip(starts, counts, strict=True))])
+    ref = torch.cat(
+        [x[a : a + c] @ (w[e] if transposed else w[e].t()) for e, (a, c) in enumerate(zip(starts, counts, strict=True))]
+    )
     rx, rw = torch.autograd.grad(ref, [x, w], dy)
     for got, want in ((y, ref), (gx, rx), (gw, rw)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

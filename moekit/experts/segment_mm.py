@@ -119,9 +119,9 @@ def _grad_weight(
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
     # Segments up to GRAD_WEIGHT_ROWS (and untouched experts: zeros) go to moekit's kernel, which writes every dw row
-    # once; longer ones are MKL products, split along dw's rows across threads.
-    short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS] if not transposed else []
-    if short and not segment_grad_weight(x_SK, dy_SN, short, dw):
+    # once (input-major weights: x and dy trade places); longer ones are MKL products, split along dw's rows.
+    short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS]
+    if short and not segment_grad_weight(*((dy_SN, x_SK) if transposed else (x_SK, dy_SN)), short, dw):
         short = []
     done = {e for e, _, _ in short}
     total = sum(counts) or 1
