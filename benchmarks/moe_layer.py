@@ -44,7 +44,7 @@ SHAPES = {
     ),
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
-ROUNDS = 3
+ROUNDS = 5
 
 
 def build(family: str, cls: str, kw: dict):
