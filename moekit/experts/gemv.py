@@ -130,11 +130,7 @@ def segment_gemm(
     """Fill the rows of each (expert, start, count) segment of y_SN with those x rows times the expert's matrix;
     False (nothing written) when the kernel cannot take it: too little to stream (under MIN_KERNEL_BYTES of
     weights, where any kernel is fast), not fp32 contiguous CPU tensors, or no kernel here."""
-    kernel = _segment_kernel(w_ENK, segments, x_SK, y_SN)
-    if kernel is None:
-        return False
-    kernel.segment_gemm(w_ENK, x_SK, *_segment_table(segments), y_SN, torch.get_num_threads())
-    return True
+    return _run_segments("segment_gemm", w_ENK, segments, w_ENK, x_SK, y_SN)
 
 
 def segment_gemm_input_major(
@@ -142,13 +138,12 @@ def segment_gemm_input_major(
 ) -> bool:
     """The same as segment_gemm for input-major weights: y rows = x rows @ w_EKN[e] ([K, N] each), count <=
     INPUT_MAJOR_ROWS; False (nothing written) where the kernel cannot take it."""
-    kernel = _segment_kernel(w_EKN, segments, x_SK, y_SN)
-    if kernel is None:
-        return False
-    kernel.segment_gemm_input_major(w_EKN, x_SK, *_segment_table(segments), y_SN, torch.get_num_threads())
-    return True
+    return _run_segments("segment_gemm_input_major", w_EKN, segments, w_EKN, x_SK, y_SN)
 
 
+# Segments of at most this many rows go to moekit's tiled kernel (csrc/segment_gemm.cpp), longer ones to MKL: about
+# where MKL's packing of the weights stops costing more than it saves (kernels.h's kTiledRows: the same bound in C++).
+TILED_ROWS = 192
 # Input-major segments up to this many rows go to moekit's kernel (each weight row read once, in place), longer
 # ones to MKL: measured here, 1.5-2.4x MKL's speed at 2-16 rows, on par at 32.
 INPUT_MAJOR_ROWS = 16
@@ -159,24 +154,26 @@ def segment_grad_weight(
 ) -> bool:
     """dw_ENK[e] = dy^T x over the rows of each (expert, start, count) segment, count <= GRAD_WEIGHT_ROWS (0: zeros),
     each dw row written once (streaming stores); False (nothing written) where the kernel cannot take it."""
-    kernel = _segment_kernel(dw_ENK, segments, x_SK, dy_SN)
-    if kernel is None:
-        return False
-    kernel.segment_grad_weight(x_SK, dy_SN, *_segment_table(segments), dw_ENK, torch.get_num_threads())
-    return True
+    return _run_segments("segment_grad_weight", dw_ENK, segments, x_SK, dy_SN, dw_ENK)
 
 
-# Weight-gradient segments up to this many rows go to moekit's kernel, longer ones to MKL (kernels.h's kTiledRows,
-# segment_mm.TILED_ROWS: the same bound). Measured here: 1.0-6x MKL's speed at 2-192 rows.
-GRAD_WEIGHT_ROWS = 192
+# Weight-gradient segments up to this many rows go to moekit's kernel, longer ones to MKL (the C++ side checks the
+# same kTiledRows). Measured here: 1.0-6x MKL's speed at 2-192 rows.
+GRAD_WEIGHT_ROWS = TILED_ROWS
 
 
-def _segment_kernel(w_ENK: torch.Tensor, segments: list[tuple[int, int, int]], *rows: torch.Tensor):
+def _run_segments(
+    name: str, w_ENK: torch.Tensor, segments: list[tuple[int, int, int]], *operands: torch.Tensor
+) -> bool:
+    """Run the kernel's `name`(operands[0], operands[1], experts, starts, counts, operands[2], threads) when it can
+    take these tensors; w_ENK, the weight-shaped one of them, decides whether the product is large enough."""
     nbytes = len(segments) * w_ENK[0].numel() * w_ENK.element_size()
-    kernel = kernel_for(nbytes, w_ENK, *rows) if segments else None
-    if kernel is None or not all(t.is_contiguous() for t in (w_ENK, *rows)):
-        return None
-    return kernel
+    kernel = kernel_for(nbytes, *operands) if segments else None
+    if kernel is None or not all(t.is_contiguous() for t in operands):
+        return False
+    first, second, out = operands
+    getattr(kernel, name)(first, second, *_segment_table(segments), out, torch.get_num_threads())
+    return True
 
 
 def _segment_table(segments: list[tuple[int, int, int]]) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ import torch
 from moekit.experts.gemv import (
     GRAD_WEIGHT_ROWS,
     INPUT_MAJOR_ROWS,
+    TILED_ROWS,
     load_kernel,
     segment_gemm,
     segment_gemm_input_major,
@@ -27,9 +28,6 @@ from moekit.experts.gemv import (
 
 # Segments shorter than this are never split across threads: splitting would read the expert's weights twice.
 _MIN_SPLIT_ROWS = 64
-# Segments of at most this many rows go to moekit's tiled kernel (csrc/segment_gemm.cpp), longer ones to MKL: about
-# where MKL's packing of the weights stops costing more than it saves (kernels.h's kTiledRows: the same bound in C++).
-TILED_ROWS = 192
 # Below this many rows a piece costs what reading its weights costs (memory-bound), whatever its row count:
 # about where a CPU's FLOP rate per byte of bandwidth crosses over.
 _MEMORY_BOUND_ROWS = 16
@@ -118,10 +116,12 @@ def _grad_weight(
 ) -> torch.Tensor:
     """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
+    # Both layouts are dw[e] = b_e^T a_e: input-major weights trade x and dy's places.
+    a_S, b_S = (dy_SN, x_SK) if transposed else (x_SK, dy_SN)
     # Segments up to GRAD_WEIGHT_ROWS (and untouched experts: zeros) go to moekit's kernel, which writes every dw row
-    # once (input-major weights: x and dy trade places); longer ones are MKL products, split along dw's rows.
+    # once; longer ones are MKL products, split along dw's rows.
     short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS]
-    if short and not segment_grad_weight(*((dy_SN, x_SK) if transposed else (x_SK, dy_SN)), short, dw):
+    if short and not segment_grad_weight(a_S, b_S, short, dw):
         short = []
     done = {e for e, _, _ in short}
     total = sum(counts) or 1
@@ -130,13 +130,10 @@ def _grad_weight(
     for e, start, c in _segments(counts):
         if c == 0 or e in done:
             continue
-        x_e, dy_e = x_SK[start : start + c], dy_SN[start : start + c]
+        a_e, b_e = a_S[start : start + c], b_S[start : start + c]
         parts = max(1, min(threads, round(threads * c / total))) if c >= _MIN_SPLIT_ROWS else 1
-        for a, b in _chunks(dw.shape[1], parts):
-            if transposed:
-                products.append((_cost(c, b - a), x_e[:, a:b].t(), dy_e, dw[e, a:b]))
-            else:
-                products.append((_cost(c, b - a), dy_e[:, a:b].t(), x_e, dw[e, a:b]))
+        for lo, hi in _chunks(dw.shape[1], parts):
+            products.append((_cost(c, hi - lo), b_e[:, lo:hi].t(), a_e, dw[e, lo:hi]))
     # Untouched experts get zero gradient, zeroed on the threads too (first touch of fresh pages is slow).
     _run(products, [dw[e] for e, c in enumerate(counts) if c == 0 and e not in done])
     return dw

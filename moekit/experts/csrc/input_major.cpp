@@ -72,7 +72,8 @@ void run_input_major(const std::vector<Product>& products, int64_t threads) {
   // FMAs where the segment has more rows than memory-bound products do), so it streams long stretches of memory.
   const size_t n_products = products.size();
   std::vector<int64_t> first(n_products + 1, 0);
-  for (size_t i = 0; i < n_products; ++i) first[i + 1] = first[i] + (products[i].k_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  for (size_t i = 0; i < n_products; ++i)
+    first[i + 1] = first[i] + (products[i].k_len + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t blocks = first.back();
   for (const Product& p : products)
     if (p.k_len == 0) zero_rows(p.y, p.ldy, p.m, p.n_len);
@@ -133,19 +134,5 @@ void run_input_major(const std::vector<Product>& products, int64_t threads) {
 // rows of y. w [E, K, N], x [S, K] and y [S, N] contiguous.
 void segment_gemm_input_major(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts, at::Tensor counts,
                               at::Tensor y, int64_t threads) {
-  check_fp32(w, "w"), check_fp32(x, "x"), check_fp32(y, "y");
-  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && y.is_contiguous(), "segment_gemm_input_major: contiguous only");
-  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && w.size(1) == x.size(1), "segment_gemm_input_major: shapes");
-  const int64_t k_len = w.size(1), n_len = w.size(2);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_len, "segment_gemm_input_major: output shape");
-  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), "segment_gemm_input_major");
-  const int64_t* ep = experts.data_ptr<int64_t>();
-  const int64_t* sp = starts.data_ptr<int64_t>();
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  std::vector<Product> products;
-  for (int64_t s = 0; s < experts.size(0); ++s)
-    if (cp[s])
-      products.push_back({w.data_ptr<float>() + ep[s] * k_len * n_len, n_len, k_len, x.data_ptr<float>() + sp[s] * k_len,
-                          k_len, cp[s], y.data_ptr<float>() + sp[s] * n_len, n_len});
-  run_input_major(products, threads);
+  run_input_major(segment_products(w, x, experts, starts, counts, y, true, "segment_gemm_input_major"), threads);
 }

@@ -189,6 +189,29 @@ struct Product {
   float* y;
   int64_t ldy;
 };
+// The (expert, start, count) segments of x [S, K] (rows sorted by expert) as products with their experts' matrices,
+// into the same rows of y [S, N]: w [E, N, K] or, input-major, [E, K, N]; all contiguous fp32. Empty segments are
+// left out.
+inline std::vector<Product> segment_products(const at::Tensor& w, const at::Tensor& x, const at::Tensor& experts,
+                                             const at::Tensor& starts, const at::Tensor& counts, const at::Tensor& y,
+                                             bool input_major, const char* what) {
+  check_fp32(w, "w"), check_fp32(x, "x"), check_fp32(y, "y");
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && y.is_contiguous(), what, ": contiguous only");
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 2, what, ": shapes");
+  const int64_t n_len = w.size(input_major ? 2 : 1), k_len = w.size(input_major ? 1 : 2);
+  TORCH_CHECK(x.size(1) == k_len, what, ": shapes");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_len, what, ": output shape");
+  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), what);
+  const int64_t* ep = experts.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  std::vector<Product> products;
+  for (int64_t s = 0; s < experts.size(0); ++s)
+    if (cp[s])
+      products.push_back({w.data_ptr<float>() + ep[s] * n_len * k_len, n_len, k_len,
+                          x.data_ptr<float>() + sp[s] * k_len, k_len, cp[s], y.data_ptr<float>() + sp[s] * n_len, n_len});
+  return products;
+}
 // Every product's weight rows cut into runs, spread over the threads; each weight row is read from memory once.
 void run_products(const std::vector<Product>& products, int64_t threads);
 // The same for input-major weights (w [k_len, n_len]: y = x @ w, as GPT-OSS and Llama 4 keep their experts, and
@@ -198,7 +221,7 @@ void run_input_major(const std::vector<Product>& products, int64_t threads);
 // Up to this many rows an input-major product is moekit's to run (Python's gemv.INPUT_MAJOR_ROWS is the same bound).
 constexpr int64_t kInputMajorRows = 16;
 // Up to this many rows a product is moekit's to run (run_products); longer ones go to MKL, whose packing of the
-// weights then pays for itself (Python's segment_mm.TILED_ROWS is the same bound).
+// weights then pays for itself (Python's gemv.TILED_ROWS is the same bound).
 constexpr int64_t kTiledRows = 192;
 
 // The functions the extension exports (bindings.cpp).

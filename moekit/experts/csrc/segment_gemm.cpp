@@ -71,20 +71,7 @@ void run_products(const std::vector<Product>& products, int64_t threads) {
 // w [E, N, K] contiguous; x [S, K] and y [S, N] contiguous.
 void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,
                   at::Tensor counts, at::Tensor y, int64_t threads) {
-  check_fp32(w, "w"), check_fp32(x, "x"), check_fp32(y, "y");
-  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && y.is_contiguous(), "segment_gemm: contiguous only");
-  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && w.size(2) == x.size(1), "segment_gemm: shapes");
-  const int64_t n_len = w.size(1), k_len = w.size(2);
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_len, "segment_gemm: output shape");
-  check_segments(experts, starts, counts, w.size(0), x.size(0), x.size(0), "segment_gemm");
-  const int64_t* ep = experts.data_ptr<int64_t>();
-  const int64_t* sp = starts.data_ptr<int64_t>();
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  std::vector<Product> products;
-  for (int64_t s = 0; s < experts.size(0); ++s)
-    products.push_back({w.data_ptr<float>() + ep[s] * n_len * k_len, n_len, k_len, x.data_ptr<float>() + sp[s] * k_len,
-                        k_len, cp[s], y.data_ptr<float>() + sp[s] * n_len, n_len});
-  run_products(products, threads);
+  run_products(segment_products(w, x, experts, starts, counts, y, false, "segment_gemm"), threads);
 }
 
 // One row per task: y[r] = w[ids[r]] @ x[r]. w [E, N, K] contiguous; x [R, K] with unit inner stride and any row
