@@ -48,13 +48,16 @@ def test_decode_segment_mm_and_linear_equal_training_path():
         torch.testing.assert_close(lin(row), ref(row), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("width", [1029, 389])  # weight rows of a page or more; shorter (1-3 rows: one stream)
+# weight rows of a page or more; shorter (1-3 rows: one stream); over two pages (in chunks: of 896, and of 688 with
+# a last one of 675, past the 8-wide vectors)
+@pytest.mark.parametrize("width", [1029, 389, 3584, 2051])
 def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, monkeypatch):
-    """Row counts around the 3-row tiles and 48-row passes, a width that is no multiple of the 4-column tiles or
-    the 96-column work items, and an input width with a tail past the 8-wide vectors."""
+    """Row counts around the 3-row tiles, the 1, 2, 4 and 8 tiles that prefetch and the 48-row passes, a width that
+    is no multiple of the 4-column tiles or the 96-column work items, and an input width with a tail past the 8-wide
+    vectors."""
     monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     torch.manual_seed(0)
-    counts = [1, 2, 3, 4, 0, 5, 47, 48, 49, 97, 192]
+    counts = [1, 2, 3, 4, 0, 5, 7, 12, 22, 47, 48, 49, 97, 192]
     w, x = torch.randn(len(counts), 203, width), torch.randn(sum(counts), width)
     segments, start = [], 0
     for e, c in enumerate(counts):
@@ -62,8 +65,8 @@ def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, monkeypatch):
         start += c
     y = torch.full((x.shape[0], 203), float("nan"))
     assert gemv.segment_gemm(w, x, segments, y)  # the kernel took it
-    ref = torch.cat([x[a : a + c] @ w[e].t() for e, a, c in segments])
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    ref = torch.cat([x[a : a + c].double() @ w[e].double().t() for e, a, c in segments])
+    torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

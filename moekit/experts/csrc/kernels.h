@@ -36,11 +36,11 @@ inline float dot(const float* a, const float* b, int64_t k_len) {
 }
 
 // y[i * ldy + j] = dot(x row i, w row j) for i < MR, j < NR; rows are K long, x rows ldx apart, w rows ldw apart.
-// With kPrefetch, it also prefetches the NR weight rows at `prefetch` (a template flag: a run-time test in the loop
-// costs a third of the speed).
-template <int MR, int NR, bool kPrefetch = false>
+// It also prefetches PF streams (pf_stride apart) at `prefetch`, one 64-byte line each every kEvery floats of K
+// (template parameters: a run-time test in the loop costs a third of the speed); `add` adds the sums to y.
+template <int MR, int NR, int PF = 0, int kEvery = 16>
 inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k_len, float* y, int64_t ldy,
-                     const float* prefetch = nullptr) {
+                     const float* prefetch = nullptr, int64_t pf_stride = 0, bool add = false) {
   int64_t k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc[MR][NR];
@@ -49,8 +49,9 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
   for (; k + 8 <= k_len; k += 8) {
     // one 64-byte line per row every other step, before the loads: with the weight vectors live across this
     // branch GCC 12 ran out of registers and kept an accumulator on the stack (0.55-0.7x the speed in L1)
-    if (kPrefetch && (k & 15) == 0)
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * ldw + k), _MM_HINT_T0);
+    if (PF && (k % kEvery) == 0)
+      for (int j = 0; j < PF; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * pf_stride + k * 16 / kEvery), _MM_HINT_T0);
     __m256 wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
     for (int i = 0; i < MR; ++i) {
@@ -62,7 +63,9 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
     if (k == k_len) {
       for (int i = 0; i < MR; ++i) {
         const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
-        _mm_storeu_ps(y + i * ldy, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+        __m128 sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        if (add) sums = _mm_add_ps(sums, _mm_loadu_ps(y + i * ldy));
+        _mm_storeu_ps(y + i * ldy, sums);
       }
       return;
     }
@@ -77,7 +80,7 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
       v = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 #endif
       for (int64_t kk = k; kk < k_len; ++kk) v += x[i * ldx + kk] * w[j * ldw + kk];
-      y[i * ldy + j] = v;
+      y[i * ldy + j] = add ? y[i * ldy + j] + v : v;
     }
 }
 

@@ -5,29 +5,64 @@
 // packing weights it then uses for only a few rows: here each output element is a dot product of an input row and
 // a weight row, both contiguous along K, computed in tiles of kTileRows input rows x kTileCols weight rows (12 AVX2
 // accumulators, 7 loads per 12 FMAs). A work item is one segment's run of kColsPerItem weight rows, taken against
-// kRowsPerPass input rows at a time: those stay in L2 while each tile's weight rows, read from memory once, stay in
-// L1 for all of them, and where rows are shorter than a page the next tile's weight rows are prefetched meanwhile
-// (four short streams at once, which the hardware prefetchers pick up too late). Measured here: 1.1-1.6x MKL's
-// speed for 4-128 rows, 75-100% of the streaming bandwidth for 1-3, 60-80% for 4-8, on par with MKL around 256.
+// kRowsPerPass input rows at a time: those stay in L2 while each tile's weight rows stay in L1 for all of them.
+// The weights come from memory, and the hardware prefetchers alone fetch them far too late (a tile's rows are read
+// once, then hit in L1): in L2 a 32-row segment ran at 155 GFLOP/s, from memory at 95. So while a tile's first input
+// rows go by, they prefetch the next tile's weight rows, a share each, spread over up to eight tiles so the lines
+// come in at about the rate they are used; rows over two pages are taken in chunks of a page so a tile's four rows
+// fit L1. Measured here against the first tile prefetching everything for short rows only: 1.1-1.4x for 6-64 rows,
+// 1.04-1.14x for 4 (Qwen3- and Mixtral-shaped experts); 1.1-1.6x MKL's speed before that, on par with it at 256.
 constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 3
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
+// Page-long rows are prefetched from four input rows up (1-3 rows: the hardware prefetchers keep up, and software
+// prefetches only evict the input rows from L1: 1.1-1.2x without).
+constexpr int64_t kPrefetchLongRowsFrom = 4;
+constexpr int64_t kChunkedRows = 2 * kLongRow;  // rows longer than this go in chunks of at most kLongRow
 
-// All m input rows (ldx apart) against NR weight rows.
-template <int NR>
-void dot_rows(const float* x, int64_t ldx, int64_t m, const float* w, int64_t k_len, float* y, int64_t ldy,
-              const float* prefetch) {
+// The weight rows a tile loop reads next: kTileCols rows of `len` floats, `ld` apart (none: w null).
+struct NextRows {
+  const float* w;
+  int64_t len, ld;
+};
+
+// The first tiles of dot_rows, each also prefetching its share of `next`: PF streams, one 64-byte line per stream
+// every kEvery floats of K (kEvery 32: half a row per tile, spread over twice as many tiles).
+template <int PF, int NR, int kEvery = 16>
+int64_t prefetching_tiles(const float* x, int64_t ldx, int64_t m, const float* w, int64_t ldw, int64_t k_len,
+                          float* y, int64_t ldy, NextRows next, bool add) {
+  const int64_t piece = next.len * 16 / kEvery, pieces = kEvery / 16;  // per stream and tile; per row
   int64_t i = 0;
-  if (prefetch) {  // the first tile prefetches
-    i = std::min<int64_t>(m, kTileRows);
-    if (i == 3) dot_tile<3, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
-    if (i == 2) dot_tile<2, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
-    if (i == 1) dot_tile<1, NR, true>(x, ldx, w, k_len, k_len, y, ldy, prefetch);
+  for (int64_t q = 0; q < NR * pieces && i < m; q += PF, i += kTileRows) {
+    const float* p = next.w + (q / pieces) * next.ld + (q % pieces) * piece;
+    const float* xi = x + i * ldx;
+    float* yi = y + i * ldy;
+    if (m - i >= 3) dot_tile<3, NR, PF, kEvery>(xi, ldx, w, ldw, k_len, yi, ldy, p, next.ld, add);
+    else if (m - i == 2) dot_tile<2, NR, PF, kEvery>(xi, ldx, w, ldw, k_len, yi, ldy, p, next.ld, add);
+    else dot_tile<1, NR, PF, kEvery>(xi, ldx, w, ldw, k_len, yi, ldy, p, next.ld, add);
+  }
+  return std::min(i, m);
+}
+
+// All m input rows (ldx apart) against NR weight rows (ldw apart); the first tiles prefetch next.w (when set), spread
+// over as many tiles as there are, up to eight, so its lines come in at about the rate they will be used.
+template <int NR>
+void dot_rows(const float* x, int64_t ldx, int64_t m, const float* w, int64_t ldw, int64_t k_len, float* y,
+              int64_t ldy, NextRows next, bool add) {
+  int64_t i = 0;
+  if constexpr (NR == 4) {
+    if (next.w) {
+      const int64_t tiles = (m + kTileRows - 1) / kTileRows;
+      if (tiles >= 8) i = prefetching_tiles<1, NR, 32>(x, ldx, m, w, ldw, k_len, y, ldy, next, add);
+      else if (tiles >= 4) i = prefetching_tiles<1, NR>(x, ldx, m, w, ldw, k_len, y, ldy, next, add);
+      else if (tiles >= 2) i = prefetching_tiles<2, NR>(x, ldx, m, w, ldw, k_len, y, ldy, next, add);
+      else i = prefetching_tiles<4, NR>(x, ldx, m, w, ldw, k_len, y, ldy, next, add);
+    }
   }
   for (; i + kTileRows <= m; i += kTileRows)
-    dot_tile<kTileRows, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
-  if (m - i == 2) dot_tile<2, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
-  if (m - i == 1) dot_tile<1, NR>(x + i * ldx, ldx, w, k_len, k_len, y + i * ldy, ldy);
+    dot_tile<kTileRows, NR>(x + i * ldx, ldx, w, ldw, k_len, y + i * ldy, ldy, nullptr, 0, add);
+  if (m - i == 2) dot_tile<2, NR>(x + i * ldx, ldx, w, ldw, k_len, y + i * ldy, ldy, nullptr, 0, add);
+  if (m - i == 1) dot_tile<1, NR>(x + i * ldx, ldx, w, ldw, k_len, y + i * ldy, ldy, nullptr, 0, add);
 }
 
 // Weight rows [n0, n1) of one product against all its input rows.
@@ -38,20 +73,29 @@ void product_columns(const Product& p, int64_t n0, int64_t n1) {
       for (int64_t i = 0; i < p.m; ++i) p.y[i * p.ldy + n] = dot(p.w + n * k_len, p.x + i * p.ldx, k_len);
     return;
   }
-  // A pass's input rows stay in L2 while the item's weight rows go by (from memory on the first pass only).
+  // Rows longer than two pages in chunks of at most a page: a tile's four weight row chunks stay in L1 (Mixtral's
+  // 14 KB down-projection rows: 1.04-1.07x).
+  const int64_t chunks = k_len > kChunkedRows ? (k_len + kLongRow - 1) / kLongRow : 1;
+  const int64_t kc = (k_len / chunks + 7) / 8 * 8;
+  const bool prefetch = k_len < kLongRow || p.m >= kPrefetchLongRowsFrom;
+  // A pass's input rows stay in L2 while the item's weight rows go by.
   for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerPass) {
     const int64_t m = std::min(kRowsPerPass, p.m - r0);
     const float* x = p.x + r0 * p.ldx;
     float* y = p.y + r0 * p.ldy;
     int64_t n = n0;
     for (; n + kTileCols <= n1; n += kTileCols) {
-      // rows of a page or more: the hardware prefetchers follow them, and software prefetches only evict the
-      // input rows from L1 (measured 1.1-1.2x at 1-3 rows without); shorter ones gain from them at 4 rows and more
-      const bool prefetch = r0 == 0 && k_len < kLongRow && n + 2 * kTileCols <= n1;
-      const float* next = prefetch ? p.w + (n + kTileCols) * k_len : nullptr;
-      dot_rows<kTileCols>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, next);
+      const float* w = p.w + n * k_len;
+      for (int64_t k0 = 0; k0 < k_len; k0 += kc) {
+        const int64_t len = std::min(kc, k_len - k0);
+        NextRows next{nullptr, 0, k_len};  // the tile's next chunk, or the next tile's first one
+        if (prefetch && k0 + kc < k_len) next = {w + k0 + kc, std::min(kc, k_len - k0 - kc), k_len};
+        else if (prefetch && n + 2 * kTileCols <= n1) next = {w + kTileCols * k_len, std::min(kc, k_len), k_len};
+        dot_rows<kTileCols>(x + k0, p.ldx, m, w + k0, k_len, len, y + n, p.ldy, next, k0 > 0);
+      }
     }
-    for (; n < n1; ++n) dot_rows<1>(x, p.ldx, m, p.w + n * k_len, k_len, y + n, p.ldy, nullptr);
+    for (; n < n1; ++n)
+      dot_rows<1>(x, p.ldx, m, p.w + n * k_len, k_len, k_len, y + n, p.ldy, NextRows{nullptr, 0, 0}, false);
   }
 }
 
