@@ -11,7 +11,8 @@
 // rows go by, they prefetch the next tile's weight rows, a share each, spread over up to eight tiles so the lines
 // come in at about the rate they are used; rows over two pages are taken in chunks of a page so a tile's four rows
 // fit L1. Measured here against the first tile prefetching everything for short rows only: 1.1-1.4x for 6-64 rows,
-// 1.04-1.14x for 4 (Qwen3- and Mixtral-shaped experts); 1.1-1.6x MKL's speed before that, on par with it at 256.
+// 0.99-1.14x for 4 (Qwen3- and Mixtral-shaped experts); 1.1-1.6x MKL's speed before that; MKL 1.0-1.2x faster at
+// 256-512 rows.
 constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 3
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
