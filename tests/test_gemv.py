@@ -117,9 +117,7 @@ def test_segment_mm_with_every_kernel_matches_autograd(transposed):
     tiled, and MKL."""
     torch.manual_seed(0)
     counts = [0, 3, 16, 17, 100, 200, 0, 1]
-    w = (torch.randn(8, 256, 1024) * 0.02).requires_grad_()
-    if transposed:
-        w = (torch.randn(8, 1024, 256) * 0.02).requires_grad_()
+    w = (torch.randn((8, 1024, 256) if transposed else (8, 256, 1024)) * 0.02).requires_grad_()
     x = torch.randn(sum(counts), 1024, requires_grad=True)
     dy = torch.randn(sum(counts), 256)
     y = segment_mm(x, w, counts, transposed=transposed)

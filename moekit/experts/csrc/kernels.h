@@ -47,8 +47,8 @@ inline void dot_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, i
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   for (; k + 8 <= k_len; k += 8) {
-    // one 64-byte line per row every other step, before the loads: with the weight vectors live across this
-    // branch GCC 12 ran out of registers and kept an accumulator on the stack (0.55-0.7x the speed in L1)
+    // the prefetches before the loads: with the weight vectors live across this branch GCC 12 ran out of
+    // registers and kept an accumulator on the stack (0.55-0.7x the speed in L1)
     if (PF && (k % kEvery) == 0)
       for (int j = 0; j < PF; ++j)
         _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * pf_stride + k * 16 / kEvery), _MM_HINT_T0);
