@@ -12,11 +12,11 @@ from moekit.layers.linear import Linear
 
 
 @pytest.mark.parametrize(
-    "shape,ids", [((16, 96, 40), [3, 3, 0, 15]), ((8, 1024, 1027), [7, 2]), ((16, 1024, 389), [5, 0, 5])]
+    "shape,ids", [((16, 96, 40), [3, 3, 0, 15]), ((8, 1030, 1027), [7, 2, 4]), ((16, 1024, 389), [5, 0, 5])]
 )
 def test_gather_gemv_matches_matmul(shape, ids):
-    """The small case takes torch.mv; the large ones (4+ MB, odd widths for the vector tail) the kernel, with rows
-    of a page or more four at a time and shorter rows one after another."""
+    """The small case takes torch.mv; the large ones (4+ MB, odd widths for the vector tail) the kernel: each
+    thread's run of rows as four streams, split inside a task, and the last rows of an odd count one at a time."""
     w, x = torch.randn(*shape), torch.randn(len(ids), shape[2])
     ref = torch.stack([w[e] @ x[r] for r, e in enumerate(ids)])
     with warnings.catch_warnings():
@@ -48,22 +48,24 @@ def test_decode_segment_mm_and_linear_equal_training_path():
         torch.testing.assert_close(lin(row), ref(row), rtol=1e-5, atol=1e-5)
 
 
-# weight rows of a page or more; shorter (1-3 rows: one stream); over two pages (in chunks: of 896, and of 688 with
-# a last one of 675, past the 8-wide vectors)
+# weight rows of a page or more; shorter; over two pages (in chunks: of 896, and of 688 with a last one of 675, past
+# the 8-wide vectors)
 @pytest.mark.parametrize("width", [1029, 389, 3584, 2051])
-def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, monkeypatch):
-    """Row counts around the 3-row tiles, the 1, 2, 4 and 8 tiles that prefetch and the 48-row passes, a width that
-    is no multiple of the 4-column tiles or the 96-column work items, and an input width with a tail past the 8-wide
+@pytest.mark.parametrize("n_len", [203, 194])
+def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, n_len, monkeypatch):
+    """Row counts around the four streams (up to 8 rows), the 3-row tiles, the 1, 2, 4 and 8 tiles that prefetch
+    and the 48-row passes; weight row counts no multiple of the 4-column tiles or the 96-column work items (the last
+    item four streams of 2 rows and 3 rows alone, or 2 rows alone); an input width with a tail past the 8-wide
     vectors."""
     monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     torch.manual_seed(0)
-    counts = [1, 2, 3, 4, 0, 5, 7, 12, 22, 47, 48, 49, 97, 192]
-    w, x = torch.randn(len(counts), 203, width), torch.randn(sum(counts), width)
+    counts = [1, 2, 3, 4, 0, 5, 7, 8, 9, 12, 22, 47, 48, 49, 97, 192]
+    w, x = torch.randn(len(counts), n_len, width), torch.randn(sum(counts), width)
     segments, start = [], 0
     for e, c in enumerate(counts):
         segments.append((e, start, c))
         start += c
-    y = torch.full((x.shape[0], 203), float("nan"))
+    y = torch.full((x.shape[0], n_len), float("nan"))
     assert gemv.segment_gemm(w, x, segments, y)  # the kernel took it
     ref = torch.cat([x[a : a + c].double() @ w[e].double().t() for e, a, c in segments])
     torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
