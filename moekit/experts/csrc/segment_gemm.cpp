@@ -8,8 +8,8 @@
 // Up to kStreamedRows input rows the item is read as four sequential streams, its quarters side by side, a tile
 // taking the next row of each: the hardware prefetchers follow four long streams well, more lines in flight than one
 // stream (so past a large sum's bandwidth), where four fresh rows per tile each began a stream of their own and came
-// in late (measured against that: 1.4-1.7x for 1.5 KB rows at 2-8 input rows, 1.1-1.4x for 4 KB rows at 2-4, the
-// same at 1; one stream of rows one after another: 1.2-1.45x at 1-3 rows).
+// in late (measured against that: 1.35-1.7x for 1.5 KB rows at 4-8 input rows, 1.05-1.4x for 4-14 KB rows at 2-8,
+// the same at 1; against short rows read one after another, one stream: 1.2-1.45x at 1-3 rows).
 // More input rows are taken kRowsPerPass at a time: those stay in L2 while each tile's weight rows stay in L1 for
 // all of them. Then the tiles' arithmetic hides the loads no more: in L2 a 32-row segment ran at 155 GFLOP/s, from
 // memory at 95. So while a tile's first input rows go by, they prefetch the next tile's weight rows, a share each,
