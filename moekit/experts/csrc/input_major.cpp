@@ -66,9 +66,8 @@ void run_input_major(const std::vector<Product>& products, int64_t threads) {
   // Blocks of kRowsPerBlock weight rows; each thread takes one contiguous run of about equal cost (bytes read, or
   // FMAs where the segment has more rows than memory-bound products do), so it streams long stretches of memory.
   const size_t n_products = products.size();
-  std::vector<int64_t> first(n_products + 1, 0);
-  for (size_t i = 0; i < n_products; ++i)
-    first[i + 1] = first[i] + (products[i].k_len + kRowsPerBlock - 1) / kRowsPerBlock;
+  const auto rows = [&](size_t i) { return products[i].k_len; };
+  const std::vector<int64_t> first = first_blocks(n_products, rows);
   const int64_t blocks = first.back();
   for (const Product& p : products)
     if (p.k_len == 0) zero_rows(p.y, p.ldy, p.m, p.n_len);
@@ -86,23 +85,18 @@ void run_input_major(const std::vector<Product>& products, int64_t threads) {
   // its own buffer, and the buffers are added in run order afterwards (the result depends on the thread count only).
   std::vector<std::vector<std::pair<size_t, std::vector<float>>>> shared(threads);
   auto run_range = [&](int64_t t) {
-    size_t p = std::upper_bound(first.begin(), first.end(), split[t]) - first.begin() - 1;
-    for (int64_t b = split[t]; b < split[t + 1];) {
-      while (b >= first[p + 1]) ++p;
+    for_each_share(first, split[t], split[t + 1], rows, [&](size_t p, int64_t r0, int64_t r1) {
       const Product& pr = products[p];
-      const int64_t end = std::min(split[t + 1], first[p + 1]);  // the run's blocks of this product: [b, end)
       float* dest = pr.y;
       int64_t ldd = pr.ldy;
-      if (first[p] >= split[t] && first[p + 1] <= split[t + 1]) {
+      if (r0 == 0 && r1 == pr.k_len) {  // all of the product in this run
         zero_rows(dest, ldd, pr.m, pr.n_len);
       } else {
         shared[t].emplace_back(p, std::vector<float>(pr.m * pr.n_len, 0.f));
         dest = shared[t].back().second.data(), ldd = pr.n_len;
       }
-      // all of them in one go: the longer the four streams, the better
-      accumulate(pr, (b - first[p]) * kRowsPerBlock, std::min((end - first[p]) * kRowsPerBlock, pr.k_len), dest, ldd);
-      b = end;
-    }
+      accumulate(pr, r0, r1, dest, ldd);
+    });
   };
 #pragma omp parallel num_threads(threads)
   {

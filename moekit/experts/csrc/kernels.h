@@ -102,28 +102,26 @@ struct Task {
 };
 
 constexpr int64_t kRowsPerBlock = 16;  // weight rows per work item
-constexpr int64_t kLongRow = 1024;  // floats: a 4 KB page
 
-// Work items of a task list: task i owns items [first[i], first[i + 1]) (tasks have `rows` weight rows).
-template <class T>
-std::vector<int64_t> first_blocks(const std::vector<T>& tasks) {
-  std::vector<int64_t> first(tasks.size() + 1, 0);
-  for (size_t i = 0; i < tasks.size(); ++i)
-    first[i + 1] = first[i] + (tasks[i].rows + kRowsPerBlock - 1) / kRowsPerBlock;
+// Work items of a list of n items of rows(i) weight rows each: item i owns blocks [first[i], first[i + 1]).
+template <class Rows>
+std::vector<int64_t> first_blocks(size_t n, Rows rows) {
+  std::vector<int64_t> first(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) first[i + 1] = first[i] + (rows(i) + kRowsPerBlock - 1) / kRowsPerBlock;
   return first;
 }
 
-// Work item b: its task and that task's weight rows [r0, r1).
-struct Block {
-  size_t task;
-  int64_t r0, r1;
-};
-
-template <class T>
-Block block_of(const std::vector<T>& tasks, const std::vector<int64_t>& first, int64_t b) {
-  const size_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
-  const int64_t r0 = (b - first[i]) * kRowsPerBlock;
-  return {i, r0, std::min(r0 + kRowsPerBlock, tasks[i].rows)};
+// fn(i, r0, r1) for every item's share of one thread's run of blocks [b0, b1): its weight rows [r0, r1), the whole
+// share at once (the kernels read it as four streams: the longer, the better).
+template <class Rows, class F>
+void for_each_share(const std::vector<int64_t>& first, int64_t b0, int64_t b1, Rows rows, F fn) {
+  size_t i = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
+  for (int64_t b = b0; b < b1;) {
+    while (b >= first[i + 1]) ++i;  // items of no rows own no blocks
+    const int64_t end = std::min(b1, first[i + 1]);
+    fn(i, (b - first[i]) * kRowsPerBlock, std::min((end - first[i]) * kRowsPerBlock, rows(i)));
+    b = end;
+  }
 }
 
 // Weight rows [r0, r1) of a task as four sequential streams, its quarters side by side, a tile taking row s of each.
@@ -140,19 +138,13 @@ inline void stream_rows(const Task& t, int64_t r0, int64_t r1, int64_t k_len) {
 }
 
 inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t threads) {
-  const std::vector<int64_t> first = first_blocks(tasks);
+  const auto rows = [&](size_t i) { return tasks[i].rows; };
+  const std::vector<int64_t> first = first_blocks(tasks.size(), rows);
   const int64_t blocks = first.back();
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
-  for (int64_t part = 0; part < threads; ++part) {  // one contiguous run of blocks per thread
-    const int64_t b1 = blocks * (part + 1) / threads;
-    for (int64_t b = blocks * part / threads; b < b1;) {
-      const Block blk = block_of(tasks, first, b);
-      const Task& t = tasks[blk.task];
-      const int64_t end = std::min(b1, first[blk.task + 1]);  // the run's blocks of this task: [b, end)
-      stream_rows(t, blk.r0, std::min((end - first[blk.task]) * kRowsPerBlock, t.rows), k_len);
-      b = end;
-    }
-  }
+  for (int64_t part = 0; part < threads; ++part)  // one contiguous run of blocks per thread
+    for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, rows,
+                   [&](size_t i, int64_t r0, int64_t r1) { stream_rows(tasks[i], r0, r1, k_len); });
 }
 
 // y[:n] += a * w[:n]

@@ -20,6 +20,7 @@ constexpr int kTileRows = 3, kTileCols = 4;  // dot_rows spells out kTileRows = 
 constexpr int64_t kColsPerItem = 96;  // weight rows per work item
 constexpr int64_t kStreamedRows = 8;  // up to this many input rows: four streams (measured: 0.94-1.0x at 12)
 constexpr int64_t kRowsPerPass = 48;  // input rows per pass: 48 rows of a 1-4K wide input stay in L2
+constexpr int64_t kLongRow = 1024;  // floats: a 4 KB page
 constexpr int64_t kChunkedRows = 2 * kLongRow;  // rows longer than this go in chunks of at most kLongRow
 
 // The K chunk length of k_len-long rows: all of it, or for rows over two pages about a page (a multiple of 8).
