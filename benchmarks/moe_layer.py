@@ -6,9 +6,12 @@ both rates measured again (best of a few runs) before each row and between its r
 speed drifts by 20% and more within minutes, and a floor from another minute would flatter or wrong the row. For
 the same reason the implementations take turns: ROUNDS rounds, each timing every implementation once in turn (the
 median of a short burst), and a cell is the median of its rounds.
-The forward runs as inference (eval mode, no_grad), forward+backward in training mode, on both sides.
+The forward runs as inference (eval mode, no_grad), forward+backward in training mode, on both sides, with the
+layer's input requiring its gradient as inside a model (else the first expert product's input gradient is skipped).
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
 gradient (all E experts) written once.
+Beside them, the compute reference timed in the same rounds: a dense matmul of equal FLOPs (the token's k expert
+rows through one expert-sized FFN, its activation left out: three products forward, six backward).
 
     python benchmarks/moe_layer.py [--tokens 1 16 256 2048] [--json results.json]
 """
@@ -44,6 +47,7 @@ SHAPES = {
     ),
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+DENSE = "dense matmul, equal FLOPs"
 ROUNDS = 5
 
 
@@ -72,22 +76,25 @@ def run(tokens: list[int]) -> dict:
         e, k, f = block.cfg.num_experts, block.cfg.top_k, block.cfg.expert_hidden
         expert_bytes = 3 * 1024 * f * 4
         for t in tokens:
-            x = torch.randn(1, t, 1024) * 0.5
+            x = (torch.randn(1, t, 1024) * 0.5).requires_grad_()
             with torch.no_grad():
                 plan = block.router(x.view(-1, 1024))
             touched = int((plan.tokens_per_expert_E > 0).sum())
+            dense, rows = DenseEqualFlops(1024, f), (torch.randn(t * k, 1024) * 0.5).requires_grad_()
             impls = {"moekit grouped": lambda: block(x)[0], "moekit loop": lambda: block(x)[0]}
             for name in HF_IMPLS:
                 if name == "batched_mm" and t * k * expert_bytes > 4e9:
                     continue  # it gathers one weight copy per (token, expert): out of memory here
                 impls[f"transformers {name}"] = lambda name=name: _hf(cfg, hf_block, x, name)
+            impls[DENSE] = lambda: dense(rows)
             flops = 2 * t * k * 3 * 1024 * f
             for mode in ("fwd", "fwd+bwd"):
                 bw, rate, times = read_bandwidth(), matmul_rate(), {name: [] for name in impls}
                 for _ in range(ROUNDS):
                     for name, fn in impls.items():
                         block.set_backend("loop" if name == "moekit loop" else "grouped")
-                        times[name].append(1e3 * timeit(_step(fn, mode, block, hf_block, x), budget_s=0.5))
+                        step = _step(fn, mode, (block, hf_block, dense), (x, rows))
+                        times[name].append(1e3 * timeit(step, budget_s=0.5))
                     bw, rate = max(bw, read_bandwidth()), max(rate, matmul_rate())
                 if mode == "fwd":
                     floor = max(touched * expert_bytes / bw, flops / rate)
@@ -103,7 +110,8 @@ def run(tokens: list[int]) -> dict:
                 print(
                     f"{shape[:12]} T={t:<5} {mode:<8} floor {row['floor_ms']:8.2f} ms | {cells} | "
                     "moekit vs best transformers: "
-                    f"{best_hf / row['ms']['moekit grouped']:.2f}x faster",
+                    f"{best_hf / row['ms']['moekit grouped']:.2f}x faster, "
+                    f"vs the dense matmul: {row['ms']['moekit grouped'] / row['ms'][DENSE]:.2f}x its time",
                     flush=True,
                 )
     return results
@@ -115,10 +123,23 @@ def _hf(cfg, hf_block, x, impl):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _step(fn, mode, block, hf_block, x):
+class DenseEqualFlops(torch.nn.Module):
+    """The FLOPs of one MoE layer's expert products as a dense matmul: every row through one expert-sized FFN."""
+
+    def __init__(self, hidden: int, expert_hidden: int):
+        super().__init__()
+        self.gate, self.up = (torch.nn.Linear(hidden, expert_hidden, bias=False) for _ in range(2))
+        self.down = torch.nn.Linear(expert_hidden, hidden, bias=False)
+
+    def forward(self, rows_SD: torch.Tensor) -> torch.Tensor:
+        return self.down(self.gate(rows_SD) + self.up(rows_SD))
+
+
+def _step(fn, mode, modules, inputs):
     """The timed step: the forward in inference mode (eval, no_grad), as a server runs it, or forward+backward in
     training mode."""
-    block.train(mode != "fwd"), hf_block.train(mode != "fwd")
+    for m in modules:
+        m.train(mode != "fwd")
     if mode == "fwd":
 
         def fwd():
@@ -128,8 +149,10 @@ def _step(fn, mode, block, hf_block, x):
         return fwd
 
     def fwd_bwd():
-        block.zero_grad(set_to_none=True)
-        hf_block.zero_grad(set_to_none=True)
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        for x in inputs:
+            x.grad = None
         fn().sum().backward()
 
     return fwd_bwd

@@ -81,7 +81,8 @@ def test_input_major_segment_kernel_matches_matmul_on_every_edge(threads, k_len,
     monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(0)
-    counts = [1, 2, 3, 0, 5, 16, 1, 2]
+    counts = [1, 2, 3, 0, 5, 16, 1, 2, 31, 32]
+    assert max(counts) == gemv.INPUT_MAJOR_ROWS  # the longest segment the kernel is given
     w, x = torch.randn(len(counts), k_len, width), torch.randn(sum(counts), k_len)
     segments, start = [], 0
     for e, c in enumerate(counts):

@@ -229,7 +229,7 @@ void run_products(const std::vector<Product>& products, int64_t threads);
 // (input_major.cpp).
 void run_input_major(const std::vector<Product>& products, int64_t threads);
 // Up to this many rows an input-major product is moekit's to run (Python's gemv.INPUT_MAJOR_ROWS is the same bound).
-constexpr int64_t kInputMajorRows = 16;
+constexpr int64_t kInputMajorRows = 32;
 // Up to this many rows a product is moekit's to run (run_products); longer ones go to MKL, whose packing of the
 // weights then pays for itself (Python's gemv.TILED_ROWS is the same bound).
 constexpr int64_t kTiledRows = 192;
