@@ -10,7 +10,7 @@ The forward runs as inference (eval mode, no_grad), forward+backward in training
 layer's input requiring its gradient as inside a model (else the first expert product's input gradient is skipped).
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
 gradient (all E experts) written once.
-Beside them, the compute reference timed in the same rounds: a dense matmul of equal FLOPs (the token's k expert
+Beside them, the compute reference timed in the same rounds: a dense matmul of equal FLOPs (the tokens' k expert
 rows through one expert-sized FFN, its activation left out: three products forward, six backward).
 
     python benchmarks/moe_layer.py [--tokens 1 16 256 2048] [--json results.json]

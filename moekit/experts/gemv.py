@@ -146,7 +146,7 @@ def segment_gemm_input_major(
 TILED_ROWS = 192
 # Input-major segments up to this many rows go to moekit's kernel (each weight row read once, in place), longer
 # ones to MKL: measured here, 1.5-2.4x MKL's speed at 2-16 rows, and since the kernel reads four streams 1.2-1.8x
-# at 20, 1.0-1.2x at 28-32, 0.9-1.1x at 40 and 0.75-0.8x at 64 (Qwen3- and Mixtral-shaped input gradients).
+# at 20, 0.9-1.2x at 28-32, 0.9-1.1x at 40 and 0.75-0.8x at 64 (Qwen3- and Mixtral-shaped input gradients).
 INPUT_MAJOR_ROWS = 32
 
 

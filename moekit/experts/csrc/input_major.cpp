@@ -38,8 +38,8 @@ void axpy_tile(const float* x, int64_t ldx, int64_t ldxc, const float* w, int64_
 // in stretches that stay in L1 with their outputs while the input rows go by two at a time. Four long streams are
 // what the hardware prefetchers follow best: measured against four neighbouring rows at a time, each group
 // prefetching the next, 1.0-1.2x for rows of 4-14 KB and 1.3-1.7x for 1.5 KB rows at 1-16 input rows.
-// floats: four weight rows and 16 output rows of it fill most of L1 (at 17-32 rows the outputs spill to L2, yet
-// half the stretch for them ran 0.67-1.0x)
+// kStretch floats of four weight rows and 16 output rows fill most of L1; at 17-32 rows the outputs spill to L2,
+// yet half the stretch for them ran 0.67-1.0x.
 constexpr int64_t kStretch = 256;
 
 void accumulate(const Product& p, int64_t r0, int64_t r1, float* dest, int64_t ldd) {
