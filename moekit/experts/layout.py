@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit._validate import check_choice, check_float, fail
+from moekit.experts.swiglu import swiglu
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
 
@@ -68,6 +69,10 @@ def apply_activation(h_SX: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     if layout.gate_up == "interleaved":
         gate, up = h_SX[..., 0::2], h_SX[..., 1::2]
     else:
+        if layout.activation == "silu":  # SwiGLU: one pass each way where moekit's kernel takes the rows
+            fused = swiglu(h_SX)
+            if fused is not None:
+                return fused
         gate, up = h_SX.chunk(2, dim=-1)
     return glu(gate, up, layout)
 
