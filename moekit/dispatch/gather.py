@@ -1,11 +1,12 @@
 """The row gathers of dispatch and combine, with backward passes that are gathers too.
 
-Autograd's own backward of a row gather (index_select) is a scatter-add, and of combine's per-token weighted sum
-(a batched matmul of [1, k] by [k, D]) one tiny product per token with its operand copied first: on this class of
-CPU, 4-6 ms and 6-9 ms of a Qwen3-like layer's 150 ms forward+backward at 256 tokens, 40 and 70 ms at 2048. When
-every token holds exactly k rows (a dense plan), each backward pass is again a gather by an index the forward
-already has, a token's rows summed in slot order: deterministic. moekit's kernel (csrc/rows.cpp) does each in one
-pass over the rows; elsewhere (GPUs, other dtypes, no compiler) torch's ops do the same in two or three.
+Autograd's own backward of a row gather (index_select) is a scatter-add (atomic, so nondeterministic, on GPUs),
+and of combine's per-token weighted sum (a batched matmul of [1, k] by [k, D]) one tiny product per token with its
+operand copied first: on this class of CPU, combine's forward+backward took 5.1 ms at 256 tokens of top-8 and 43 ms
+at 2048 (D = 1024). When every token holds exactly k rows (a dense plan), each backward pass is again a gather by
+an index the forward already has, a token's rows summed in slot order: deterministic. moekit's kernel
+(csrc/rows.cpp) does each in one pass over the rows (combine: 1.4 and 18 ms); elsewhere (GPUs, other dtypes, small
+batches, no compiler) torch's ops do the same in two or three.
 
 Indices: token_S[s] is the token of (expert-sorted) row s; slot_row_N[t * k + j] the row holding token t's slot j
 (the inverse permutation of order_S, the assignment of each row)."""
