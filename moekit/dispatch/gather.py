@@ -102,9 +102,10 @@ class _CombineSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TD):  # type: ignore[override]
         y_SD, weights_TK, token_S, slot_row_N, order_S = ctx.saved_tensors
-        want_w = ctx.weighted and ctx.needs_input_grad[1]
-        w_S = weights_TK.reshape(-1).index_select(0, order_S) if ctx.weighted else None
-        d_y, d_w_S = row_grads(dy_TD, token_S, y_SD if want_w else None, w_S, ctx.needs_input_grad[0])
+        want_w, want_y = ctx.weighted and ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        # the rows' weights in row order scale the rows' gradient only
+        w_S = weights_TK.reshape(-1).index_select(0, order_S) if ctx.weighted and want_y else None
+        d_y, d_w_S = row_grads(dy_TD, token_S, y_SD if want_w else None, w_S, want_y)
         d_weights = d_w_S.index_select(0, slot_row_N).view_as(weights_TK) if want_w else None
         return d_y, d_weights, None, None, None, None
 
