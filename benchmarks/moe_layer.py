@@ -6,6 +6,9 @@ both rates measured again (best of a few runs) before each row and between its r
 speed drifts by 20% and more within minutes, and a floor from another minute would flatter or wrong the row. For
 the same reason the implementations take turns: ROUNDS rounds, each timing every implementation once in turn (the
 median of a short burst), and a cell is the median of its rounds.
+Each call takes the next of VARIANTS different inputs, as successive decode steps and batches do: one input
+repeated would leave a one-token step's experts (38 MB for the qwen3-like layer) partly in a 32 MB L3 and time
+that cache rather than the memory every new token reads from. The bytes in the floor are the mean over the inputs.
 The forward runs as inference (eval mode, no_grad), forward+backward in training mode, on both sides, with the
 layer's input requiring its gradient as inside a model (else the first expert product's input gradient is skipped).
 Forward+backward: 3x the forward's FLOPs; bytes = the touched experts read twice plus the whole dense weight
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -49,6 +53,7 @@ SHAPES = {
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 DENSE = "dense matmul, equal FLOPs"
 ROUNDS = 5
+VARIANTS = 8
 
 
 def build(family: str, cls: str, kw: dict):
@@ -76,16 +81,18 @@ def run(tokens: list[int]) -> dict:
         e, k, f = block.cfg.num_experts, block.cfg.top_k, block.cfg.expert_hidden
         expert_bytes = 3 * 1024 * f * 4
         for t in tokens:
-            x = (torch.randn(1, t, 1024) * 0.5).requires_grad_()
+            xs = [(torch.randn(1, t, 1024) * 0.5).requires_grad_() for _ in range(VARIANTS)]
             with torch.no_grad():
-                plan = block.router(x.view(-1, 1024))
-            touched = int((plan.tokens_per_expert_E > 0).sum())
+                touched = statistics.mean(
+                    int((block.router(x.view(-1, 1024)).tokens_per_expert_E > 0).sum()) for x in xs
+                )
             dense, rows = DenseEqualFlops(1024, f), (torch.randn(t * k, 1024) * 0.5).requires_grad_()
-            impls = {"moekit grouped": lambda: block(x)[0], "moekit loop": lambda: block(x)[0]}
+            x_next = itertools.cycle(xs).__next__
+            impls = {"moekit grouped": lambda: block(x_next())[0], "moekit loop": lambda: block(x_next())[0]}
             for name in HF_IMPLS:
                 if name == "batched_mm" and t * k * expert_bytes > 4e9:
                     continue  # it gathers one weight copy per (token, expert): out of memory here
-                impls[f"transformers {name}"] = lambda name=name: _hf(cfg, hf_block, x, name)
+                impls[f"transformers {name}"] = lambda name=name: _hf(cfg, hf_block, x_next(), name)
             impls[DENSE] = lambda: dense(rows)
             flops = 2 * t * k * 3 * 1024 * f
             for mode in ("fwd", "fwd+bwd"):
@@ -93,7 +100,7 @@ def run(tokens: list[int]) -> dict:
                 for _ in range(ROUNDS):
                     for name, fn in impls.items():
                         block.set_backend("loop" if name == "moekit loop" else "grouped")
-                        step = _step(fn, mode, (block, hf_block, dense), (x, rows))
+                        step = _step(fn, mode, (block, hf_block, dense), (*xs, rows))
                         times[name].append(1e3 * timeit(step, budget_s=0.5))
                     bw, rate = max(bw, read_bandwidth()), max(rate, matmul_rate())
                 if mode == "fwd":
