@@ -36,7 +36,7 @@ import statistics  # noqa: E402
 from common import machine, matmul_rate, read_bandwidth, timeit  # noqa: E402
 
 from moekit import MoEBlock  # noqa: E402
-from moekit.config.hf import moe_from_hf  # noqa: E402
+from moekit.families import moe_from_hf  # noqa: E402
 
 SHAPES = {
     "qwen3-like (D=1024, E=64, F=384, top-8)": (

@@ -134,7 +134,7 @@ def test_bad_directories(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         moekit.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="model_type='bert' is unsupported: allowed one of mixtral"):
+    with pytest.raises(ValueError, match="model_type='bert' is unsupported: allowed one of dbrx, deepseek_v2"):
         moekit.from_pretrained(tmp_path)
     hf_tiny_model("qwen3_moe", tmp_path / "hf")
     os.rename(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "pytorch_model.bin")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit import MoEBlock
-from moekit.config.hf import moe_from_hf
+from moekit.families import moe_from_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moekit.config.hf_export import hf_family_for
-from moekit.config.hf_model import model_from_hf
+from moekit.checkpoint.export import hf_family_for
 from moekit.config.serialize import config_to_dict, model_config_from_dict
+from moekit.families import model_from_hf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import FAMILIES, tiny_config  # noqa: E402

@@ -8,8 +8,8 @@ import torch
 import moekit
 from moekit import ModelConfig, MoEConfig, RoutingSpec
 from moekit.config import place_moe_layers
-from moekit.config.hf import published_names
-from moekit.config.hf_model import scaled_down
+from moekit.config.published import published_names
+from moekit.config.scaled import scaled_down
 from moekit.model.count import count_parameters
 
 

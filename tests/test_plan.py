@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moekit.cli.main import main
-from moekit.config.hf_model import load_model_config, model_from_hf
+from moekit.families import load_model_config, model_from_hf
 from moekit.model.count import count_parameters
 from moekit.model.decoder import MoEDecoder
 from moekit.plan import plan
@@ -99,7 +99,7 @@ def test_meta_count_equals_real_model():
 
 
 def _hf(name):
-    from moekit.config.hf import load_hf_config
+    from moekit.config.published import load_hf_config
 
     return load_hf_config(name)
 
@@ -225,7 +225,7 @@ def test_plan_json_cli(capsys):
 
 
 def test_inspect_json_and_directory(tmp_path, capsys):
-    from moekit.config.hf import load_hf_config
+    from moekit.config.published import load_hf_config
 
     (tmp_path / "config.json").write_text(json.dumps(load_hf_config("qwen3-30b-a3b")))
     assert main(["inspect", str(tmp_path), "--json"]) == 0

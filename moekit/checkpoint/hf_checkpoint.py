@@ -16,13 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from moekit import __version__
+from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
-from moekit.checkpoint.keymap import KeyMap, expert_keys, piece_view
-from moekit.config.hf import FAMILIES, family_of, load_hf_config
-from moekit.config.hf_export import hf_family_for
-from moekit.config.hf_model import NATIVE, model_from_hf
+from moekit.checkpoint.keymap import KeyMap
+from moekit.checkpoint.names import piece_view
 from moekit.config.model import ModelConfig
+from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
+from moekit.families import FAMILIES, NATIVE, family_of, model_from_hf, tensor_names
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
 
@@ -68,7 +69,9 @@ def _resolve_dtype(dtype, shards: Shards, files: dict) -> torch.dtype:
 
 
 def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
-    cfg, keymap, experts = model.config, KeyMap(model.config), expert_keys(model.config.family)
+    cfg = model.config
+    keymap = KeyMap(cfg, tensor_names(cfg.family))
+    experts = keymap.experts
     targets = model.state_dict(keep_vars=True)
     filled: set[str] = set()
     pattern = experts.pattern() if experts.per_expert else None
@@ -197,7 +200,8 @@ def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str
     """{checkpoint name: tensor} in the layout of `family` (default: the model's own; per-expert tensors split out
     of the stacked ones)."""
     cfg = model.config if family is None else replace(model.config, family=family)
-    keymap, experts = KeyMap(cfg), expert_keys(cfg.family)
+    keymap = KeyMap(cfg, tensor_names(cfg.family))
+    experts = keymap.experts
     f = cfg.moe.expert_hidden if cfg.moe else 0
     out: dict[str, torch.Tensor] = {}
     state = model.state_dict()

@@ -1,71 +1,13 @@
-"""Declared tensor-name maps between Hugging Face checkpoints and moekit modules: renames only, per family, never
-guessed from shapes. DeepSeek-V3's multi-token-prediction layer (model.layers.{num_layers + j}) maps onto mtp.j."""
+"""Tensor names between Hugging Face checkpoints and moekit modules, from a family's declared TensorNames: renames
+only, never guessed from shapes. DeepSeek-V3's multi-token-prediction layer (model.layers.{num_layers + j}) maps
+onto mtp.j."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from moekit.checkpoint.names import TensorNames
 from moekit.config.model import ModelConfig
-
-# (Hugging Face fragment, moekit fragment): plain renames applied in order (reverse order to save); a fragment
-# starting with ^ renames a prefix only.
-ROUTER = [
-    (".mlp.gate.weight", ".mlp.router.weight"),
-    (".mlp.gate.e_score_correction_bias", ".mlp.router.selection_bias_E"),
-]
-SHARED_EXPERT = [(".mlp.shared_expert.", ".mlp.shared_experts.")]
-RENAMES = {
-    "qwen2_moe": ROUTER + SHARED_EXPERT,
-    "llama4_text": [(".feed_forward.", ".mlp."), *SHARED_EXPERT],
-    "gpt_oss": [],  # already mlp.router.*
-    "dbrx": [
-        ("^transformer.wte.", "^embed_tokens."),
-        ("^transformer.norm_f.", "^norm."),
-        ("^transformer.blocks.", "^layers."),
-        (".norm_attn_norm.norm_1.", ".input_layernorm."),
-        (".norm_attn_norm.norm_2.", ".post_attention_layernorm."),
-        (".norm_attn_norm.attn.out_proj.", ".self_attn.o_proj."),
-        (".ffn.router.layer.", ".mlp.router."),
-    ],
-}
-PREFIX = {"dbrx": ""}  # the checkpoint's name prefix of everything but lm_head (default "model.")
-
-
-@dataclass(frozen=True)
-class Fused:
-    """A checkpoint tensor made of pieces of moekit tensors: its rows are the pieces' views, each reshaped to
-    [-1, last dim], stacked in order. Views: rows (the whole tensor), gate / up (the halves of a concatenated
-    gate_up_proj [E, 2F, D]), transposed (down_proj [E, D, F] as [E, F, D])."""
-
-    checkpoint: str  # with {i} for the layer
-    pieces: tuple[tuple[str, str], ...]  # (moekit name with {i}, view)
-
-    def pattern(self) -> re.Pattern:
-        return re.compile("^" + re.escape(self.checkpoint).replace(r"\{i\}", r"(\d+)") + "$")
-
-
-def piece_view(tensor, view: str):
-    f = tensor.shape[1] // 2 if view in ("gate", "up") else 0
-    return {
-        "rows": lambda t: t,
-        "gate": lambda t: t[:, :f],
-        "up": lambda t: t[:, f:],
-        "transposed": lambda t: t.transpose(1, 2),
-    }[view](tensor)
-
-
-FUSED = {
-    "dbrx": (
-        Fused(
-            "transformer.blocks.{i}.norm_attn_norm.attn.Wqkv.weight",
-            tuple((f"layers.{{i}}.self_attn.{p}_proj.weight", "rows") for p in "qkv"),
-        ),
-        Fused("transformer.blocks.{i}.ffn.experts.mlp.w1", (("layers.{i}.mlp.experts.gate_up_proj", "gate"),)),
-        Fused("transformer.blocks.{i}.ffn.experts.mlp.v1", (("layers.{i}.mlp.experts.gate_up_proj", "up"),)),
-        Fused("transformer.blocks.{i}.ffn.experts.mlp.w2", (("layers.{i}.mlp.experts.down_proj", "transposed"),)),
-    )
-}
 
 # The MTP layer's own parts; the rest of model.layers.{L + j} is its decoder layer.
 MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "shared_head.norm": "norm"}
@@ -79,12 +21,11 @@ def _rename(name: str, old: str, new: str) -> str:
 
 
 class KeyMap:
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, names: TensorNames):
         self.num_layers, self.mtp_layers = cfg.num_layers, cfg.mtp_layers
-        self.rules = RENAMES.get(cfg.family, ROUTER)
-        self.prefix = PREFIX.get(cfg.family, "model.")
-        self.fused = FUSED.get(cfg.family, ())
-        container = EXPERT_KEYS.get(cfg.family, PER_EXPERT).container
+        self.rules = list(names.renames)
+        self.prefix, self.fused, self.experts = names.prefix, names.fused, names.experts
+        container = names.experts.container
         if container != "mlp":  # Mixtral's files name the MoE block block_sparse_moe
             self.rules = [(f".{container}.gate.", ".mlp.gate."), *self.rules]
 
@@ -139,42 +80,3 @@ class KeyMap:
     def mtp_copies(self) -> list[str]:
         """Checkpoint names of the embedding/head copies stored beside each MTP layer."""
         return [f"model.layers.{self.num_layers + j}.{c}" for j in range(self.mtp_layers) for c in MTP_COPIES]
-
-
-@dataclass(frozen=True)
-class ExpertKeys:
-    """How a family's checkpoints store routed experts: stacked 3-D tensors under the moekit names, or one 2-D
-    tensor per expert and projection (gate [F, D], up [F, D], down [D, F]) inside `container`."""
-
-    per_expert: bool
-    container: str = "mlp"
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
-
-    def pattern(self) -> re.Pattern:
-        names = "|".join(re.escape(n) for n in (self.gate, self.up, self.down))
-        return re.compile(rf"^(.*layers\.\d+)\.{re.escape(self.container)}\.experts\.(\d+)\.({names})\.weight$")
-
-    def names(self, layer_prefix: str, expert: int) -> dict[str, str]:
-        """{gate|up|down: checkpoint name} of one expert of the layer whose checkpoint prefix is layer_prefix."""
-        base = f"{layer_prefix}.{self.container}.experts.{expert}"
-        return {
-            "gate": f"{base}.{self.gate}.weight",
-            "up": f"{base}.{self.up}.weight",
-            "down": f"{base}.{self.down}.weight",
-        }
-
-
-PER_EXPERT = ExpertKeys(per_expert=True)
-EXPERT_KEYS = {
-    "mixtral": ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="w3", down="w2"),
-    "phimoe": ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="w3", down="w2"),
-    "gpt_oss": ExpertKeys(per_expert=False),
-    "dbrx": ExpertKeys(per_expert=False),  # fused [E*F, D] matrices, see FUSED
-    "llama4_text": ExpertKeys(per_expert=False),
-}
-
-
-def expert_keys(family: str) -> ExpertKeys:
-    return EXPERT_KEYS.get(family, PER_EXPERT)

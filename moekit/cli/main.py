@@ -13,7 +13,7 @@ import moekit
 def _probe(args: argparse.Namespace) -> int:
     import torch
 
-    from moekit.config.hf_model import scaled_down
+    from moekit.config.scaled import scaled_down
     from moekit.model.probe import probe_routing
     from moekit.train.data import is_validation, read_texts, stdlib_files, token_batches
 
@@ -56,7 +56,8 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from moekit.config.hf import load_hf_config, moe_from_hf, published_names
+    from moekit.config.published import load_hf_config, published_names
+    from moekit.families import moe_from_hf
 
     rows = []
     for name in published_names():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.infer.cache import KVCache
-from moekit.infer.generate import check_sampling, distribution
+from moekit.infer.sampling import check_sampling, distribution
 
 
 @dataclass

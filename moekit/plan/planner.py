@@ -19,7 +19,7 @@ GB = 1e9
 
 def resolve_model(model: str | Path | ModelConfig | dict, assumptions: list[str]) -> ModelConfig:
     """A ModelConfig, a HF config dict, a config.json path, a checkpoint directory or a shipped published name."""
-    from moekit.config.hf_model import load_model_config, model_from_hf
+    from moekit.families import load_model_config, model_from_hf
 
     if isinstance(model, ModelConfig):
         return model
