@@ -28,6 +28,7 @@ from common import machine, read_bandwidth, timeit  # noqa: E402
 
 import moekit  # noqa: E402
 from moekit.infer.cache import KVCache  # noqa: E402
+from moekit.infer.fast import prepare_inference  # noqa: E402
 from moekit.plan.model_stats import model_stats  # noqa: E402
 from moekit.plan.precision import WeightPrecision  # noqa: E402
 from moekit.plan.roofline import decode_bytes  # noqa: E402
@@ -78,6 +79,7 @@ def measure(name: str, directory: Path, rounds: int) -> dict:
     hf.generation_config.eos_token_id = None  # always generate all tokens
     hf.save_pretrained(directory / name)
     model = moekit.from_pretrained(directory / name, dtype=torch.float32)
+    prepare_inference(model)  # for the prefill timed below (generate prepares the model itself)
     prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
     long_prompt = torch.randint(0, cfg.vocab_size, (1, PREFILL))
 

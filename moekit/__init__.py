@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from moekit import _env  # noqa: F401  (first: torch allocator settings)
 from moekit.config import ModelConfig, MoEConfig
 from moekit.experts import ExpertLayout
@@ -11,6 +9,7 @@ from moekit.layers.moe import MoEBlock
 from moekit.model.decoder import MoEDecoder
 from moekit.plan import plan  # noqa: F811 (moekit.plan(...) is the function; the package stays importable)
 from moekit.routing import RoutingSpec
+from moekit.version import __version__
 
 
 def from_pretrained(path, dtype=None) -> MoEDecoder:
@@ -19,6 +18,14 @@ def from_pretrained(path, dtype=None) -> MoEDecoder:
     from moekit.checkpoint.hf_checkpoint import load_pretrained
 
     return load_pretrained(path, dtype)
+
+
+def save_pretrained(model: MoEDecoder, path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the model as a Hugging Face directory (config.json + safetensors, sharded above max_shard_bytes) that
+    transformers loads, in the family's own layout; a model no family expresses in moekit's own format."""
+    from moekit.checkpoint.hf_checkpoint import save_pretrained as save
+
+    save(model, path, max_shard_bytes)
 
 
 def from_config(config: ModelConfig) -> MoEDecoder:
@@ -37,4 +44,5 @@ __all__ = [
     "from_config",
     "from_pretrained",
     "plan",
+    "save_pretrained",
 ]

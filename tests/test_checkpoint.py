@@ -53,7 +53,7 @@ def test_load_generate_save_round_trip(family, tmp_path):
     expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert model.generate(prompt, 16).tolist() == expected.tolist()
 
-    model.save_pretrained(tmp_path / "out", max_shard_bytes=60_000 if family in SHARDED else 5 * 2**30)
+    moekit.save_pretrained(model, tmp_path / "out", max_shard_bytes=60_000 if family in SHARDED else 5 * 2**30)
     assert _tensors(tmp_path / "out") == _tensors(tmp_path / "hf")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_mtp_layer_is_loaded_or_noted(tmp_path):
     # a checkpoint that holds the MTP layer (as DeepSeek-V3's own files do) loads it, and saves it back
     full = moekit.from_config(model.config.__class__(**{**model.config.__dict__, "mtp_layers": 1}))
     full.load_state_dict(model.state_dict(), strict=False)
-    full.save_pretrained(tmp_path / "mtp")
+    moekit.save_pretrained(full, tmp_path / "mtp")
     names = _tensors(tmp_path / "mtp")
     assert "model.layers.4.eh_proj.weight" in names and "model.layers.4.shared_head.head.weight" in names
     loaded = moekit.from_pretrained(tmp_path / "mtp")

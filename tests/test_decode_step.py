@@ -1,7 +1,7 @@
-"""The one-call decode steps (moekit/layers/decode_step.py and the C++ behind them: a whole model's step, or one
+"""The fused inference steps (moekit/infer/fast.py and the C++ behind them: a whole model's decode step, or one
 block's) compute what the modules they stand in for compute: per family against transformers' greedy decoding and
-against moekit's own modules step by step, and on the routing and expert variants no tiny published config switches
-on."""
+against moekit's own modules (the model with no steps installed) step by step, and on the routing and expert
+variants no tiny published config switches on."""
 
 import sys
 from pathlib import Path
@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import moekit
-import moekit.model.decoder as decoder
+from moekit import kernels
 from moekit.config.attention import RopeScaling
 from moekit.config.moe import MoEConfig
-from moekit.experts import gemv
 from moekit.experts.layout import ExpertLayout
+from moekit.families import FAMILIES as REGISTRY
+from moekit.infer import fast
 from moekit.infer.cache import KVCache
-from moekit.layers.decode_step import ffn_step, moe_block_step
+from moekit.infer.fast import block_step, ffn_step, prepare_block, prepare_inference
 from moekit.layers.moe import MoEBlock
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import RotaryEmbedding
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import FAMILIES, hf_tiny_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not gemv.kernel_available(), reason="no C++ compiler: the modules run instead")
+pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="no C++ compiler: the modules run instead")
 
 # Which one-call paths each tiny config takes: the whole step ("chain") where every block is covered, else the
 # covered blocks one by one (the others' variants are left to the modules: MLA, chunked or NoPE-with-temperature
@@ -50,22 +51,21 @@ FUSED_OVERRIDDEN = {"deepseek_v3": {"ffn"}, "glm4_moe": {"chain"}}
 
 
 def _spy(monkeypatch) -> dict[str, int]:
-    """Count the steps each one-call path actually took."""
+    """Count the steps each fused path actually took."""
     taken = {"chain": 0, "attention": 0, "ffn": 0}
-    chain_step, attention_step, ffn_step_ = decoder.chain_step, decoder.attention_step, decoder.ffn_step
+    for kind, cls in (("chain", fast._ChainStep), ("attention", fast._AttentionStep), ("ffn", fast._FfnStep)):
 
-    def counted(kind, fn):
-        def wrapper(*args):
-            out = fn(*args)
-            taken[kind] += out is not None
+        def counted(self, *args, _call=cls.__call__, _kind=kind):
+            out = _call(self, *args)
+            taken[_kind] += out is not None
             return out
 
-        return wrapper
-
-    monkeypatch.setattr(decoder, "chain_step", counted("chain", chain_step))
-    monkeypatch.setattr(decoder, "attention_step", counted("attention", attention_step))
-    monkeypatch.setattr(decoder, "ffn_step", counted("ffn", ffn_step_))
+        monkeypatch.setattr(cls, "__call__", counted)
     return taken
+
+
+def _without_chain(model) -> None:
+    model.__dict__.pop("fused", None)  # the layers' steps stay
 
 
 def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -86,26 +86,32 @@ def test_decode_steps_equal_the_modules_and_transformers(family, overrides, tmp_
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     hf.generation_config.eos_token_id = None
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert model.generate(prompt, 12).tolist() == expected.tolist()
+    assert model.generate(prompt, 12).tolist() == expected.tolist()  # generate prepares the model
     fused = _decode_logits(model, prompt, 10)
     expected_paths = (FUSED_OVERRIDDEN if overrides else FUSED).get(family, set())
     assert {kind for kind, n in taken.items() if n} == expected_paths
     block_steps = None
     if "chain" in expected_paths:  # the same model block by block
-        monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
+        _without_chain(model)
         taken.update(attention=0, ffn=0)
         block_steps = _decode_logits(model, prompt, 10)
         assert taken["attention"] and taken["ffn"]
-    _modules_only(monkeypatch)
+    model.drop_fused()  # the pure modules
     reference = _decode_logits(model, prompt, 10)
     assert _rel(fused, reference) < 1e-5
     assert block_steps is None or _rel(block_steps, reference) < 1e-5
 
 
-def _modules_only(monkeypatch) -> None:
-    monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
-    monkeypatch.setattr(decoder, "attention_step", lambda *args: None)
-    monkeypatch.setattr(decoder, "ffn_step", lambda *args: None)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_declares_what_the_fused_steps_cover(family, tmp_path):
+    hf_tiny_model(family, tmp_path)
+    model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
+    report = prepare_inference(model)
+    moe_layers = set(model.moe_blocks())
+    covered = {step for step in ("attention", "moe") if moe_layers & set(report[step])}
+    assert covered == REGISTRY[family].fused_steps
+    model.drop_fused()
+    assert all(m.__dict__.get("fused") is None for m in model.modules())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,11 +134,12 @@ def test_attention_step_where_clip_and_sinks_bind(family, tmp_path, monkeypatch)
                 attn.sinks.normal_(std=2.0)
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    prepare_inference(model)
     fused = _decode_logits(model, prompt, 8)
-    monkeypatch.setattr(decoder, "chain_step", lambda *args: None)
+    _without_chain(model)
     block_steps = _decode_logits(model, prompt, 8)
     assert taken["chain"] and taken["attention"]
-    _modules_only(monkeypatch)
+    model.drop_fused()
     reference = _decode_logits(model, prompt, 8)
     assert _rel(fused, reference) < 1e-5 and _rel(block_steps, reference) < 1e-5
     for attn in attns:  # without the variant the logits are another model's: it binds
@@ -209,8 +216,9 @@ def test_ffn_step_covers_routing_and_expert_variants(name):
     with torch.no_grad():
         ref, ref_info = block.set_backend("loop") or block(norm(x))  # the modules
         block.set_backend("auto")
-        y, info = ffn_step(norm, block, x)  # norm, block and residual in one call
-        alone, alone_info = moe_block_step(block, norm(x))  # the block alone in one call
+        y, info = ffn_step(norm, block)(x)  # norm, block and residual in one call
+        alone, alone_info = block_step(block)(norm(x))  # the block alone in one call
+        assert prepare_block(block)
         called, _ = block(norm(x))  # what the block's forward takes at one token
     torch.testing.assert_close(y, x + ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
@@ -219,7 +227,7 @@ def test_ffn_step_covers_routing_and_expert_variants(name):
         assert torch.equal(got.tokens_per_expert_E, ref_info.tokens_per_expert_E)
         assert sorted(got.topk_ids_TK.tolist()[0]) == sorted(ref_info.topk_ids_TK.tolist()[0])
     with torch.no_grad(), pytest.raises(ValueError, match="router input contains NaN"):
-        ffn_step(norm, block, torch.full_like(x, float("nan")))
+        ffn_step(norm, block)(torch.full_like(x, float("nan")))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -231,12 +239,14 @@ def test_block_over_many_tokens_in_one_call(name):
     with torch.no_grad():
         for p in [*block.parameters(), *block.buffers()]:
             p.normal_(std=0.5)
+    step = block_step(block)
     for shape in [(1, 5), (2, 3), (1, 1000)]:
         x = torch.randn(*shape, 32)
         with torch.no_grad():
             ref, ref_info = block.set_backend("loop") or block(x)  # the modules
             block.set_backend("auto")
-            fused = moe_block_step(block, x)
+            prepare_block(block)
+            fused = step(x)
             y, info = block(x)
         assert fused is not None and torch.equal(fused[0], y)  # the forward took the one call
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -246,28 +256,41 @@ def test_block_over_many_tokens_in_one_call(name):
     assert max(ref_info.tokens_per_expert_E) > 192  # a long segment was among them
     with torch.no_grad(), pytest.raises(ValueError, match="router input contains NaN"):
         block(torch.full((1, 4, 32), float("nan")))
-    assert moe_block_step(block, x) is None  # gradients wanted: the modules
+    assert step(x) is None  # gradients wanted: the modules
 
 
 def test_ffn_step_declines_training_and_other_backends():
     block, norm = MoEBlock(32, VARIANTS["gelu_mlp"]), RMSNorm(32)
-    x = torch.randn(1, 1, 32)
+    x, step = torch.randn(1, 1, 32), ffn_step(norm, block)
     with torch.no_grad():
-        assert ffn_step(norm, block.train(), x) is None  # training: jitter, load counts
+        assert step(x) is None  # training (a new module): jitter, load counts
         block.eval().set_backend("loop")  # a chosen reference backend is honoured
-        assert ffn_step(norm, block, x) is None
+        assert step(x) is None
         block.set_backend("auto")
-        assert ffn_step(norm, block, torch.randn(1, 2, 32)) is None  # not one token
-    assert ffn_step(norm, block, x) is None  # gradients wanted
+        assert step(torch.randn(1, 2, 32)) is None  # not one token
+        assert step(x) is not None
+    assert step(x) is None  # gradients wanted
 
 
-def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
-    """The steps keep their weights in cached plans: a parameter or module put in place of another (a fine-tune
-    loaded by assignment, a swapped expert stack) must be what the next step reads."""
+def test_steps_cover_what_the_live_modules_say():
+    """Coverage is read from the modules as they are, not from the config they were built with: a router whose spec
+    now has groups, or capacity, is left to the modules."""
+    from dataclasses import replace
+
+    block = MoEBlock(32, VARIANTS["gelu_mlp"]).eval()
+    assert block_step(block) is not None
+    block.router.spec = replace(block.router.spec, n_group=2, topk_group=1)
+    assert block_step(block) is None
+
+
+def test_replaced_weights_reach_the_next_generation(tmp_path):
+    """The steps hold the weights they were built from: a parameter or module put in place of another (a fine-tune
+    loaded by assignment, a swapped expert stack) must be what the next generate reads (it prepares the model
+    again); dtype changes and state-dict loads drop the steps by themselves."""
     hf_tiny_model("qwen2_moe", tmp_path)
     model = moekit.from_pretrained(tmp_path, dtype=torch.float32)
     prompt = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(1))
-    _decode_logits(model, prompt, 2)  # plans built
+    model.generate(prompt, 2)  # steps installed
     layer = model.layers[min(model.moe_blocks())]
     with torch.no_grad():
         layer.self_attn.o_proj.weight = torch.nn.Parameter(torch.randn_like(layer.self_attn.o_proj.weight))
@@ -275,10 +298,16 @@ def test_replaced_weights_reach_the_next_step(tmp_path, monkeypatch):
         norm = RMSNorm(layer.post_attention_layernorm.weight.numel(), eps=0.1)
         norm.weight.uniform_(0.5, 2.0)
         layer.post_attention_layernorm = norm
-    fused = _decode_logits(model, prompt, 4)
-    _modules_only(monkeypatch)
-    reference = _decode_logits(model, prompt, 4)
-    assert _rel(fused, reference) < 1e-5
+    model.generate(prompt, 2)  # prepares the model again
+    fused_logits = _decode_logits(model, prompt, 4)
+    model.drop_fused()
+    assert _rel(fused_logits, _decode_logits(model, prompt, 4)) < 1e-5
+    prepare_inference(model)
+    model.double().float()
+    assert model.fused is None and model.layers[0].fused is None
+    prepare_inference(model)
+    model.load_state_dict(model.state_dict())
+    assert model.fused is None
 
 
 def test_chain_switches_longrope_factors_and_adds_the_head_bias(tmp_path, monkeypatch):
@@ -299,9 +328,10 @@ def test_chain_switches_longrope_factors_and_adds_the_head_bias(tmp_path, monkey
     model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features))
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 18), generator=torch.Generator().manual_seed(1))
+    prepare_inference(model)
     fused = _decode_logits(model, prompt, 12)  # positions 18..29: the switch at 24
     assert taken["chain"] == 12
-    _modules_only(monkeypatch)
+    model.drop_fused()
     reference = _decode_logits(model, prompt, 12)
     assert _rel(fused, reference) < 1e-5
 
@@ -312,6 +342,7 @@ def test_chain_checks_the_token_and_declines_what_it_does_not_compute(tmp_path, 
     taken = _spy(monkeypatch)
     prompt = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
     cache = KVCache()
+    prepare_inference(model)
     with torch.no_grad():
         model(prompt, cache=cache)
         with pytest.raises(ValueError, match=r"ids outside the vocabulary: allowed \[0, 95\]"):
@@ -319,8 +350,9 @@ def test_chain_checks_the_token_and_declines_what_it_does_not_compute(tmp_path, 
         assert cache.length == 5  # nothing was cached for the refused token
         model.set_backend("loop")  # a chosen reference backend is honoured: the modules run
         model(torch.tensor([[7]]), cache=cache)
-        assert taken["chain"] == 0 and taken["ffn"] == len(model.layers) - len(model.moe_blocks())  # dense layers
+        assert taken == {"chain": 0, "attention": 0, "ffn": 0}
         model.set_backend("auto")
+        prepare_inference(model)
         model(torch.tensor([[7]]), cache=cache)
         assert taken["chain"] == 1
     model(torch.tensor([[7]]), cache=cache)  # gradients wanted: the modules

@@ -4,10 +4,10 @@ plain autograd over index_select, outputs and every gradient."""
 import pytest
 import torch
 
+from moekit import kernels
 from moekit.dispatch import gather
-from moekit.experts import gemv
 
-# 2048 rows of 512 fp32: exactly gemv.MIN_KERNEL_BYTES, the smallest the kernel takes
+# 2048 rows of 512 fp32: exactly kernels.MIN_KERNEL_BYTES, the smallest the kernel takes
 TOKENS, SLOTS, HIDDEN = 512, 4, 512
 
 
@@ -30,10 +30,10 @@ def _reference_combine(y_SD, weights_TK, order_S):
 
 @pytest.fixture(params=["kernel", "torch"])
 def path(request, monkeypatch):
-    if request.param == "kernel" and not gemv.kernel_available():
+    if request.param == "kernel" and not kernels.kernel_available():
         pytest.skip("no C++ compiler: torch's path only")
     if request.param == "torch":
-        monkeypatch.setattr(gather, "kernel_for", lambda *args: None)
+        monkeypatch.setattr(kernels.rows, "kernel_for", lambda *args: None)
     return request.param
 
 

@@ -20,9 +20,7 @@ PACKAGE = Path(moekit.__file__).parent
 
 def test_every_family_module_is_registered():
     modules = {
-        p.stem
-        for p in (PACKAGE / "families").glob("*.py")
-        if re.search(r"^FAMILY = ", p.read_text(), re.MULTILINE)
+        p.stem for p in (PACKAGE / "families").glob("*.py") if re.search(r"^FAMILY = ", p.read_text(), re.MULTILINE)
     }
     assert modules == set(FAMILIES)
     assert set(TINY_FAMILIES) == set(FAMILIES)

@@ -1,19 +1,19 @@
-"""moekit's one-pass SwiGLU kernel (moekit.experts.swiglu) against torch's silu(gate) * up, value and gradient."""
+"""moekit's one-pass SwiGLU kernel (moekit.kernels.swiglu) against torch's silu(gate) * up, value and gradient."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.experts import gemv
+from moekit import kernels
 from moekit.experts.layout import ExpertLayout, apply_activation
-from moekit.experts.swiglu import swiglu
+from moekit.kernels.swiglu import swiglu
 
-pytestmark = pytest.mark.skipif(not gemv.kernel_available(), reason="no C++ compiler: torch's ops only")
+pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="no C++ compiler: torch's ops only")
 
 
 @pytest.mark.parametrize("f", [256, 261])  # 261: the scalar tail after the 8-wide lanes
 def test_kernel_matches_torch(f):
-    rows = gemv.MIN_KERNEL_BYTES // (2 * f * 4) + 1  # just large enough for the kernel to take
+    rows = kernels.MIN_KERNEL_BYTES // (2 * f * 4) + 1  # just large enough for the kernel to take
     g = torch.Generator().manual_seed(0)
     h_SX = (torch.randn(rows, 2 * f, generator=g) * 4).requires_grad_()
     with torch.no_grad():

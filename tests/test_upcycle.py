@@ -54,7 +54,7 @@ def test_bad_upcycling_settings_are_refused():
 
 def test_cli_upcycles_a_saved_dense_model_and_training_continues(tmp_path):
     dense = dense_model()
-    dense.save_pretrained(tmp_path / "dense")
+    moekit.save_pretrained(dense, tmp_path / "dense")
     assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == "moekit"
     out = tmp_path / "moe"
     cmd = [sys.executable, "-m", "moekit", "upcycle", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2"]

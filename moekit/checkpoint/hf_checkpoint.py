@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moekit import __version__
 from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap
@@ -26,6 +25,7 @@ from moekit.config.serialize import config_to_dict
 from moekit.families import FAMILIES, NATIVE, family_of, model_from_hf, tensor_names
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
+from moekit.version import __version__
 
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -302,7 +302,7 @@ def _upcycle(args: argparse.Namespace) -> int:
         bias_update_rate=args.bias_update_rate,
         aux_loss_coef=args.aux_loss_coef,
     )
-    model.save_pretrained(args.out)
+    moekit.save_pretrained(model, args.out)
     n_dense, n = count_parameters(dense), count_parameters(model)
     report = {
         "out": args.out,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moekit.dispatch.gather import combine_slots, gather_tokens
+from moekit.experts.backends import ExpertsBackend
+from moekit.experts.weights import ExpertWeights
 from moekit.routing.plan import RoutingPlan
 
 
@@ -55,11 +56,11 @@ class LocalDispatcher:
         slots_TKD = slots_TKD.index_put((plan.token_ids_N, plan.slot_N), y_ND)
         return slots_TKD.sum(1)
 
-    def run(
-        self,
-        x_TD: torch.Tensor,
-        plan: RoutingPlan,
-        experts_fn: Callable[[torch.Tensor, list[int]], torch.Tensor],
-    ) -> torch.Tensor:
+    def run(self, x_TD: torch.Tensor, plan: RoutingPlan, backend: ExpertsBackend, experts: ExpertWeights):
+        """The combined expert outputs [T, D] of the plan's assignments, computed by `backend`."""
+        if plan.num_tokens == 1 and plan.dense:  # decode at batch 1: nothing to sort, the backend's direct path
+            y_TD = backend.one_token(x_TD, plan.expert_ids_N, plan.weights_N, experts, plan.apply_to)
+            if y_TD is not None:
+                return y_TD
         d = self.dispatch(x_TD, plan)
-        return self.combine(experts_fn(d.x_SD, d.counts), d, plan)
+        return self.combine(backend(d.x_SD, d.counts, experts), d, plan)

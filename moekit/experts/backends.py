@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from moekit.experts.gemv import gather_gemv
 from moekit.experts.layout import apply_activation
 from moekit.experts.segment_mm import TILED_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
+from moekit.kernels.products import gather_gemv
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit._validate import check_choice, check_float, fail
-from moekit.experts.swiglu import swiglu
+from moekit.kernels.swiglu import swiglu
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moekit.experts.gemv import (
+from moekit.kernels import (
     GRAD_WEIGHT_ROWS,
     INPUT_MAJOR_ROWS,
     TILED_ROWS,
@@ -80,44 +80,44 @@ def _row_pieces(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     ]
 
 
-def _forward(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] @ w[e]^T ([E, N, K] weights) or @ w[e] ([E, K, N] when transposed)."""
+def _forward(x_SI: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e]^T ([E, O, I] weights) or @ w[e] ([E, I, O] when transposed)."""
     n_out = w.shape[-1] if transposed else w.shape[-2]
-    return _products(x_SK, w, counts, n_out, input_major=transposed)
+    return _products(x_SI, w, counts, n_out, input_major=transposed)
 
 
-def _grad_input(dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
+def _grad_input(dy_SO: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool) -> torch.Tensor:
     n_in = w.shape[-2] if transposed else w.shape[-1]
     # dx = dy @ w[e] for output-major weights, which makes them input-major for this product, and the other way round
-    return _products(dy_SN, w, counts, n_in, input_major=not transposed)
+    return _products(dy_SO, w, counts, n_in, input_major=not transposed)
 
 
 def _products(
-    x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], n_out: int, input_major: bool
+    x_SI: torch.Tensor, w: torch.Tensor, counts: Sequence[int], n_out: int, input_major: bool
 ) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] @ w[e] (input_major: w [E, K, N]) or @ w[e]^T ([E, N, K])."""
-    y_SN = x_SK.new_empty(x_SK.shape[0], n_out)
+    """y[rows of e] = x[rows of e] @ w[e] (input_major: w [E, I, O]) or @ w[e]^T ([E, O, I])."""
+    y_SO = x_SI.new_empty(x_SI.shape[0], n_out)
     # Short segments (decode, small batches, the many small experts of fine-grained MoEs): MKL's gemm would spend
     # much of their time packing weights it uses for a few rows; moekit's kernels read them in place, each weight
     # row once for all the rows of its segment. Longer segments are single-threaded MKL products, one per thread.
     kernel, most_rows = (segment_gemm_input_major, INPUT_MAJOR_ROWS) if input_major else (segment_gemm, TILED_ROWS)
     short = [(e, a, c) for e, a, c in _segments(counts) if 0 < c <= most_rows]
-    if short and not kernel(w, x_SK, short, y_SN):
+    if short and not kernel(w, x_SI, short, y_SO):
         short = []  # no kernel here: matmuls below
     if len(short) < sum(1 for c in counts if c):
         done = {e for e, _, _ in short}
         pieces = [p for p in _row_pieces(counts) if p[0] not in done]
-        _run([(_cost(b - a, n_out), x_SK[a:b], w[e] if input_major else w[e].t(), y_SN[a:b]) for e, a, b in pieces])
-    return y_SN
+        _run([(_cost(b - a, n_out), x_SI[a:b], w[e] if input_major else w[e].t(), y_SO[a:b]) for e, a, b in pieces])
+    return y_SO
 
 
 def _grad_weight(
-    x_SK: torch.Tensor, dy_SN: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool
+    x_SI: torch.Tensor, dy_SO: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool
 ) -> torch.Tensor:
-    """dw[e] = dy_e^T x_e ([N, K]) or x_e^T dy_e ([K, N]); split along dw's rows so pieces never overlap."""
+    """dw[e] = dy_e^T x_e ([O, I]) or x_e^T dy_e ([I, O]); split along dw's rows so pieces never overlap."""
     dw = torch.empty_like(w)
     # Both layouts are dw[e] = b_e^T a_e: input-major weights trade x and dy's places.
-    a_S, b_S = (dy_SN, x_SK) if transposed else (x_SK, dy_SN)
+    a_S, b_S = (dy_SO, x_SI) if transposed else (x_SI, dy_SO)
     # Segments up to GRAD_WEIGHT_ROWS (and untouched experts: zeros) go to moekit's kernel, which writes every dw row
     # once; longer ones are MKL products, split along dw's rows.
     short = [seg for seg in _segments(counts) if seg[2] <= GRAD_WEIGHT_ROWS]
@@ -141,37 +141,37 @@ def _grad_weight(
 
 class _SegmentMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SK, w, counts, transposed):  # type: ignore[override]
-        ctx.save_for_backward(x_SK, w)
+    def forward(ctx, x_SI, w, counts, transposed):  # type: ignore[override]
+        ctx.save_for_backward(x_SI, w)
         ctx.counts, ctx.transposed = counts, transposed
-        return _forward(x_SK.contiguous(), w, counts, transposed)
+        return _forward(x_SI.contiguous(), w, counts, transposed)
 
     @staticmethod
-    def backward(ctx, dy_SN):  # type: ignore[override]
-        x_SK, w = ctx.saved_tensors
-        dy_SN = dy_SN.contiguous()
-        dx = _grad_input(dy_SN, w, ctx.counts, ctx.transposed) if ctx.needs_input_grad[0] else None
-        dw = _grad_weight(x_SK.contiguous(), dy_SN, w, ctx.counts, ctx.transposed) if ctx.needs_input_grad[1] else None
+    def backward(ctx, dy_SO):  # type: ignore[override]
+        x_SI, w = ctx.saved_tensors
+        dy_SO = dy_SO.contiguous()
+        dx = _grad_input(dy_SO, w, ctx.counts, ctx.transposed) if ctx.needs_input_grad[0] else None
+        dw = _grad_weight(x_SI.contiguous(), dy_SO, w, ctx.counts, ctx.transposed) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
 
 
-def segment_mm(x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False) -> torch.Tensor:
-    """x_SK rows sorted by expert (counts[e] rows for expert e) times w ([E, N, K], or [E, K, N] if transposed)."""
+def segment_mm(x_SI: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False) -> torch.Tensor:
+    """x_SI rows sorted by expert (counts[e] rows for expert e) times w ([E, O, I], or [E, I, O] if transposed)."""
     counts = tuple(map(int, counts))
-    if not (torch.is_grad_enabled() and (x_SK.requires_grad or w.requires_grad)):
+    if not (torch.is_grad_enabled() and (x_SI.requires_grad or w.requires_grad)):
         with torch.no_grad():
-            return _forward(x_SK.contiguous(), w, counts, transposed)
-    return _SegmentMatmul.apply(x_SK, w, counts, transposed)
+            return _forward(x_SI.contiguous(), w, counts, transposed)
+    return _SegmentMatmul.apply(x_SI, w, counts, transposed)
 
 
 def torch_grouped_mm(
-    x_SK: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False
+    x_SI: torch.Tensor, w: torch.Tensor, counts: Sequence[int], transposed: bool = False
 ) -> torch.Tensor:
     """The same through torch's grouped matmul kernel (needs 16-byte aligned strides)."""
-    offsets = torch.tensor(list(counts), device=x_SK.device).cumsum(0).to(torch.int32)
+    offsets = torch.tensor(list(counts), device=x_SI.device).cumsum(0).to(torch.int32)
     grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    y_SN = grouped_mm(x_SK.contiguous(), w if transposed else w.transpose(-2, -1), offs=offsets)
-    return _ContiguousGrad.apply(y_SN) if y_SN.requires_grad else y_SN
+    y_SO = grouped_mm(x_SI.contiguous(), w if transposed else w.transpose(-2, -1), offs=offsets)
+    return _ContiguousGrad.apply(y_SO) if y_SO.requires_grad else y_SO
 
 
 class _ContiguousGrad(torch.autograd.Function):

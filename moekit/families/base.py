@@ -11,9 +11,9 @@ from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
 
 HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
-# The fused steps a family's layers can take (moekit.infer.fast): the attention block and the FFN block of a decode
-# step, and the MoE block over a batch of tokens at inference.
-FUSED_STEPS = ("attention", "ffn", "moe_tokens")
+# What of a family's MoE layers moekit's fused inference steps (moekit.infer.fast) cover: the attention block of a
+# decode step, and the MoE block (at a decode step and over a batch of tokens).
+FUSED_STEPS = ("attention", "moe")
 
 
 def need(c: dict, *keys: str):
@@ -72,8 +72,8 @@ class Family:
     architecture: str | None = None  # transformers' class named in a written config.json
     write_rank: int | None = None  # order in which saving tries the writing families (lowest first); None: never
     names: TensorNames = TensorNames()
-    # The fused steps (FUSED_STEPS) that cover this family's layers in its published configs; tests check it
-    # against what moekit.infer.fast installs.
+    # The fused steps (FUSED_STEPS) that cover this family's MoE layers, with the particulars its tests switch on
+    # (tests/hf_tiny.py); tests check it against what moekit.infer.fast installs.
     fused_steps: frozenset[str] = frozenset(FUSED_STEPS)
     norm: str = "rms"
     norm_eps: float = 1e-6  # when config.json gives none

@@ -43,7 +43,7 @@ class Dbrx(Family):
     names = NAMES
     norm = "layer_nobias"
     norm_eps = 1e-5
-    fused_steps = frozenset({"moe_tokens"})  # LayerNorm: the decode steps (which read RMSNorm) do not apply
+    fused_steps = frozenset({"moe"})  # LayerNorm: no attention step (it reads an RMSNorm)
 
     def fields(self, hf: dict) -> dict:
         """DBRX's fields under the common names."""

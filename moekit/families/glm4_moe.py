@@ -13,6 +13,7 @@ class Glm4Moe(DeepseekV3):
     architecture = "Glm4MoeForCausalLM"
     write_rank = 2
     mla = False
+    fused_steps = frozenset({"attention"})  # its group-limited routing (n_group > 1) is not in the FFN step
 
     def attention(self, c):
         rotary = c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")

@@ -18,7 +18,7 @@ class Llama4Text(Family):
     aliases = ("llama4",)
     names = TensorNames(renames=((".feed_forward.", ".mlp."), SHARED_EXPERT), experts=STACKED)
     # Chunked layers, NoPE temperature tuning, L2 QK-norm and interleaved rope are not in the attention step.
-    fused_steps = frozenset({"ffn", "moe_tokens"})
+    fused_steps = frozenset({"moe"})
 
     def moe(self, c):
         f, n_layers = need(c, "intermediate_size"), c["num_hidden_layers"]

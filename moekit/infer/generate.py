@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from moekit.infer.cache import KVCache
+from moekit.infer.fast import prepare_inference
 from moekit.infer.sampling import check_sampling, sample
 from moekit.infer.speculative import speculative_generate
 
@@ -38,6 +39,7 @@ def generate(
         )
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.eval()
+    prepare_inference(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache()
     b = input_ids.shape[0]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moekit.infer.cache import KVCache
+from moekit.infer.fast import prepare_inference
 from moekit.infer.sampling import check_sampling, distribution
 
 
@@ -102,6 +103,7 @@ def speculative_generate(
     if max_new_tokens == 0:
         return input_ids
     model.eval()
+    prepare_inference(model)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     probs = lambda logits_1V: distribution(logits_1V, temperature, top_k, top_p)[0]  # noqa: E731
 

@@ -24,22 +24,22 @@ def causal_mask(
     window: int | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Boolean [B or 1, 1, Tq, Tk] mask, True where a query may attend; the queries are the last Tq positions.
-    window: only the last `window` keys (the query's own included); chunk: only keys in the query's chunk.
+    """Boolean [B or 1, 1, T, S] mask (T queries, S keys), True where a query may attend; the queries are the last T
+    positions. window: only the last `window` keys (the query's own included); chunk: only keys in the query's chunk.
     Padded queries keep their own position open so softmax never sees an all-masked row."""
     q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
     k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
-    allowed_QK = k_pos <= q_pos
+    allowed_TS = k_pos <= q_pos
     if window is not None:
-        allowed_QK = allowed_QK & (k_pos > q_pos - window)
+        allowed_TS = allowed_TS & (k_pos > q_pos - window)
     if chunk is not None:
-        allowed_QK = allowed_QK & (k_pos // chunk == q_pos // chunk)
+        allowed_TS = allowed_TS & (k_pos // chunk == q_pos // chunk)
     if attention_mask_BT is None:
-        return allowed_QK[None, None]
-    keys_B1K = attention_mask_BT.bool()[:, None, :]
-    allowed_BQK = allowed_QK[None] & keys_B1K
-    allowed_BQK = allowed_BQK | torch.eye(num_keys, device=device, dtype=torch.bool)[-num_queries:][None]
-    return allowed_BQK[:, None]
+        return allowed_TS[None, None]
+    keys_B1S = attention_mask_BT.bool()[:, None, :]
+    allowed_BTS = allowed_TS[None] & keys_B1S
+    allowed_BTS = allowed_BTS | torch.eye(num_keys, device=device, dtype=torch.bool)[-num_queries:][None]
+    return allowed_BTS[:, None]
 
 
 @dataclass
@@ -103,13 +103,6 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.sinks else None
         self.scale = hd**-0.5
         self.window = a.sliding_window if self.layer_type == "sliding" else None
-        # what moekit's one-call decode step covers (layers/decode_step.py)
-        self.fusable = (
-            a.qk_norm in ("none", "head", "full")
-            and self.temperature is None
-            and not (self.use_rope and self.interleave)
-            and self.layer_type in ("full", "sliding")
-        )
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.experts.gemv import linear_gemv
+from moekit.kernels.products import linear_gemv
 
 
 class Linear(nn.Linear):

@@ -45,6 +45,11 @@ class MoEInfo:
 
 
 class MoEBlock(nn.Module):
+    """fused: None, or the block's faster step at inference installed from outside (moekit.infer.fast): x_BTD ->
+    (y_BTD, MoEInfo), or None where it does not apply."""
+
+    fused = None
+
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
         self.cfg, self.hidden_size = cfg, hidden_size
@@ -58,22 +63,10 @@ class MoEBlock(nn.Module):
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.backend = get_backend(cfg.backend)
         self.dispatcher = LocalDispatcher()
-        spec = cfg.routing
-        # what moekit's one-call decode step covers (layers/decode_step.py)
-        self.fusable = (
-            cfg.router == "token_choice"
-            and spec.score_func in ("softmax", "sigmoid")
-            and spec.n_group == 1
-            and spec.normalize_p == 1.0
-            and cfg.capacity_factor is None
-            and not (self.shared_experts is not None and cfg.layout.bias)
-        )
 
     def set_backend(self, name: str) -> None:
+        self.__dict__.pop("fused", None)  # a fused step computes what the default backend does
         self.backend = get_backend(name)
-
-    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self.backend(x_SD, counts, self.experts)
 
     def forward(
         self,
@@ -88,12 +81,10 @@ class MoEBlock(nn.Module):
                 f"MoE input shape {tuple(x_BTD.shape)} is invalid: allowed [batch, tokens, {self.hidden_size}]"
             )
         b, t, d = x_BTD.shape
-        if token_mask_BT is None and self.fusable:  # inference: the block in one kernel call where that applies
-            from moekit.layers.decode_step import moe_block_step  # (it builds on this module)
-
-            fused = moe_block_step(self, x_BTD)
-            if fused is not None:
-                return fused
+        if self.fused is not None and token_mask_BT is None:
+            out = self.fused(x_BTD)
+            if out is not None:
+                return out
         if self.cfg.router == "soft":
             y_BTD, info = self._soft(x_BTD, token_mask_BT)
         else:
@@ -101,11 +92,7 @@ class MoEBlock(nn.Module):
             mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
             ids_T = None if token_ids_BT is None else token_ids_BT.reshape(-1)
             plan = self.router(x_TD, ids_T, mask_T)
-            y_TD = None
-            if plan.num_tokens == 1 and plan.dense:  # decode at batch 1: the backend's direct path, if it has one
-                y_TD = self.backend.one_token(x_TD, plan.expert_ids_N, plan.weights_N, self.experts, plan.apply_to)
-            if y_TD is None:
-                y_TD = self.dispatcher.run(x_TD, plan, self._experts)
+            y_TD = self.dispatcher.run(x_TD, plan, self.backend, self.experts)
             y_BTD = y_TD.view(b, t, d)
             info = self._info(plan, mask_T, b, t)
         if self.shared_experts is not None:
@@ -155,7 +142,7 @@ class MoEBlock(nn.Module):
         slots_BSD = torch.einsum("bts,btd->bsd", plan.dispatch_BTS, x_BTD)
         # Expert e takes its slots from every sequence: rows grouped by expert, b*spe each.
         x_SD = slots_BSD.view(b, e, spe, d).transpose(0, 1).reshape(e * b * spe, d)
-        y_SD = self._experts(x_SD, [b * spe] * e)
+        y_SD = self.backend(x_SD, [b * spe] * e, self.experts)
         y_BSD = y_SD.view(e, b, spe, d).transpose(0, 1).reshape(b, e * spe, d)
         y_BTD = torch.einsum("bts,bsd->btd", plan.combine_BTS, y_BSD)
         counts_E = torch.full((e,), b * spe, dtype=torch.long, device=x_BTD.device)

@@ -11,11 +11,9 @@ from moekit._validate import check_int
 from moekit.config.model import ModelConfig
 from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
-from moekit.layers.attention import Attention, AttentionInputs, causal_mask
-from moekit.layers.decode_step import attention_step, chain_step, ffn_step
-from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.attention import AttentionInputs, causal_mask
+from moekit.layers.decoder_layer import DecoderLayer
 from moekit.layers.linear import Linear
-from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
 from moekit.layers.rope import RotaryEmbedding
@@ -35,35 +33,14 @@ class DecoderOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
-        """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
-        super().__init__()
-        self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = (LatentAttention if cfg.attention.kind == "mla" else Attention)(cfg, index)
-        self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        if cfg.is_moe_layer(index) if moe is None else moe:
-            self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
-        else:
-            layout = dense_layout(cfg.moe.layout) if cfg.moe else None
-            self.mlp = FeedForward(cfg.hidden_size, cfg.dense_hidden, layout)
-
-    def forward(
-        self, x_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT: torch.Tensor, token_mask_BT
-    ) -> tuple[torch.Tensor, MoEInfo | None]:
-        fused_BTD = attention_step(self.input_layernorm, self.self_attn, x_BTD, inputs)  # decode: one kernel call
-        x_BTD = fused_BTD if fused_BTD is not None else x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
-        fused = ffn_step(self.post_attention_layernorm, self.mlp, x_BTD) if token_mask_BT is None else None
-        if fused is not None:
-            return fused
-        if not isinstance(self.mlp, MoEBlock):
-            return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
-        y_BTD, info = self.mlp(self.post_attention_layernorm(x_BTD), token_ids_BT, token_mask_BT)
-        return x_BTD + y_BTD, info
-
-
 class MoEDecoder(nn.Module):
-    """Embedding, decoder layers, final norm, LM head. Random init N(0, init_std) like Hugging Face models."""
+    """Embedding, decoder layers, final norm, LM head. Random init N(0, init_std) like Hugging Face models.
+
+    The modules are the pure PyTorch reference. moekit.infer.fast.prepare_inference(model) installs faster steps
+    from outside (`fused` here, on the layers and the MoE blocks); drop_fused() removes them, and changing the
+    backend, the dtype or device (`to`, `float`, ...) or loading a state dict does so too."""
+
+    fused = None  # the whole decode step, installed from outside: (input_ids, cache) -> logits, or None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -103,12 +80,6 @@ class MoEDecoder(nn.Module):
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the model as a Hugging Face directory (config.json + safetensors) that transformers loads."""
-        from moekit.checkpoint.hf_checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes)
-
     def moe_blocks(self) -> dict[int, MoEBlock]:
         """The MoE blocks by layer index (multi-token-prediction layers follow the main ones)."""
         layers = [*self.layers, *(m.layer for m in self.mtp)]
@@ -136,8 +107,23 @@ class MoEDecoder(nn.Module):
         return [block.router for block in self.moe_blocks().values()]
 
     def set_backend(self, name: str) -> None:
+        self.drop_fused()
         for block in self.moe_blocks().values():
             block.set_backend(name)
+
+    def drop_fused(self) -> None:
+        """Remove every installed fused step: the modules alone compute the model again."""
+        for module in self.modules():
+            if module.__dict__.get("fused") is not None:
+                module.fused = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ...: the fused steps hold the old tensors
+        self.drop_fused()
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.drop_fused()
+        return super().load_state_dict(state_dict, strict, assign)
 
     def forward(
         self,
@@ -155,8 +141,9 @@ class MoEDecoder(nn.Module):
         logits_to_keep: only the last n positions' logits (0: all), as in transformers; a prompt's prefill needs
         one, and the output head is a large share of its work."""
         check_int("logits_to_keep", logits_to_keep, 0)
-        if cache is not None and attention_mask is None and not (return_routing or return_mtp):
-            logits = chain_step(self, input_ids, cache)  # decode: the whole step in one kernel call
+        plain = attention_mask is None and not (return_routing or return_mtp)
+        if self.fused is not None and cache is not None and plain:  # the whole decode step, where installed
+            logits = self.fused(input_ids, cache)
             if logits is not None:
                 return logits
         x_BTD, infos, positions_BT, token_mask_BT = self._trunk(input_ids, attention_mask, cache)

@@ -9,14 +9,13 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.layers.attention import AttentionInputs
+from moekit.layers.decoder_layer import DecoderLayer
 from moekit.layers.moe import MoEInfo
 from moekit.layers.norm import make_norm
 
 
 class MultiTokenPrediction(nn.Module):
     def __init__(self, cfg: ModelConfig, depth: int):
-        from moekit.model.decoder import DecoderLayer
-
         super().__init__()
         d = cfg.hidden_size
         self.enorm, self.hnorm = make_norm(cfg.norm, d, cfg.norm_eps), make_norm(cfg.norm, d, cfg.norm_eps)

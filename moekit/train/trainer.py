@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.checkpoint.files import write_atomic
+from moekit.checkpoint.hf_checkpoint import save_pretrained
 from moekit.config.model import ModelConfig
 from moekit.model.count import count_parameters
 from moekit.model.decoder import MoEDecoder
@@ -289,7 +290,7 @@ class Trainer:
 
     def save_final(self) -> Path:
         final = self.run_dir / "final"
-        self.model.save_pretrained(final)
+        save_pretrained(self.model, final)
         self.tokenizer.save(final)
         _write_json(final / "moekit_run.json", {"step": self.step, **self._run_state()})
         return final

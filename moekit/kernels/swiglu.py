@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from moekit.experts.gemv import kernel_for
+from moekit.kernels.build import kernel_for
 
 
 class _SwiGLU(torch.autograd.Function):

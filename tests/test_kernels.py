@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moekit.experts import gemv
+from moekit import kernels
 from moekit.experts.segment_mm import segment_mm
 from moekit.layers.linear import Linear
 
@@ -21,13 +21,13 @@ def test_gather_gemv_matches_matmul(shape, ids):
     ref = torch.stack([w[e] @ x[r] for r, e in enumerate(ids)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no compiler here: the fallback is what is being tested
-        y = gemv.gather_gemv(w, ids, x)
+        y = kernels.gather_gemv(w, ids, x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_kernel_builds_here():
     """CI machines have a compiler and ninja: the kernel must build, or decode loses half its speed silently."""
-    assert gemv.kernel_available()
+    assert kernels.kernel_available()
 
 
 def test_decode_segment_mm_and_linear_equal_training_path():
@@ -57,7 +57,7 @@ def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, n_len, monkeyp
     and the 48-row passes; weight row counts no multiple of the 4-column tiles or the 96-column work items (the last
     item four streams of 2 rows and 3 rows alone, or 2 rows alone); an input width with a tail past the 8-wide
     vectors."""
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    monkeypatch.setattr(kernels.build, "MIN_KERNEL_BYTES", 0)
     torch.manual_seed(0)
     counts = [1, 2, 3, 4, 0, 5, 7, 8, 9, 12, 22, 47, 48, 49, 97, 192]
     w, x = torch.randn(len(counts), n_len, width), torch.randn(sum(counts), width)
@@ -66,7 +66,7 @@ def test_tiled_segment_kernel_matches_matmul_on_every_edge(width, n_len, monkeyp
         segments.append((e, start, c))
         start += c
     y = torch.full((x.shape[0], n_len), float("nan"))
-    assert gemv.segment_gemm(w, x, segments, y)  # the kernel took it
+    assert kernels.segment_gemm(w, x, segments, y)  # the kernel took it
     ref = torch.cat([x[a : a + c].double() @ w[e].double().t() for e, a, c in segments])
     torch.testing.assert_close(y, ref.float(), rtol=1e-5, atol=1e-4)
 
@@ -78,22 +78,22 @@ def test_input_major_segment_kernel_matches_matmul_on_every_edge(threads, k_len,
     and 16-row blocks (3: no group at all; 35 and 203: a tail), output widths past the 8-wide vectors and the
     256-float stretches, segments the threads' runs share (summed afterwards) or not, and the same answer, bit for
     bit, on every call with the same threads."""
-    monkeypatch.setattr(gemv, "MIN_KERNEL_BYTES", 0)
+    monkeypatch.setattr(kernels.build, "MIN_KERNEL_BYTES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(0)
     counts = [1, 2, 3, 0, 5, 16, 1, 2, 31, 32]
-    assert max(counts) == gemv.INPUT_MAJOR_ROWS  # the longest segment the kernel is given
+    assert max(counts) == kernels.INPUT_MAJOR_ROWS  # the longest segment the kernel is given
     w, x = torch.randn(len(counts), k_len, width), torch.randn(sum(counts), k_len)
     segments, start = [], 0
     for e, c in enumerate(counts):
         segments.append((e, start, c))
         start += c
     y = torch.full((x.shape[0], width), float("nan"))
-    assert gemv.segment_gemm_input_major(w, x, segments, y)
+    assert kernels.segment_gemm_input_major(w, x, segments, y)
     ref = torch.cat([x[a : a + c] @ w[e] for e, a, c in segments])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
     again = torch.empty_like(y)
-    gemv.segment_gemm_input_major(w, x, segments, again)
+    kernels.segment_gemm_input_major(w, x, segments, again)
     assert torch.equal(y, again)
 
 
@@ -109,7 +109,7 @@ def test_weight_gradient_kernel_matches_matmul(width):
         segments.append((e, start, c))
         start += c
     dw = torch.full((len(counts), 203, width), float("nan"))
-    assert gemv.segment_grad_weight(x, dy, segments, dw)
+    assert kernels.segment_grad_weight(x, dy, segments, dw)
     ref = torch.stack([dy[a : a + c].t() @ x[a : a + c] for _, a, c in segments])
     torch.testing.assert_close(dw, ref, rtol=1e-5, atol=1e-4)
 
@@ -139,7 +139,7 @@ def test_gather_gemv_takes_id_tensors_and_one_shared_row(rows):
     """The decode path passes the router's id tensor and one token row expanded (stride 0) to its k experts."""
     w, x = torch.randn(4, rows, 1024), torch.randn(1, 1024)
     ids = torch.tensor([2, 0, 3])
-    y = gemv.gather_gemv(w, ids, x.expand(3, -1))
+    y = kernels.gather_gemv(w, ids, x.expand(3, -1))
     torch.testing.assert_close(y, torch.stack([w[e] @ x[0] for e in (2, 0, 3)]), rtol=1e-5, atol=1e-4)
 
 
@@ -147,24 +147,24 @@ def test_gather_gemv_takes_id_tensors_and_one_shared_row(rows):
 def test_linear_gemv_runs_several_layers_in_one_pass(width):
     weights = [torch.randn(n, width) for n in (1024, 512, 768)]
     x = torch.randn(width)
-    for y, w in zip(gemv.linear_gemv(weights, x), weights, strict=True):
+    for y, w in zip(kernels.linear_gemv(weights, x), weights, strict=True):
         torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_stale_build_lock_is_removed(tmp_path):
     """torch waits forever on the `lock` file a killed build leaves; moekit's OS lock knows it is stale."""
     (tmp_path / "lock").touch()
-    with pytest.warns(UserWarning, match="lock an interrupted build left"), gemv._build_lock(tmp_path):
+    with pytest.warns(UserWarning, match="lock an interrupted build left"), kernels.build._build_lock(tmp_path):
         assert not (tmp_path / "lock").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stale lock: nothing to say
-        with gemv._build_lock(tmp_path):
+        with kernels.build._build_lock(tmp_path):
             pass
 
 
 def test_build_directory_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_KERNEL_DIR", str(tmp_path))
-    path = gemv._build_directory()
+    path = kernels.build._build_directory()
     assert path.parent == tmp_path and path.is_dir() and torch.__version__.split("+")[0] in path.name
 
 

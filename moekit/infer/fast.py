@@ -1,0 +1,363 @@
+"""moekit's fused inference steps, installed on a model from outside: prepare_inference(model).
+
+At inference moekit's C++ kernels (moekit/kernels/csrc/decode*.cpp, ffn_tokens.cpp) run a whole block in one call:
+a decode step's attention block (norm, projections, QK-norm, rope, cache write, attention, output projection,
+residual) and FFN block (norm, router, top-k routing, the k experts and the shared expert, combine, residual; or a
+dense FFN), a whole model's decode step at batch 1 (DecodeChain), and an MoE block over any batch of tokens. Eager
+PyTorch runs each block as some 50-60 small operators, each with a fixed cost of a few microseconds (tens with the
+caches cold from streaming the weights), which at one token of a small model adds up to more than reading the
+block's weights.
+
+The modules stay the pure PyTorch reference. prepare_inference builds each step from the live modules (the router's
+spec, the norms' eps, the weights), installs it where it computes exactly what the module computes, and leaves the
+rest to the modules; each step still declines a call it does not cover (training, gradients, another dtype or
+device, a padding mask, another backend) and the module runs. The steps hold the weights they were built from:
+after replacing a weight or changing a setting, call prepare_inference again (generate does, on every call) or
+model.drop_fused(); changing the backend, the dtype or device, or loading a state dict drops them by itself.
+Changing a weight in place needs nothing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.experts.layout import ACTIVATIONS
+from moekit.kernels import kernel_taking
+from moekit.layers.attention import Attention, AttentionInputs
+from moekit.layers.ffn import FeedForward
+from moekit.layers.moe import MoEBlock, MoEInfo
+from moekit.layers.norm import RMSNorm
+from moekit.routing.router import TokenChoiceRouter
+
+_NONE = torch.empty(0)
+
+
+class _Installed:
+    """A step installed on a module: copies and pickles of the module do not carry it (it holds C++ objects)."""
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+def prepare_inference(model: nn.Module) -> dict:
+    """Install the fused steps on a MoEDecoder's modules wherever they cover them, replacing any installed before.
+    Returns {"attention": [layer], "ffn": [layer], "moe": [layer], "chain": bool}: the layers (multi-token-prediction
+    layers after the main ones) whose attention block, FFN block (decode) and MoE block (any batch of tokens) have
+    a fused step, and whether the whole decode step is one call."""
+    model.drop_fused()
+    report: dict = {"attention": [], "ffn": [], "moe": [], "chain": False}
+    layers = [*model.layers, *(m.layer for m in model.mtp)]
+    steps = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer.mlp, MoEBlock) and prepare_block(layer.mlp):
+            report["moe"].append(i)
+        attention = attention_step(layer.input_layernorm, layer.self_attn)
+        ffn = ffn_step(layer.post_attention_layernorm, layer.mlp)
+        steps.append((attention, ffn))
+        if attention is not None or ffn is not None:
+            layer.fused = _LayerSteps(attention, ffn)
+        report["attention"] += [i] if attention is not None else []
+        report["ffn"] += [i] if ffn is not None else []
+    chain = _chain(model, steps[: len(model.layers)])
+    if chain is not None:
+        model.fused = _ChainStep(model, chain)
+        report["chain"] = True
+    return report
+
+
+def prepare_block(block: MoEBlock) -> bool:
+    """Install the fused step on one MoE block (used alone, outside a model); whether it covers the block."""
+    block.__dict__.pop("fused", None)
+    step = block_step(block)
+    if step is not None:
+        block.fused = step
+    return step is not None
+
+
+def _kernel(*tensors: torch.Tensor):
+    """The kernels where they are built and take these tensors (fp32 on the CPU, contiguous), else None. No size
+    threshold: at one token a block's kernel call beats its eager operators at any size."""
+    return kernel_taking(*tensors) if all(t.is_contiguous() for t in tensors) else None
+
+
+def _one_token_fp32(x_BTD: torch.Tensor) -> bool:
+    return x_BTD.shape[0] == 1 and x_BTD.shape[1] == 1 and x_BTD.dtype == torch.float32 and x_BTD.is_cpu
+
+
+def _inference(block: nn.Module) -> bool:
+    """A block in a state the fused steps compute as its forward does (no training, the default backend)."""
+    return not block.training and (not isinstance(block, MoEBlock) or block.backend.name == "grouped")
+
+
+def _or_none(tensor: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if tensor is None else tensor
+
+
+class _AttentionStep(_Installed):
+    """x + attn(norm(x)) for one token (x [1, 1, D]) with a cache, or None where this step does not apply."""
+
+    def __init__(self, attn: Attention, step):
+        self.attn, self.step = attn, step
+
+    def __call__(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
+        cache, attn = inputs.cache, self.attn
+        if (
+            cache is None
+            or not _one_token_fp32(x_BTD)
+            or torch.is_grad_enabled()
+            or inputs.masks["full"] is not None  # padding: the modules build the mask
+            or not cache.has(attn.layer)
+        ):
+            return None
+        cos, sin = (r.view(-1) for r in inputs.rope) if attn.use_rope else (_NONE, _NONE)
+        k_cache, v_cache = cache.room(attn.layer, 1)
+        y_D = self.step(x_BTD.view(-1), cos, sin, k_cache, v_cache, cache.length, torch.get_num_threads())
+        return y_D.view(1, 1, -1)
+
+
+class _FfnStep(_Installed):
+    """(x + ffn(norm(x)), its MoEInfo or None for a dense FFN) for one token (x [1, 1, D]), or None where this step
+    does not apply (training, gradients wanted, another backend chosen)."""
+
+    def __init__(self, ffn: nn.Module, step):
+        self.ffn, self.step = ffn, step
+
+    def __call__(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEInfo | None] | None:
+        if not _one_token_fp32(x_BTD) or torch.is_grad_enabled() or not _inference(self.ffn):
+            return None
+        return _run_one_token(self.step, self.ffn, x_BTD)
+
+
+class _LayerSteps(_Installed):
+    """A decoder layer's fused blocks (either may be None): what DecoderLayer.fused holds."""
+
+    def __init__(self, attention: _AttentionStep | None, ffn: _FfnStep | None):
+        self.attention_step, self.ffn_step = attention, ffn
+
+    def attention(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
+        return self.attention_step(x_BTD, inputs) if self.attention_step is not None else None
+
+    def ffn(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEInfo | None] | None:
+        return self.ffn_step(x_BTD) if self.ffn_step is not None else None
+
+
+class _BlockStep(_Installed):
+    """(block(x), its MoEInfo) for any number of tokens (x [B, T, D]; the block alone, no norm or residual) at
+    inference, or None where this step does not apply: one token is a decode step, more run as one segment per
+    expert (ffn_tokens.cpp), saving the operators around the expert products."""
+
+    def __init__(self, block: MoEBlock, step):
+        self.block, self.step = block, step
+
+    def __call__(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEInfo] | None:
+        if x_BTD.dtype != torch.float32 or not x_BTD.is_cpu or torch.is_grad_enabled() or not _inference(self.block):
+            return None
+        if x_BTD.shape[0] * x_BTD.shape[1] == 1:
+            return _run_one_token(self.step, self.block, x_BTD)
+        x_TD = x_BTD.reshape(-1, x_BTD.shape[-1]).contiguous()
+        y_TD, ids_TK, counts_E = self.step.tokens(x_TD, torch.get_num_threads())
+        return y_TD.view(x_BTD.shape), _routed_info(counts_E, ids_TK)
+
+
+class _ChainStep(_Installed):
+    """A whole model's decode step at batch 1 (embedding, every layer, final norm, output head) in one call."""
+
+    def __init__(self, model: nn.Module, chain):
+        self.model, self.chain = model, chain
+        self.cached_layers = [layer.self_attn.layer for layer in model.layers]
+
+    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+        """The logits [1, 1, V] of one decode step, or None where this step does not apply."""
+        model = self.model
+        if (
+            input_ids.shape != (1, 1)
+            or input_ids.dtype != torch.long
+            or torch.is_grad_enabled()
+            or cache.length == 0  # a prompt: the modules
+            or input_ids.device.type != "cpu"
+            or not all(_inference(layer.mlp) for layer in model.layers)
+            or not all(cache.has(i) for i in self.cached_layers)
+        ):
+            return None
+        rooms = [cache.room(i, 1) for i in self.cached_layers]
+        inv_freq, factor = model.rotary.frequencies(cache.length + 1)
+        threads = torch.get_num_threads()
+        keys, values = [k for k, _ in rooms], [v for _, v in rooms]
+        logits = self.chain.step(input_ids, cache.length, inv_freq, factor, keys, values, threads)
+        cache.length += 1
+        return logits
+
+
+def _run_one_token(step, ffn: nn.Module, x_BTD: torch.Tensor):
+    y_D, ids_K, counts_E = step(x_BTD.view(-1), torch.get_num_threads())
+    info = _routed_info(counts_E, ids_K.view(1, -1)) if isinstance(ffn, MoEBlock) else None
+    return y_D.view(1, 1, -1), info
+
+
+def _routed_info(counts_E: torch.Tensor, ids_TK: torch.Tensor) -> MoEInfo:
+    """A fused step's MoEInfo: dropless, no balancing loss (inference)."""
+    return MoEInfo(counts_E, ids_TK.numel(), 0, counts_E.new_zeros((), dtype=torch.float32), ids_TK)
+
+
+def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
+    """What the attention step computes: grouped-query attention behind an RMSNorm, QK-norm none / per head / over
+    the projection, split-half rope or none, full or sliding-window layers, no NoPE temperature tuning."""
+    return (
+        isinstance(attn, Attention)
+        and isinstance(norm, RMSNorm)
+        and attn.qk_norm in ("none", "head", "full")
+        and attn.temperature is None
+        and not (attn.use_rope and attn.interleave)
+        and attn.layer_type in ("full", "sliding")
+    )
+
+
+def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
+    """The fused decode step of x + attn(norm(x)), or None where it does not cover the block."""
+    if not _attention_covered(norm, attn):
+        return None
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    weights = [lin.weight for lin in linears]
+    kernel = _kernel(*weights, norm.weight)
+    if kernel is None:
+        return None
+    biases = [_or_none(lin.bias) for lin in linears]
+    step = kernel.AttentionDecode(
+        norm_weight=norm.weight,
+        norm_eps=norm.eps,
+        qkv_weights=weights[:3],
+        qkv_biases=biases[:3],
+        head_dim=attn.head_dim,
+        q_norm_weight=_or_none(attn.q_norm.weight if attn.q_norm is not None else None),
+        k_norm_weight=_or_none(attn.k_norm.weight if attn.k_norm is not None else None),
+        full_qk_norm=attn.qk_norm == "full",
+        qk_norm_eps=attn.norm_eps,
+        clip_qkv=attn.clip_qkv or 0.0,
+        window=attn.window or 0,
+        scale=attn.scale,
+        sinks=_or_none(attn.sinks),
+        o_weight=weights[3],
+        o_bias=biases[3],
+    )
+    return _AttentionStep(attn, step)
+
+
+def _block_covered(block: MoEBlock) -> bool:
+    """What the FFN step computes of an MoE block: token choice by softmax or sigmoid scores (before or after top-k,
+    selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
+    spec = block.router.spec
+    return (
+        type(block.router) is TokenChoiceRouter
+        and spec.score_func in ("softmax", "sigmoid")
+        and spec.n_group == 1
+        and spec.normalize_p == 1.0
+        and block.router.cfg.capacity_factor is None
+        and not (block.shared_experts is not None and block.experts.layout.bias)
+    )
+
+
+def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
+    """The fused decode step of x + ffn(norm(x)), ffn an MoE block or a dense FFN (as the shared-expert part
+    alone); None where it does not cover the block."""
+    if not isinstance(norm, RMSNorm):
+        return None
+    if isinstance(ffn, FeedForward):
+        step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
+    else:
+        step = _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate) if _block_covered(ffn) else None
+    return _FfnStep(ffn, step) if step is not None else None
+
+
+def block_step(block: MoEBlock) -> _BlockStep | None:
+    """The fused step of an MoE block alone (no norm or residual) over any batch of tokens, or None where it does
+    not cover the block."""
+    if not _block_covered(block):
+        return None
+    step = _ffn_decode(None, block, block.shared_experts, block.shared_expert_gate)
+    return _BlockStep(block, step) if step is not None else None
+
+
+def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward | None, dense_gate: nn.Linear | None):
+    layout = (block.experts if block is not None else dense).layout
+    shared = {
+        "shared_gate_weight": _or_none(dense.gate_proj.weight if dense is not None and dense.gate_proj else None),
+        "shared_up_weight": dense.up_proj.weight if dense is not None else _NONE,
+        "shared_down_weight": dense.down_proj.weight if dense is not None else _NONE,
+        "shared_sigmoid_weight": _or_none(dense_gate.weight if dense_gate is not None else None),
+    }
+    routing: dict = {
+        "router_weight": _NONE,
+        "router_bias": _NONE,
+        "selection_bias": _NONE,
+        "sigmoid_scores": False,
+        "softmax_after_topk": False,
+        "top_k": 0,
+        "normalize": False,
+        "normalize_eps": 0.0,
+        "scaling_factor": 1.0,
+        "apply_to_input": False,
+        "gate_up_weight": _NONE,
+        "down_weight": _NONE,
+        "gate_up_bias": _NONE,
+        "down_bias": _NONE,
+    }
+    if block is not None:
+        spec, experts, router = block.router.spec, block.experts, block.router
+        routing.update(
+            router_weight=router.weight,
+            router_bias=_or_none(router.bias),
+            selection_bias=_or_none(router.selection_bias_E),
+            sigmoid_scores=spec.score_func == "sigmoid",
+            softmax_after_topk=spec.softmax_after_topk,
+            top_k=spec.top_k,
+            normalize=spec.normalize,
+            normalize_eps=spec.normalize_eps,
+            scaling_factor=spec.scaling_factor,
+            apply_to_input=spec.apply_to == "input",
+            gate_up_weight=experts.gate_up_proj,
+            down_weight=experts.down_proj,
+            gate_up_bias=experts.gate_up_proj_bias if layout.bias else _NONE,
+            down_bias=experts.down_proj_bias if layout.bias else _NONE,
+        )
+    norm_args = {"norm_weight": _NONE, "norm_eps": 0.0, "residual": False}
+    if norm is not None:  # with a norm: the residual too
+        norm_args = {"norm_weight": norm.weight, "norm_eps": norm.eps, "residual": True}
+    tensors = [t for t in (*norm_args.values(), *routing.values(), *shared.values()) if isinstance(t, torch.Tensor)]
+    kernel = _kernel(*(t for t in tensors if t.numel()))
+    if kernel is None:
+        return None
+    return kernel.FfnDecode(
+        **norm_args,
+        **routing,
+        transposed=layout.transposed,
+        gated=layout.gated,
+        interleaved=layout.gate_up == "interleaved",
+        activation=ACTIVATIONS.index(layout.activation),
+        swiglu_alpha=layout.swiglu_alpha,
+        swiglu_limit=layout.swiglu_limit,
+        **shared,
+    )
+
+
+def _chain(model: nn.Module, steps: list[tuple[_AttentionStep | None, _FfnStep | None]]):
+    """The model's whole decode step (DecodeChain) from each layer's (attention, FFN) steps, or None where a part is
+    not covered."""
+    if not isinstance(model.norm, RMSNorm) or any(a is None or f is None for a, f in steps):
+        return None
+    head, embed = model.lm_head, model.embed_tokens.weight
+    kernel = _kernel(embed, model.norm.weight, head.weight, model.rotary.inv_freq)
+    if kernel is None:
+        return None
+    return kernel.DecodeChain(
+        embed_weight=embed,
+        attention=[a.step for a, _ in steps],
+        ffn=[f.step for _, f in steps],
+        rope_layers=[layer.self_attn.use_rope for layer in model.layers],
+        norm_weight=model.norm.weight,
+        norm_eps=model.norm.eps,
+        head_weight=head.weight,
+        head_bias=_or_none(head.bias),
+    )

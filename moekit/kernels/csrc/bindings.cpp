@@ -1,0 +1,45 @@
+// The Python module of moekit's kernels (moekit/kernels/build.py builds and loads it). The steps' constructors take
+// named arguments: moekit/infer/fast.py builds them from a model's modules.
+#include <torch/extension.h>
+
+#include "decode.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("segment_gemm", &segment_gemm);
+  m.def("segment_gemm_input_major", &segment_gemm_input_major);
+  m.def("segment_grad_weight", &segment_grad_weight);
+  m.def("gather_gemv", &gather_gemv);
+  m.def("linear_gemv", &linear_gemv);
+  m.def("mm_tasks", &mm_tasks);
+  m.def("slot_sums", &slot_sums);
+  m.def("row_grads", &row_grads);
+  m.def("swiglu_rows", &swiglu_rows);
+  m.def("swiglu_rows_backward", &swiglu_rows_backward);
+  py::class_<AttentionDecode, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
+      .def(py::init<at::Tensor, double, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, at::Tensor,
+                    at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor>(),
+           py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("qkv_weights"), py::arg("qkv_biases"),
+           py::arg("head_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("full_qk_norm"),
+           py::arg("qk_norm_eps"), py::arg("clip_qkv"), py::arg("window"), py::arg("scale"), py::arg("sinks"),
+           py::arg("o_weight"), py::arg("o_bias"))
+      .def("__call__", &AttentionDecode::forward);
+  py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
+      .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
+                    bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
+                    at::Tensor, at::Tensor, at::Tensor, at::Tensor>(),
+           py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("residual"), py::arg("router_weight"),
+           py::arg("router_bias"), py::arg("selection_bias"), py::arg("sigmoid_scores"), py::arg("softmax_after_topk"),
+           py::arg("top_k"), py::arg("normalize"), py::arg("normalize_eps"), py::arg("scaling_factor"),
+           py::arg("apply_to_input"), py::arg("gate_up_weight"), py::arg("down_weight"), py::arg("gate_up_bias"),
+           py::arg("down_bias"), py::arg("transposed"), py::arg("gated"), py::arg("interleaved"), py::arg("activation"),
+           py::arg("swiglu_alpha"), py::arg("swiglu_limit"), py::arg("shared_gate_weight"), py::arg("shared_up_weight"),
+           py::arg("shared_down_weight"), py::arg("shared_sigmoid_weight"))
+      .def("__call__", &FfnDecode::forward)
+      .def("tokens", &FfnDecode::forward_tokens);
+  py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
+      .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
+                    std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor>(),
+           py::kw_only(), py::arg("embed_weight"), py::arg("attention"), py::arg("ffn"), py::arg("rope_layers"),
+           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"))
+      .def("step", &DecodeChain::step);
+}

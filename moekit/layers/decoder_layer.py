@@ -1,0 +1,49 @@
+"""One decoder layer: attention and an FFN (a dense FFN or an MoE block), each behind its norm with a residual."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.config.model import ModelConfig
+from moekit.layers.attention import Attention, AttentionInputs
+from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.mla import LatentAttention
+from moekit.layers.moe import MoEBlock, MoEInfo
+from moekit.layers.norm import make_norm
+
+
+class DecoderLayer(nn.Module):
+    """fused: None, or the layer's faster steps installed from outside (moekit.infer.fast.prepare_inference): an
+    object whose attention(x, inputs) and ffn(x) each return the block's result, or None where they do not apply."""
+
+    fused = None
+
+    def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
+        """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
+        super().__init__()
+        self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = (LatentAttention if cfg.attention.kind == "mla" else Attention)(cfg, index)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        if cfg.is_moe_layer(index) if moe is None else moe:
+            self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
+        else:
+            layout = dense_layout(cfg.moe.layout) if cfg.moe else None
+            self.mlp = FeedForward(cfg.hidden_size, cfg.dense_hidden, layout)
+
+    def forward(
+        self, x_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT: torch.Tensor, token_mask_BT
+    ) -> tuple[torch.Tensor, MoEInfo | None]:
+        fused = self.fused
+        attended_BTD = fused.attention(x_BTD, inputs) if fused is not None else None
+        if attended_BTD is None:
+            attended_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
+        if fused is not None and token_mask_BT is None:
+            out = fused.ffn(attended_BTD)
+            if out is not None:
+                return out
+        h_BTD = self.post_attention_layernorm(attended_BTD)
+        if not isinstance(self.mlp, MoEBlock):
+            return attended_BTD + self.mlp(h_BTD), None
+        y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
+        return attended_BTD + y_BTD, info
