@@ -46,7 +46,7 @@ def test_load_generate_save_round_trip(family, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
         out = model(ids, mask)
-    assert float((out[real] - ref[real]).norm() / ref[real].norm()) < 1e-4
+    assert float((out[real] - ref[real]).norm() / ref[real].norm()) < 1e-6  # 4e-8 to 2e-7 measured
 
     prompt = ids[:1, :9]
     hf.generation_config.eos_token_id = None

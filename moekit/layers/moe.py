@@ -139,11 +139,13 @@ class MoEBlock(nn.Module):
         b, t, d = x_BTD.shape
         e, spe = self.cfg.num_experts, self.cfg.slots_per_expert
         plan = self.router(x_BTD, token_mask_BT)
-        slots_BSD = torch.einsum("bts,btd->bsd", plan.dispatch_BTS, x_BTD)
+        # the router's weights are fp32: mixed into the activations in their dtype (bf16, fp64 models)
+        dispatch_BTS, combine_BTS = plan.dispatch_BTS.to(x_BTD.dtype), plan.combine_BTS.to(x_BTD.dtype)
+        slots_BSD = torch.einsum("bts,btd->bsd", dispatch_BTS, x_BTD)
         # Expert e takes its slots from every sequence: rows grouped by expert, b*spe each.
         x_SD = slots_BSD.view(b, e, spe, d).transpose(0, 1).reshape(e * b * spe, d)
         y_SD = self.backend(x_SD, [b * spe] * e, self.experts)
         y_BSD = y_SD.view(e, b, spe, d).transpose(0, 1).reshape(b, e * spe, d)
-        y_BTD = torch.einsum("bts,bsd->btd", plan.combine_BTS, y_BSD)
+        y_BTD = torch.einsum("bts,bsd->btd", combine_BTS, y_BSD)
         counts_E = torch.full((e,), b * spe, dtype=torch.long, device=x_BTD.device)
         return y_BTD, MoEInfo(counts_E, b * spe * e, 0, x_BTD.new_zeros((), dtype=torch.float32))

@@ -10,9 +10,11 @@ from moekit.routing.balancing import (
     sequence_aux_loss,
     switch_aux_loss,
 )
+from moekit.routing.expert_choice import expert_choice_capacity, expert_choice_route
+from moekit.routing.hash import hash_route
 from moekit.routing.metrics import dead_experts, load_cv, load_entropy, max_vio, routing_stats
-from moekit.routing.other import SoftPlan, expert_choice_capacity, expert_choice_route, hash_route, soft_route
 from moekit.routing.plan import RoutingPlan
+from moekit.routing.soft import SoftPlan, soft_route
 from moekit.routing.spec import RoutingSpec
 from moekit.routing.topk import topk_route
 

@@ -1,5 +1,5 @@
 """Router modules: the learned (or fixed) part of routing. They own the router weights and the selection bias;
-the math is in topk.py and other.py."""
+the math is in topk.py, expert_choice.py, soft.py and hash.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from torch import nn
 
 from moekit.config.moe import MoEConfig
 from moekit.routing.balancing import apply_capacity, jitter
-from moekit.routing.other import SoftPlan, expert_choice_route, hash_route, soft_route
+from moekit.routing.expert_choice import expert_choice_route
+from moekit.routing.hash import hash_route
 from moekit.routing.plan import RoutingPlan
+from moekit.routing.soft import SoftPlan, soft_route
 from moekit.routing.topk import topk_route
 
 
