@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moekit import ExpertLayout, MoEBlock, MoEConfig, RoutingSpec
-from moekit.experts import BACKENDS, ExpertWeights, get_backend, segment_mm
+from moekit.experts import ExpertWeights, get_backend, segment_mm
+from moekit.experts.backends import MATMULS
 
 LAYOUTS = {
     "swiglu": ExpertLayout(),
@@ -38,7 +39,16 @@ def _block(layout, e, k, f=24, d=32):
     return blk
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "loop"])
+GROUPED = [f"grouped:{m}" for m in MATMULS]  # the grouped backend with each matmul
+EVERY = ["loop", *GROUPED]
+
+
+def _backend(label: str):
+    name, _, matmul = label.partition(":")
+    return get_backend(name, matmul or "auto")
+
+
+@pytest.mark.parametrize("backend", GROUPED)
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 @pytest.mark.parametrize("tokens,e,k", [(1, 4, 2), (13, 8, 2), (40, 8, 8), (64, 16, 1), (7, 3, 3)])
 def test_backend_matches_loop(backend, layout_name, tokens, e, k):
@@ -51,7 +61,7 @@ def test_backend_matches_loop(backend, layout_name, tokens, e, k):
     for name, ids in _routings(tokens, e, k).items():
         counts = torch.bincount(ids.reshape(-1), minlength=e).tolist()
         x = torch.randn(sum(counts), d, requires_grad=True)
-        fast_backend, loop = get_backend(backend), get_backend("loop")
+        fast_backend, loop = _backend(backend), get_backend("loop")
         if fast_backend.unsupported(experts, x):
             pytest.skip(fast_backend.unsupported(experts, x))
         dy = torch.randn(sum(counts), d)
@@ -101,13 +111,14 @@ def _per_token_reference(blk: MoEBlock, x_TD: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", EVERY)
 @pytest.mark.parametrize("apply_to", ["output", "input"])
 def test_block_matches_per_token_reference(backend, apply_to):
     blk = _block(ExpertLayout(), 8, 2)
     blk.router.spec = RoutingSpec(num_experts=8, top_k=2, normalize=True, apply_to=apply_to)
     x = torch.randn(2, 9, 32)
-    blk.set_backend(backend)
+    name, _, matmul = backend.partition(":")
+    blk.set_backend(name, matmul or "auto")
     if blk.backend.unsupported(blk.experts, x):
         pytest.skip("unsupported here")
     y, _ = blk(x)
@@ -130,16 +141,22 @@ def test_block_with_drops_matches_reference_and_backward():
     assert blk.shared_expert_gate.weight.grad is not None
 
 
-def test_unknown_backend_is_refused():
+def test_unknown_backend_or_matmul_is_refused():
     with pytest.raises(ValueError, match="backend"):
         get_backend("cuda-magic")
+    with pytest.raises(ValueError, match="only grouped has one"):
+        get_backend("loop", "segment")
+    with pytest.raises(ValueError, match="matmul='fast' is invalid"):
+        get_backend("grouped", "fast")
+    with pytest.raises(ValueError, match="only the grouped backend has one"):
+        MoEConfig(routing=RoutingSpec(num_experts=4, top_k=1), expert_hidden=8, backend="loop", matmul="segment")
 
 
 def test_torch_grouped_mm_refuses_unaligned():
     experts = ExpertWeights(2, 6, 3, ExpertLayout())
     x = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="torch_grouped_mm"):
-        get_backend("torch_grouped_mm")(x, [2, 2], experts)
+    with pytest.raises(ValueError, match="grouped, matmul=torch_grouped_mm"):
+        get_backend("grouped", "torch_grouped_mm")(x, [2, 2], experts)
 
 
 def test_tied_router_logits_route_and_match():

@@ -12,7 +12,13 @@ from moekit.families import FAMILIES, model_from_hf
 
 # Fields that change how a model trains, not what it computes at inference: left out of the comparison.
 TRAINING_ONLY_MOE = dict(
-    aux_loss_coef=0.0, seq_aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=0.0, jitter=0.0, backend="auto"
+    aux_loss_coef=0.0,
+    seq_aux_loss_coef=0.0,
+    z_loss_coef=0.0,
+    bias_update_rate=0.0,
+    jitter=0.0,
+    backend="auto",
+    matmul="auto",
 )
 
 

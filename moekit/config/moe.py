@@ -28,6 +28,7 @@ class MoEConfig:
     jitter             multiplicative router-input noise U[1-eps, 1+eps] while training.
     slots_per_expert   soft MoE slots per expert.
     backend            experts backend name (see moekit.experts.BACKENDS); 'auto' picks the fast one.
+    matmul             the grouped backend's matmul (moekit.experts.backends.MATMULS); 'auto' picks by size.
     """
 
     routing: RoutingSpec
@@ -47,6 +48,7 @@ class MoEConfig:
     jitter: float = 0.0
     slots_per_expert: int = 1
     backend: str = "auto"
+    matmul: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.routing, RoutingSpec):
@@ -69,9 +71,12 @@ class MoEConfig:
             fail("bias_update_rate", self.bias_update_rate, "0 unless routing.selection_bias=True")
         if self.router != "token_choice" and self.routing.selection_bias:
             fail("routing.selection_bias", True, "False for the expert_choice, soft and hash routers")
-        from moekit.experts.backends import BACKENDS
+        from moekit.experts.backends import BACKENDS, MATMULS
 
         check_choice("backend", self.backend, ("auto", *BACKENDS))
+        check_choice("matmul", self.matmul, tuple(MATMULS))
+        if self.matmul != "auto" and self.backend not in ("auto", "grouped"):
+            fail("matmul", self.matmul, f"'auto' with backend={self.backend!r} (only the grouped backend has one)")
 
     @property
     def num_experts(self) -> int:

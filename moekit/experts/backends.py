@@ -23,6 +23,11 @@ class ExpertsBackend:
     name = "base"
     describe = ""
 
+    @property
+    def label(self) -> str:
+        """The name with the options that make this instance differ from the registry's."""
+        return self.name
+
     def unsupported(self, experts: ExpertWeights, x_SD: torch.Tensor) -> str | None:
         """Why this backend cannot run this case, or None."""
         if x_SD.dtype not in _FLOAT_DTYPES:
@@ -32,7 +37,7 @@ class ExpertsBackend:
     def __call__(self, x_SD: torch.Tensor, counts: Sequence[int], experts: ExpertWeights) -> torch.Tensor:
         reason = self.unsupported(experts, x_SD)
         if reason is not None:
-            raise ValueError(f"experts backend {self.name!r} does not support {reason}")
+            raise ValueError(f"experts backend {self.label!r} does not support {reason}")
         return self.forward(x_SD, counts, experts)
 
     def forward(self, x_SD: torch.Tensor, counts: Sequence[int], experts: ExpertWeights) -> torch.Tensor:
@@ -74,13 +79,31 @@ class LoopBackend(ExpertsBackend):
         return torch.cat(outs)
 
 
-class GroupedBackend(ExpertsBackend):
-    """Dropless grouped compute: two segment matmuls around one activation over all rows. matmul picks the kernel:
-    'auto' uses torch's grouped matmul on GPUs (where it is a real kernel) and, on CPU, for small expert matrices;
-    otherwise (and always with 'segment') moekit's tiled kernel and per-thread MKL products by segment length."""
+# The grouped backend's matmul choices, in words.
+MATMULS = {
+    "auto": "moekit's kernels or torch's grouped_mm, by size",
+    "segment": "moekit's kernels and per-thread MKL products",
+    "torch_grouped_mm": "torch's grouped matmul kernel",
+}
 
-    def __init__(self, name: str, describe: str, matmul: str = "auto"):
-        self.name, self.describe, self.matmul = name, describe, matmul
+
+class GroupedBackend(ExpertsBackend):
+    """Dropless grouped compute: two segment matmuls around one activation over all rows. matmul picks the kernel
+    (MATMULS): 'auto' uses torch's grouped matmul on GPUs (where it is a real kernel) and, on CPU, for small expert
+    matrices; otherwise (and always with 'segment') moekit's tiled kernel and per-thread MKL products by segment
+    length; 'torch_grouped_mm' always torch's (it refuses unaligned shapes)."""
+
+    name = "grouped"
+
+    def __init__(self, matmul: str = "auto"):
+        if matmul not in MATMULS:
+            raise ValueError(f"matmul={matmul!r} is invalid: allowed one of {', '.join(map(repr, MATMULS))}")
+        self.matmul = matmul
+        self.describe = f"dropless grouped segments ({MATMULS[matmul]})"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.matmul == "auto" else f"{self.name}, matmul={self.matmul}"
 
     def _mm(self, x_SD: torch.Tensor, w: torch.Tensor, counts: Sequence[int]) -> Callable[..., torch.Tensor]:
         if self.matmul == "torch_grouped_mm":
@@ -154,23 +177,28 @@ def _aligned(x_SD: torch.Tensor, w: torch.Tensor) -> bool:
     return all((d * x_SD.element_size()) % 16 == 0 for d in w.shape[1:])
 
 
-BACKENDS: dict[str, ExpertsBackend] = {
-    b.name: b
-    for b in (
-        LoopBackend(),
-        GroupedBackend("grouped", "dropless grouped segments (moekit's kernels or torch's grouped_mm, by size)"),
-        GroupedBackend("torch_grouped_mm", "torch's grouped matmul kernel", matmul="torch_grouped_mm"),
-        GroupedBackend("segment", "dropless grouped segments on moekit's kernels and worker pool", matmul="segment"),
-    )
-}
+BACKENDS: dict[str, ExpertsBackend] = {b.name: b for b in (LoopBackend(), GroupedBackend())}
+_GROUPED = {m: GroupedBackend(m) for m in MATMULS}
 
 
-def get_backend(name: str) -> ExpertsBackend:
+def get_backend(name: str, matmul: str = "auto") -> ExpertsBackend:
+    """The backend `name` ('auto': the default, grouped); matmul: the grouped backend's matmul (MATMULS)."""
     if name == "auto":
         name = "grouped"
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is invalid: allowed one of 'auto', " + ", ".join(map(repr, BACKENDS)))
-    return BACKENDS[name]
+    if matmul == "auto":
+        return BACKENDS[name]
+    if name != "grouped":
+        raise ValueError(f"matmul={matmul!r} is invalid for backend {name!r}: allowed 'auto' (only grouped has one)")
+    if matmul not in _GROUPED:
+        raise ValueError(f"matmul={matmul!r} is invalid: allowed one of {', '.join(map(repr, MATMULS))}")
+    return _GROUPED[matmul]
+
+
+def is_default(backend: ExpertsBackend) -> bool:
+    """Whether this is the backend a block has unless told otherwise (what moekit's fused steps compute)."""
+    return backend is BACKENDS["grouped"]
 
 
 def register_backend(backend: ExpertsBackend) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.experts.backends import is_default
 from moekit.experts.layout import ACTIVATIONS
 from moekit.kernels import kernel_taking
 from moekit.layers.attention import Attention, AttentionInputs
@@ -89,7 +90,7 @@ def _one_token_fp32(x_BTD: torch.Tensor) -> bool:
 
 def _inference(block: nn.Module) -> bool:
     """A block in a state the fused steps compute as its forward does (no training, the default backend)."""
-    return not block.training and (not isinstance(block, MoEBlock) or block.backend.name == "grouped")
+    return not block.training and (not isinstance(block, MoEBlock) or is_default(block.backend))
 
 
 def _or_none(tensor: torch.Tensor | None) -> torch.Tensor:

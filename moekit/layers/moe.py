@@ -61,12 +61,13 @@ class MoEBlock(nn.Module):
             self.shared_experts = FeedForward(hidden_size, cfg.shared_width, dense_layout(cfg.layout))
             if cfg.shared_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
-        self.backend = get_backend(cfg.backend)
+        self.backend = get_backend(cfg.backend, cfg.matmul)
         self.dispatcher = LocalDispatcher()
 
-    def set_backend(self, name: str) -> None:
+    def set_backend(self, name: str, matmul: str = "auto") -> None:
+        """The experts backend by registry name; matmul: the grouped backend's matmul choice."""
         self.__dict__.pop("fused", None)  # a fused step computes what the default backend does
-        self.backend = get_backend(name)
+        self.backend = get_backend(name, matmul)
 
     def forward(
         self,

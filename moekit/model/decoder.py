@@ -106,10 +106,11 @@ class MoEDecoder(nn.Module):
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
 
-    def set_backend(self, name: str) -> None:
+    def set_backend(self, name: str, matmul: str = "auto") -> None:
+        """Every MoE block's experts backend (see MoEBlock.set_backend)."""
         self.drop_fused()
         for block in self.moe_blocks().values():
-            block.set_backend(name)
+            block.set_backend(name, matmul)
 
     def drop_fused(self) -> None:
         """Remove every installed fused step: the modules alone compute the model again."""
