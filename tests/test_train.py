@@ -151,6 +151,8 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_intact(t
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    """Killed at a moment no one chose (inside a step or a save), the run resumes from its last checkpoint and
+    repeats the uninterrupted run's curve exactly."""
     (tmp_path / "small.toml").write_text(SMALL_TOML)
     cmd = [sys.executable, "-m", "moekit", "train", "--config", str(tmp_path / "small.toml"), "--out"]
     cmd += [str(tmp_path / "run"), "--steps", "400", "--save-every", "1", "--json"]
@@ -163,11 +165,15 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     proc.wait()
     kept = list_checkpoints(tmp_path / "run")
     assert kept, "no checkpoint was written before the kill"
-    model_cfg, train_cfg = small(tmp_path, steps=400)
+    model_cfg, train_cfg = small(tmp_path, steps=400, save_every=1)
     state = load_checkpoint(kept[-1], Trainer(model_cfg, train_cfg, tmp_path / "x", progress=False).model, None)
     assert state["step"] == int(kept[-1].name.split("-")[1])
-    trainer = train(tmp_path, "run", resume=True, steps=state["step"] + 2)
-    assert trainer.step == state["step"] + 2
+    until = state["step"] + 2
+    trainer = train(tmp_path, "run", resume=True, until=until, steps=400, save_every=1)
+    assert trainer.step == until
+    train(tmp_path, "straight", until=until, steps=400, save_every=1)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs if r["step"] <= until]
+    assert strip(records(tmp_path / "run")) == strip(records(tmp_path / "straight"))
 
 
 def test_bpe_tokenizer_multi_token_prediction_and_generate_cli(tmp_path, capsys):

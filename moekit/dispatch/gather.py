@@ -24,13 +24,14 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, token_S, slot_row_N, num_slots):  # type: ignore[override]
         ctx.save_for_backward(slot_row_N)
-        ctx.num_slots = num_slots
+        ctx.num_slots, ctx.dtype = num_slots, x_TD.dtype
         return x_TD.index_select(0, token_S)
 
     @staticmethod
     def backward(ctx, dx_SD):  # type: ignore[override]
         (slot_row_N,) = ctx.saved_tensors
-        return slot_sums(dx_SD, slot_row_N, None, ctx.num_slots), None, None, None
+        # under autocast the rows' gradient may come in another dtype than the tokens'
+        return slot_sums(dx_SD, slot_row_N, None, ctx.num_slots).to(ctx.dtype), None, None, None
 
 
 class _CombineSlots(torch.autograd.Function):
@@ -45,6 +46,7 @@ class _CombineSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TD):  # type: ignore[override]
         y_SD, weights_TK, token_S, slot_row_N, order_S = ctx.saved_tensors
+        dy_TD = dy_TD.to(y_SD.dtype)  # under autocast the gradient may come in another dtype than the rows'
         want_w, want_y = ctx.weighted and ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         # the rows' weights in row order scale the rows' gradient only
         w_S = weights_TK.reshape(-1).index_select(0, order_S) if ctx.weighted and want_y else None
