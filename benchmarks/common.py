@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from moekit.experts import huge_pages
+from moekit.kernels.probe import read_probe
 
 
 def timeit(fn: Callable[[], object], min_reps: int = 3, budget_s: float = 2.0) -> float:
@@ -36,10 +37,14 @@ def fastest(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20) -> float:
-    """Bytes per second of a large fp32 sum: what streaming weights from memory can reach here (in huge pages, as
-    moekit keeps its weights)."""
+    """Bytes per second of the best read of a large fp32 tensor this machine does (in huge pages, as moekit keeps its
+    weights): all threads, each reading its share as four streams as moekit's kernels do (csrc/read_probe.cpp), or
+    torch's sum where that is faster. A floor from a slower read would flatter whatever it judges."""
     x = huge_pages.empty((nbytes // 4,), torch.float32).fill_(1)
-    return nbytes / fastest(lambda: x.sum())
+    best = nbytes / fastest(lambda: x.sum())
+    if read_probe(x) is not None:
+        best = max(best, nbytes / fastest(lambda: read_probe(x)))
+    return best
 
 
 def matmul_rate() -> float:

@@ -186,3 +186,11 @@ def test_large_weights_live_in_huge_pages_and_round_trip(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"w": experts.gate_up_proj.detach()}, str(path))
     assert torch.equal(load_file(str(path))["w"], experts.gate_up_proj.detach())
+
+
+def test_read_probe_sums_every_element():
+    from moekit.kernels.probe import read_probe
+
+    for n in (1, 31, 1000, 2**20 + 7):  # shares, quarters and tails of every size
+        x = torch.rand(n)
+        assert read_probe(x) == pytest.approx(float(x.double().sum()), rel=1e-5)

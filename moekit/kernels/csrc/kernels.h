@@ -250,3 +250,5 @@ void swiglu_rows(at::Tensor h, at::Tensor a, int64_t threads);
 void swiglu_rows_backward(at::Tensor h, at::Tensor da, at::Tensor dh, int64_t threads);
 void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
               std::vector<at::Tensor> zero, int64_t threads);
+// The sum of x's elements, each thread reading its share as four streams (read_probe.cpp): a bandwidth probe.
+double read_probe(at::Tensor x, int64_t threads);
