@@ -3,12 +3,10 @@
 Large CPU buffers are written fresh at every step (a stacked expert weight gradient of hundreds of MB, the row
 gathers and expert activations of a prefill, several MB each). glibc's malloc hands anything above its mmap
 threshold (at most 32 MB, adjusted as it goes) straight to the kernel and gives it back on free, so every step
-faults the same memory in again, 4 KB at a time: a 300 MB zeroed gradient took ~150 ms here, ~14 ms of it writing.
-Raising the mmap and trim thresholds keeps freed buffers in malloc's heap for the next step (300 MB zeroed: ~15 ms;
-an 8 MB row gather: 0.5 ms). torch's transparent-huge-page option (THP_MEM_ALLOC_ENABLE=1), tried before, fixed
-the large buffers but made every 2-8 MB buffer fault a fresh huge page at every step (an 8 MB gather: ~9 ms).
-The cost: memory freed by the process stays mapped to it for reuse instead of going back to the system.
-Set MOEKIT_MALLOC=default before importing moekit to leave malloc as it was."""
+faults the same memory in again, 4 KB at a time (a 300 MB zeroed gradient costs ten times its writing). Raising the
+mmap and trim thresholds keeps freed buffers in malloc's heap for the next step. The cost: memory freed by the
+process stays mapped to it for reuse instead of going back to the system. Set MOEKIT_MALLOC=default before importing
+moekit to leave malloc as it was."""
 
 import ctypes
 import os

@@ -75,3 +75,22 @@ def test_bad_tensors():
         model(torch.tensor([[1, 300]]))
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.tensor([[1, 2]]), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize(
+    "router,kwargs",
+    [
+        ("token_choice", {"slots_per_expert": 2}),
+        ("expert_choice", {"aux_loss_coef": 0.01}),  # expert choice has no top-k for the Switch loss
+        ("expert_choice", {"drop_policy": "score"}),
+        ("soft", {"capacity_factor": 1.25}),
+        ("soft", {"z_loss_coef": 1e-3}),  # soft MoE's plan has no router logits
+        ("hash", {"jitter": 0.1}),
+        ("hash", {"router_bias": True}),
+    ],
+)
+def test_a_field_the_router_kind_does_not_read_is_refused(router, kwargs):
+    (field,) = kwargs
+    with pytest.raises(ValueError, match=rf"{field}=.* is invalid: allowed .* router='{router}' does not read it"):
+        MoEConfig(routing=SPEC, expert_hidden=8, router=router, **kwargs)
+    MoEConfig(routing=SPEC, expert_hidden=8, router=router)  # the defaults are fine

@@ -16,9 +16,11 @@ def run(args: argparse.Namespace) -> int:
     from moekit.checkpoint.files import checkpoint_dir
     from moekit.infer.speculative import SpeculationStats
     from moekit.infer.tokenizers import StreamDecoder, load_tokenizer
+    from moekit.kernels import load_kernel
 
     path = checkpoint_dir(args.checkpoint)
     model = moekit.from_pretrained(path, dtype=torch.float32)
+    load_kernel()  # a first build says so and happens here, outside the speed reported below
     tokenizer = load_tokenizer(path, model.config.vocab_size)
     ids = tokenizer.encode(args.prompt)
     if not ids:

@@ -11,6 +11,7 @@ import moekit
 def run(args: argparse.Namespace) -> int:
     from datetime import datetime
 
+    from moekit.kernels import load_kernel
     from moekit.train.config import load_run_config
     from moekit.train.trainer import Trainer
 
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "tensorboard": args.tensorboard or None,
     }
     model_cfg, train_cfg = load_run_config(args.config, args.preset, flags)
+    load_kernel()  # a first build says so and happens here, before the progress bar's clock starts
     init = None
     if args.init:
         init = moekit.from_pretrained(args.init, dtype="float32")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from moekit._validate import check_choice, check_float, check_int, fail
@@ -14,21 +14,29 @@ ROUTERS = ("token_choice", "expert_choice", "soft", "hash")
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """routing            token-choice math (num_experts and top_k live here for every router kind).
+    """One MoE layer. Fields for every router kind:
+    routing            num_experts and top_k (hash: experts per token; expert choice: k of C = ceil(k*T*cf/E)), and
+                       for token choice the whole routing math.
     router             token_choice, expert_choice (each expert takes C tokens), soft (Soft MoE slots) or hash.
     expert_hidden      F, the hidden width of one routed expert.
-    router_bias        a learned bias in the router linear (GPT-OSS).
     num_shared_experts, shared_hidden  always-on experts (hidden width shared_hidden, default
                        num_shared_experts * expert_hidden); shared_gate scales them by sigmoid(x·w) (Qwen2-MoE).
-    capacity_factor    None: dropless. Otherwise each expert takes at most ceil(k*T*cf/E) assignments (token
-                       choice; drop_policy 'position' or 'score') or exactly that many (expert choice).
-    aux_loss_coef      Switch/GShard loss over the micro-batch; seq_aux_loss_coef: DeepSeek-V3's per sequence.
-    z_loss_coef        ST-MoE router z-loss.
-    bias_update_rate   u of the auxiliary-loss-free balancer (needs routing.selection_bias).
-    jitter             multiplicative router-input noise U[1-eps, 1+eps] while training.
-    slots_per_expert   soft MoE slots per expert.
     backend            experts backend name (see moekit.experts.BACKENDS); 'auto' picks the fast one.
     matmul             the grouped backend's matmul (moekit.experts.backends.MATMULS); 'auto' picks by size.
+    A learned router's (token choice, expert choice):
+    router_bias        a learned bias in the router linear (GPT-OSS).
+    jitter             multiplicative router-input noise U[1-eps, 1+eps] while training.
+    z_loss_coef        ST-MoE router z-loss.
+    capacity_factor    token choice: None is dropless, else each expert takes at most ceil(k*T*cf/E) assignments,
+                       dropped by drop_policy ('position' or 'score'); expert choice: each takes exactly that many
+                       (default 1.0).
+    Token choice only:
+    aux_loss_coef      Switch/GShard loss over the micro-batch; seq_aux_loss_coef: DeepSeek-V3's per sequence.
+    bias_update_rate   u of the auxiliary-loss-free balancer (needs routing.selection_bias).
+    drop_policy        which assignments capacity drops.
+    Soft MoE only:
+    slots_per_expert   slots per expert.
+    A field set for a router kind that does not read it is an error, never silently ignored.
     """
 
     routing: RoutingSpec
@@ -71,12 +79,51 @@ class MoEConfig:
             fail("bias_update_rate", self.bias_update_rate, "0 unless routing.selection_bias=True")
         if self.router != "token_choice" and self.routing.selection_bias:
             fail("routing.selection_bias", True, "False for the expert_choice, soft and hash routers")
+        self._check_router_fields()
         from moekit.experts.backends import BACKENDS, MATMULS
 
         check_choice("backend", self.backend, ("auto", *BACKENDS))
         check_choice("matmul", self.matmul, tuple(MATMULS))
         if self.matmul != "auto" and self.backend not in ("auto", "grouped"):
             fail("matmul", self.matmul, f"'auto' with backend={self.backend!r} (only the grouped backend has one)")
+
+    def _check_router_fields(self) -> None:
+        """Every field a router kind does not read stays at its default (see the class docstring)."""
+        unread = {
+            "token_choice": ("slots_per_expert",),
+            "expert_choice": (
+                "aux_loss_coef",
+                "seq_aux_loss_coef",
+                "bias_update_rate",
+                "drop_policy",
+                "slots_per_expert",
+            ),
+            "soft": (
+                "router_bias",
+                "jitter",
+                "z_loss_coef",
+                "capacity_factor",
+                "aux_loss_coef",
+                "seq_aux_loss_coef",
+                "bias_update_rate",
+                "drop_policy",
+            ),
+            "hash": (
+                "router_bias",
+                "jitter",
+                "z_loss_coef",
+                "capacity_factor",
+                "aux_loss_coef",
+                "seq_aux_loss_coef",
+                "bias_update_rate",
+                "drop_policy",
+                "slots_per_expert",
+            ),
+        }[self.router]
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in unread:
+            if getattr(self, name) != defaults[name]:
+                fail(name, getattr(self, name), f"{defaults[name]!r}: router={self.router!r} does not read it")
 
     @property
     def num_experts(self) -> int:

@@ -3,9 +3,9 @@
 On CPU, one torch matmul per expert leaves the second core idle for the small segments of MoE decode and
 prefill (a gemv or a few-row gemm barely runs in parallel), so the segments' products are spread over torch's own
 OpenMP threads instead, one single-threaded product per task (csrc/parallel_mm.cpp), each producing its own rows
-(or its own weight-gradient rows): no reduction across threads, so results are bitwise deterministic. (A pool of
-Python threads did this before: the OpenMP threads of the torch ops in between spun on the same cores while it
-ran, 20-25% of a prefill layer.) Backward is written out so it runs the same way.
+(or its own weight-gradient rows): no reduction across threads, so results are bitwise deterministic. On torch's
+own threads, not a pool of Python threads, whose cores the OpenMP threads of the torch ops in between would spin on.
+Backward is written out so it runs the same way.
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from moekit.kernels.limits import INPUT_MAJOR_ROWS, TILED_ROWS
 
 # Below this many bytes of weights per call the product sits in cache and any kernel is fast: plain torch ops.
 MIN_KERNEL_BYTES = 4 * 2**20
@@ -28,7 +31,9 @@ def load_kernel():
             if os.environ.get("MOEKIT_NO_KERNELS"):
                 return None
             try:
-                _kernel["module"] = _build()
+                module = _build()
+                module.set_row_limits(TILED_ROWS, INPUT_MAJOR_ROWS)
+                _kernel["module"] = module
             except Exception as e:  # no compiler or ninja: keep working, say so once
                 warnings.warn(f"moekit: C++ kernels unavailable ({type(e).__name__}); using torch's ops", stacklevel=3)
         return _kernel["module"]
@@ -41,7 +46,15 @@ def _build():
     csrc = Path(__file__).parent / "csrc"
     build_dir = _build_directory()
     with _build_lock(build_dir), _environment_ninja():
-        return load(
+        start = time.perf_counter()
+        stale = _stale(build_dir / "moekit_kernels.so", csrc)
+        if stale:  # a minute of silence on a fresh machine would look like a hang
+            print(
+                f"moekit: building its C++ kernels, once (about a minute on 2 cores; kept in {build_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
+        module = load(
             name="moekit_kernels",
             sources=[str(p) for p in sorted(csrc.glob("*.cpp"))],
             extra_include_paths=[str(csrc)],
@@ -50,6 +63,17 @@ def _build():
             build_directory=str(build_dir),
             verbose=False,
         )
+        if stale:
+            print(f"moekit: kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
+
+
+def _stale(library: Path, csrc: Path) -> bool:
+    """Whether the built library is missing or older than a source (then the build below compiles)."""
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in (*csrc.glob("*.cpp"), *csrc.glob("*.h")))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.kernels.build import kernel_for
+from moekit.kernels.limits import GRAD_WEIGHT_ROWS, INPUT_MAJOR_ROWS, TILED_ROWS  # noqa: F401 (re-exported)
 
 
 def segment_gemm(
@@ -38,26 +39,12 @@ def segment_gemm_input_major(
     return _run_segments("segment_gemm_input_major", w_EIO, segments, w_EIO, x_SI, y_SO)
 
 
-# Segments of at most this many rows go to moekit's tiled kernel (csrc/segment_gemm.cpp), longer ones to MKL: about
-# where MKL's packing of the weights stops costing more than it saves (kernels.h's kTiledRows: the same bound in C++).
-TILED_ROWS = 192
-# Input-major segments up to this many rows go to moekit's kernel (each weight row read once, in place), longer
-# ones to MKL: measured here, 1.5-2.4x MKL's speed at 2-16 rows, and since the kernel reads four streams 1.2-1.8x
-# at 20, 0.9-1.2x at 28-32, 0.9-1.1x at 40 and 0.75-0.8x at 64 (Qwen3- and Mixtral-shaped input gradients).
-INPUT_MAJOR_ROWS = 32
-
-
 def segment_grad_weight(
     x_SI: torch.Tensor, dy_SO: torch.Tensor, segments: list[tuple[int, int, int]], dw_EOI: torch.Tensor
 ) -> bool:
     """dw_EOI[e] = dy^T x over the rows of each (expert, start, count) segment, count <= GRAD_WEIGHT_ROWS (0: zeros),
     each dw row written once (streaming stores); False (nothing written) where the kernel cannot take it."""
     return _run_segments("segment_grad_weight", dw_EOI, segments, x_SI, dy_SO, dw_EOI)
-
-
-# Weight-gradient segments up to this many rows go to moekit's kernel, longer ones to MKL (the C++ side checks the
-# same kTiledRows). Measured here: 1.0-6x MKL's speed at 2-192 rows.
-GRAD_WEIGHT_ROWS = TILED_ROWS
 
 
 def _run_segments(

@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_rows", &swiglu_rows);
   m.def("swiglu_rows_backward", &swiglu_rows_backward);
   m.def("read_probe", &read_probe);
+  m.def("set_row_limits", &set_row_limits);
   py::class_<AttentionDecode, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
       .def(py::init<at::Tensor, double, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, at::Tensor,
                     at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor>(),

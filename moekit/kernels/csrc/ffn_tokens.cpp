@@ -19,7 +19,7 @@ struct Rows {
   at::Tensor tensor() const { return at::from_blob(data, {count, width}, {ld, 1}, at::kFloat); }
 };
 
-// A pass's products: each a moekit kernel product (up to kTiledRows rows, or kInputMajorRows with input-major
+// A pass's products: each a moekit kernel product (up to g_tiled_rows rows, or g_input_major_rows with input-major
 // weights: the weights read in place) or, longer, MKL's on one thread per piece (it packs the weights once for all
 // the piece's rows).
 struct Products {
@@ -30,7 +30,7 @@ struct Products {
   // y = x @ w^T, w [n, k] contiguous at w_data; transposed: x @ w, w [k, n].
   void add(const float* w_data, int64_t n, int64_t k, bool transposed, Rows x, Rows y) {
     if (x.count == 0) return;
-    if (x.count <= (transposed ? kInputMajorRows : kTiledRows)) {
+    if (x.count <= (transposed ? g_input_major_rows.load() : g_tiled_rows.load())) {
       (transposed ? input_major : tiled).push_back({w_data, n, k, x.data, x.ld, x.count, y.data, y.ld});
       return;
     }
@@ -171,4 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward_tokens(at::Ten
       for (int64_t i = 0; i < d; ++i) yt[i] += xp[t * d + i];
   }
   return {y, ids, counts};
+}
+
+void set_row_limits(int64_t tiled_rows, int64_t input_major_rows) {
+  TORCH_CHECK(tiled_rows >= 0 && tiled_rows <= kTiledRows && input_major_rows >= 0 &&
+                  input_major_rows <= kInputMajorRows,
+              "set_row_limits: at most ", kTiledRows, " and ", kInputMajorRows, " rows");
+  g_tiled_rows = tiled_rows, g_input_major_rows = input_major_rows;
 }

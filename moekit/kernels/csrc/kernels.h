@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -228,11 +229,13 @@ void run_products(const std::vector<Product>& products, int64_t threads);
 // as every expert's input gradient reads its weights), each weight row read once for all input rows
 // (input_major.cpp).
 void run_input_major(const std::vector<Product>& products, int64_t threads);
-// Up to this many rows an input-major product is moekit's to run (Python's gemv.INPUT_MAJOR_ROWS is the same bound).
+// The most rows an input-major product / a product (run_products) may have for moekit's kernels to take it.
 constexpr int64_t kInputMajorRows = 32;
-// Up to this many rows a product is moekit's to run (run_products); longer ones go to MKL, whose packing of the
-// weights then pays for itself (Python's gemv.TILED_ROWS is the same bound).
 constexpr int64_t kTiledRows = 192;
+// Where the fused block over tokens hands a product to MKL instead (at most the bounds above): set from Python
+// for this CPU (moekit/kernels/limits.py) when the module is loaded.
+inline std::atomic<int64_t> g_tiled_rows{kTiledRows}, g_input_major_rows{kInputMajorRows};
+void set_row_limits(int64_t tiled_rows, int64_t input_major_rows);
 
 // The functions the extension exports (bindings.cpp).
 void segment_gemm(at::Tensor w, at::Tensor x, at::Tensor experts, at::Tensor starts,

@@ -1,0 +1,30 @@
+"""How many rows a segment may have for moekit's kernels to take it; longer ones go to MKL, whose packing of the
+weights pays for itself beyond. The crossovers depend on the CPU: moekit's kernels are AVX2, while MKL uses the
+widest vectors the CPU has, so on AVX-512 CPUs it wins from far fewer rows. Measured with expert-shaped weights
+(768-7168 x 1024-3584, 2 threads), kernel time / MKL time:
+
+- AVX2 only: forward 0.6-0.95 up to 192 rows; input-major 0.4-0.8 at 2-16 rows, 0.9-1.2 at 28-32, 0.75-0.8 at 64;
+  weight gradients 0.2-0.5 at 2-8 rows, 0.6-1.0 at 16-192.
+- AVX-512: forward 0.47-0.9 up to 16 rows, 0.83-1.12 at 32, 1.23-1.42 at 64; input-major 0.6-0.9 up to 8 rows,
+  1.0-1.2 at 16; weight gradients 0.5-0.86 at 4 rows, 0.65-1.13 at 8, 0.8-1.2 at 16.
+
+The C++ side keeps its own upper bounds (kTiledRows, kInputMajorRows in csrc/kernels.h); these are at most those."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+WIDE_VECTORS = "avx512f" in _cpu_flags()
+TILED_ROWS = 24 if WIDE_VECTORS else 192  # forward products (csrc/segment_gemm.cpp, the fused block over tokens)
+INPUT_MAJOR_ROWS = 12 if WIDE_VECTORS else 32  # input-major products and every expert's input gradient
+GRAD_WEIGHT_ROWS = 8 if WIDE_VECTORS else 192  # weight gradients (csrc/grad_weight.cpp)
