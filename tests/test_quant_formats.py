@@ -1,0 +1,91 @@
+"""The shipped quantized formats' reference codecs (moekit/quant/): bytes laid out as the formats define them (hand
+cases and transformers' own MXFP4 dequantizer), quantize -> dequantize round trips that are exact on representable
+weights, and one-line errors for scales that do not fit."""
+
+import pytest
+import torch
+
+from moekit.quant import fp8_blocks, int4_pack, mxfp4
+
+
+def test_mxfp4_bytes_as_gpt_oss_defines_them():
+    blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+    blocks[0, 0, 0] = 0x21  # element 0: low nibble 1 (0.5); element 1: high nibble 2 (1.0)
+    blocks[0, 0, 1] = 0xF9  # element 2: 9 (-0.5); element 3: 15 (-6)
+    w = mxfp4.dequantize(blocks, torch.tensor([[128]], dtype=torch.uint8))  # scale 2^(128 - 127) = 2
+    assert w.shape == (1, 32)
+    assert w[0, :4].tolist() == [1.0, 2.0, -1.0, -12.0] and w[0, 4:].abs().sum() == 0
+
+
+def test_mxfp4_equals_transformers_dequantizer():
+    transformers_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (3, 10, 4), dtype=torch.uint8, generator=g)
+    theirs = transformers_mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, rows]
+    assert torch.equal(mxfp4.dequantize(blocks, scales), theirs.transpose(1, 2))
+
+
+def test_mxfp4_round_trip():
+    w = torch.randn(2, 8, 64) * torch.logspace(-3, 2, 8).view(1, 8, 1)
+    blocks, scales = mxfp4.quantize(w)
+    assert blocks.shape == (2, 8, 2, 16) and scales.shape == (2, 8, 2)
+    deq = mxfp4.dequantize(blocks, scales)
+    assert torch.equal(mxfp4.dequantize(*mxfp4.quantize(deq)), deq)  # representable weights come back exactly
+    groups = (deq - w).abs().reshape(2, 8, 2, 32).amax(-1) / w.abs().reshape(2, 8, 2, 32).amax(-1)
+    assert float(groups.max()) <= 0.25  # within half the widest code spacing (2 of 6) relative to the group max
+    assert mxfp4.BITS_PER_WEIGHT == 4.25
+
+
+def test_mxfp4_bad_input():
+    blocks, scales = torch.zeros(2, 3, 16, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"experts.0: MXFP4 blocks \[2, 3, 16\] and scales \[2, 4\] do not match"):
+        mxfp4.dequantize(blocks, torch.zeros(2, 4, dtype=torch.uint8), name="experts.0")
+    with pytest.raises(ValueError, match="scale byte 255"):
+        mxfp4.dequantize(blocks, scales.fill_(255))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mxfp4.quantize(torch.randn(4, 40))
+
+
+def test_fp8_blocks_with_ragged_edges():
+    w = torch.randn(200, 300) * 3  # blocks of 128: a [2, 3] grid with ragged last row and column blocks
+    q, scale = fp8_blocks.quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
+    deq = fp8_blocks.dequantize(q, scale)
+    for i in range(2):  # each block is its e4m3 values times its own scale
+        for j in range(3):
+            rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
+            assert torch.equal(deq[rows, cols], q[rows, cols].float() * scale[i, j])
+    assert float((deq - w).abs().max() / w.abs().max()) < 2**-4  # e4m3's 3 mantissa bits
+    assert torch.equal(fp8_blocks.dequantize(*fp8_blocks.quantize(deq)), deq)
+
+
+def test_fp8_ue8m0_scales_are_powers_of_two_and_bad_grids_are_named():
+    _, scale = fp8_blocks.quantize(torch.randn(4, 130, 256), ue8m0=True)  # a leading (expert) axis too
+    assert scale.shape == (4, 2, 2) and torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+    q = torch.zeros(576, 300).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"kv_a_proj: scale_inv shape \[4, 3\] does not fit .* allowed \[5, 3\]"):
+        fp8_blocks.dequantize(q, torch.ones(4, 3), name="kv_a_proj")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fp8_blocks.dequantize(q, torch.full((5, 3), float("inf")))
+
+
+def test_int4_pack_layout():
+    values = torch.tensor([[-8, -1, 0, 1, 2, 3, 7, -3] * 4])  # one row of 32, one group
+    word = sum(((v + 8) & 0xF) << (4 * i) for i, v in enumerate(values[0, :8].tolist()))
+    packed = torch.tensor([[word - 2**32 if word >= 2**31 else word] * 4], dtype=torch.int32)
+    w = int4_pack.dequantize(packed, torch.tensor([[0.5]]), shape=(1, 32))
+    assert torch.equal(w, values.float() * 0.5)
+
+
+def test_int4_round_trip_and_bad_input():
+    w = torch.randn(6, 100)  # a ragged last group and word
+    packed, scale = int4_pack.quantize(w)
+    assert packed.shape == (6, 13) and scale.shape == (6, 4)
+    deq = int4_pack.dequantize(packed, scale, shape=(6, 100))
+    assert torch.equal(int4_pack.dequantize(*int4_pack.quantize(deq), shape=(6, 100)), deq)
+    assert float((deq - w).abs().max() / w.abs().max()) <= 1 / 14 + 1e-6  # half a step of amax / 7
+    with pytest.raises(ValueError, match=r"experts.3.w1: weight_scale shape \[6, 3\] does not fit"):
+        int4_pack.dequantize(packed, scale[:, :3], shape=(6, 100), name="experts.3.w1")
+    with pytest.raises(ValueError, match="weight_shape"):
+        int4_pack.dequantize(packed, scale, shape=(6, 200))
