@@ -89,36 +89,13 @@ class MoEConfig:
 
     def _check_router_fields(self) -> None:
         """Every field a router kind does not read stays at its default (see the class docstring)."""
+        token_choice_only = ("aux_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "drop_policy")
+        not_learned = ("router_bias", "jitter", "z_loss_coef", "capacity_factor", *token_choice_only)
         unread = {
             "token_choice": ("slots_per_expert",),
-            "expert_choice": (
-                "aux_loss_coef",
-                "seq_aux_loss_coef",
-                "bias_update_rate",
-                "drop_policy",
-                "slots_per_expert",
-            ),
-            "soft": (
-                "router_bias",
-                "jitter",
-                "z_loss_coef",
-                "capacity_factor",
-                "aux_loss_coef",
-                "seq_aux_loss_coef",
-                "bias_update_rate",
-                "drop_policy",
-            ),
-            "hash": (
-                "router_bias",
-                "jitter",
-                "z_loss_coef",
-                "capacity_factor",
-                "aux_loss_coef",
-                "seq_aux_loss_coef",
-                "bias_update_rate",
-                "drop_policy",
-                "slots_per_expert",
-            ),
+            "expert_choice": (*token_choice_only, "slots_per_expert"),
+            "soft": not_learned,
+            "hash": (*not_learned, "slots_per_expert"),
         }[self.router]
         defaults = {f.name: f.default for f in fields(self)}
         for name in unread:
