@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from moekit.quant.checks import checked_scales
+
 BLOCK = (128, 128)
 E4M3_MAX = 448.0
 
@@ -27,14 +29,8 @@ def dequantize(
     if w_OI.dtype != torch.float8_e4m3fn:
         raise ValueError(f"{name}: FP8 block weights must be float8_e4m3fn, got {w_OI.dtype}")
     grid = (*w_OI.shape[:-2], math.ceil(w_OI.shape[-2] / block[0]), math.ceil(w_OI.shape[-1] / block[1]))
-    if tuple(scale_inv_GH.shape) != grid:
-        raise ValueError(
-            f"{name}: scale_inv shape {list(scale_inv_GH.shape)} does not fit weight {list(w_OI.shape)} in "
-            f"{block[0]} x {block[1]} blocks: allowed {list(grid)}"
-        )
-    scale = scale_inv_GH.float()
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"{name}: scale_inv holds NaN or inf: allowed finite scales")
+    grouping = f"{block[0]} x {block[1]} blocks"
+    scale = checked_scales(name, "scale_inv", scale_inv_GH, grid, w_OI.shape, grouping)
     return w_OI.float() * _expand(scale, w_OI.shape, block)
 
 

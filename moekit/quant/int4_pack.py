@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.quant.checks import checked_scales
+
 GROUP = 32
 PER_WORD = 8
 
@@ -23,14 +25,7 @@ def dequantize(
         raise ValueError(f"{name}: weight_shape {list(shape)} does not fit weight_packed {list(packed_OW.shape)}")
     width = shape[1] if shape is not None else width
     groups = -(-width // GROUP)
-    if tuple(scale_OG.shape) != (out, groups):
-        raise ValueError(
-            f"{name}: weight_scale shape {list(scale_OG.shape)} does not fit weight {[out, width]} in groups of "
-            f"{GROUP}: allowed {[out, groups]}"
-        )
-    scale = scale_OG.float()
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(f"{name}: weight_scale holds NaN or inf: allowed finite scales")
+    scale = checked_scales(name, "weight_scale", scale_OG, (out, groups), (out, width), f"groups of {GROUP}")
     shifts = torch.arange(PER_WORD, dtype=torch.int32) * 4
     nibbles = (packed_OW.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift: the mask keeps the nibble
     values_OI = (nibbles.reshape(out, -1)[:, :width] - 8).float()
