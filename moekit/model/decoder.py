@@ -115,8 +115,7 @@ class MoEDecoder(nn.Module):
     def drop_fused(self) -> None:
         """Remove every installed fused step: the modules alone compute the model again."""
         for module in self.modules():
-            if module.__dict__.get("fused") is not None:
-                module.fused = None
+            module.__dict__.pop("fused", None)  # the class default (None) shows again
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ...: the fused steps hold the old tensors
         self.drop_fused()
