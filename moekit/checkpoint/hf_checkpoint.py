@@ -19,12 +19,14 @@ from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.names import piece_view
+from moekit.checkpoint.quantized import PART_DTYPES, format_of, install, quantized_targets
 from moekit.config.model import ModelConfig
 from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
 from moekit.families import FAMILIES, NATIVE, family_of, model_from_hf, tensor_names
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
+from moekit.quant.held import QuantizedModule
 from moekit.version import __version__
 
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,8 +50,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     elif cfg.mtp_layers:
         notes.append(f"loaded {cfg.mtp_layers} multi-token-prediction layer(s) (used by training and speculation)")
     shards = Shards(files)
-    model = materialize(meta_model(cfg, _resolve_dtype(dtype, shards, files)))
-    _fill(model, shards, files)
+    model = meta_model(cfg, _resolve_dtype(dtype, shards, files))
+    keymap = KeyMap(cfg, tensor_names(cfg.family))
+    fmt = format_of(hf, shards)
+    if fmt is not None:
+        targets = quantized_targets(fmt, files, keymap)
+        install(model, fmt, targets)
+        notes.append(f"{len(targets)} module(s) hold {fmt.name} weights, kept quantized")
+    model = materialize(model)
+    _fill(model, keymap, shards, files)
+    if fmt is not None:
+        _check_quantized(model, keymap, path)
     model.load_notes = notes
     return model.eval()
 
@@ -68,14 +79,13 @@ def _resolve_dtype(dtype, shards: Shards, files: dict) -> torch.dtype:
     return torch.float32
 
 
-def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
+def _fill(model: MoEDecoder, keymap: KeyMap, shards: Shards, files: dict) -> None:
     cfg = model.config
-    keymap = KeyMap(cfg, tensor_names(cfg.family))
     experts = keymap.experts
     targets = model.state_dict(keep_vars=True)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
     filled: set[str] = set()
     pattern = experts.pattern() if experts.per_expert else None
-    f = cfg.moe.expert_hidden if cfg.moe else 0
     for name in files:
         pieces = keymap.fused_pieces(name)
         if pieces is not None:
@@ -84,18 +94,24 @@ def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
             continue
         m = pattern.match(name) if pattern else None
         if m:
-            layer, e, proj = m[1], int(m[2]), m[3]
+            layer, e, proj, part = m[1], int(m[2]), m[3], m[4]
             which = {experts.gate: "gate", experts.up: "up", experts.down: "down"}[proj]
-            target_name = keymap.to_moekit(f"{layer}.mlp.experts.{'down_proj' if which == 'down' else 'gate_up_proj'}")
+            module = keymap.to_moekit(f"{layer}.mlp.experts.gate_up_proj").removesuffix(".gate_up_proj")
+            target_name = f"{module}.{'down_proj' if which == 'down' else 'gate_up_proj'}{part}"
+            if _derived(quantized, target_name, shards, name, files, piece=True):
+                continue
             target = _target(targets, target_name, name, files)
             if e >= target.shape[0]:
                 raise ValueError(f"{files[name]}: {name} names expert {e}, the config has {target.shape[0]}")
-            view = {"gate": lambda t: t[e, :f], "up": lambda t: t[e, f:], "down": lambda t: t[e]}[which](target.data)
-            _copy(view, shards, name, files)
+            half = target.shape[1] // 2  # gate and up: the two halves of each row-indexed part
+            view = {"gate": lambda t: t[e, :half], "up": lambda t: t[e, half:], "down": lambda t: t[e]}[which]
+            _copy(view(target.data), shards, name, files)
             filled.add(f"{target_name}#{e}{which}")
             continue
         target_name = keymap.to_moekit(name)
         if target_name is None:  # a copy of a shared tensor (DeepSeek's MTP embedding/head)
+            continue
+        if target_name not in targets and _derived(quantized, target_name, shards, name, files):
             continue
         _copy(_target(targets, target_name, name, files).data, shards, name, files)
         filled.add(target_name)
@@ -103,8 +119,9 @@ def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
     for target_name, tensor in targets.items():
         if target_name in filled:
             continue
-        if pattern and target_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            parts = ("down",) if target_name.endswith("down_proj") else ("gate", "up")
+        m = _STACKED_EXPERTS.search(target_name) if pattern else None
+        if m:
+            parts = ("down",) if m[1] == "down_proj" else ("gate", "up")
             lost = [f"{e}{p}" for e in range(tensor.shape[0]) for p in parts if f"{target_name}#{e}{p}" not in filled]
             if not lost:
                 continue
@@ -114,6 +131,35 @@ def _fill(model: MoEDecoder, shards: Shards, files: dict) -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{next(iter(files.values())).parent}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+# moekit's stacked expert tensors (and their quantized parts) that per-expert checkpoints fill expert by expert
+_STACKED_EXPERTS = re.compile(r"experts\.(gate_up_proj|down_proj)(|_(?!bias$)[a-z_]+)$")
+
+
+def _derived(quantized: dict, target_name: str, shards, name: str, files: dict, piece: bool = False) -> bool:
+    """Whether checkpoint tensor `name` (moekit's `target_name`) is a part a quantized module derives from its
+    shape (INT4's weight_shape): then it is checked against the shape, not held. piece: the tensor is one expert's
+    (one piece of a stacked weight)."""
+    module, _, attr = target_name.rpartition(".")
+    owner = quantized.get(module)
+    if owner is None:
+        return False
+    base = next((b for b in owner.held_weights() if attr.startswith(b)), None)
+    expected = owner.fmt.derived(owner.piece_shape(base, piece)).get(attr[len(base) :]) if base else None
+    if expected is None:
+        return False
+    found = shards.read(name)
+    if found.shape != expected.shape or not torch.equal(found.to(expected.dtype), expected):
+        raise ValueError(f"{files[name]}: {name} is {found.tolist()}, the config implies {expected.tolist()}")
+    return True
+
+
+def _check_quantized(model: MoEDecoder, keymap: KeyMap, path: Path) -> None:
+    """The formats' checks of every quantized module's scales, errors naming the checkpoint tensor."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            module.check_parts(lambda base, m=module_name: f"{path}: {keymap.to_hf(f'{m}.{base}')}")
 
 
 def _fill_fused(targets: dict, pieces: list, shards: Shards, name: str, files: dict) -> None:
@@ -142,6 +188,9 @@ def _copy(dst: torch.Tensor, shards: Shards, name: str, files: dict) -> None:
         raise ValueError(
             f"{files[name]}: tensor {name!r} has shape {list(shape)}, the config implies {list(dst.shape)}"
         )
+    found = shards.dtype(name)
+    if found != dst.dtype and (dst.dtype in PART_DTYPES or found in PART_DTYPES):  # quantized bytes never convert
+        raise ValueError(f"{files[name]}: tensor {name!r} is {found}, the checkpoint's format holds it as {dst.dtype}")
     with torch.no_grad():
         shards.read_into(name, dst)
 
@@ -202,7 +251,6 @@ def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str
     cfg = model.config if family is None else replace(model.config, family=family)
     keymap = KeyMap(cfg, tensor_names(cfg.family))
     experts = keymap.experts
-    f = cfg.moe.expert_hidden if cfg.moe else 0
     out: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     fused: set[str] = set()
@@ -213,20 +261,45 @@ def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str
     for name, tensor in state.items():
         if (cfg.tie_embeddings and name == "lm_head.weight") or name in fused:
             continue
-        hf_name = keymap.to_hf(name)
-        if experts.per_expert and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        m = _STACKED_EXPERTS.search(name) if experts.per_expert else None
+        if m:
+            hf_name = keymap.to_hf(name)
             prefix = hf_name[: hf_name.index(".mlp.experts.")]
+            half = tensor.shape[1] // 2
             for e in range(tensor.shape[0]):
-                keys = experts.names(prefix, e)
-                if name.endswith("gate_up_proj"):
-                    out[keys["gate"]], out[keys["up"]] = tensor[e, :f], tensor[e, f:]
+                keys = {p: k + m[2] for p, k in experts.names(prefix, e).items()}
+                if m[1] == "gate_up_proj":
+                    out[keys["gate"]], out[keys["up"]] = tensor[e, :half], tensor[e, half:]
                 else:
                     out[keys["down"]] = tensor[e]
             continue
-        out[hf_name] = tensor
+        out[keymap.to_hf(name)] = tensor
+    out.update(_derived_parts(model, keymap))
     for copy in keymap.mtp_copies():  # DeepSeek-V3 files keep the embedding and head beside each MTP layer
         out[copy] = model.embed_tokens.weight if copy.endswith("embed_tokens.weight") else model.lm_head.weight
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _derived_parts(model: MoEDecoder, keymap: KeyMap) -> dict[str, torch.Tensor]:
+    """The parts quantized modules derive from their shapes (INT4's weight_shape), under their checkpoint names."""
+    out: dict[str, torch.Tensor] = {}
+    experts = keymap.experts
+    for module_name, module in model.named_modules():
+        if not isinstance(module, QuantizedModule):
+            continue
+        per_expert = experts.per_expert and module_name.endswith(".experts")
+        for base in module.held_weights():
+            for suffix, part in module.fmt.derived(module.piece_shape(base, per_expert)).items():
+                if not per_expert:
+                    out[keymap.to_hf(f"{module_name}.{base}{suffix}")] = part
+                    continue
+                hf_name = keymap.to_hf(f"{module_name}.{base}")
+                prefix = hf_name[: hf_name.index(".mlp.experts.")]
+                for e in range(module.num_experts):
+                    keys = experts.names(prefix, e)
+                    for p in ("down",) if base == "down_proj" else ("gate", "up"):
+                        out[keys[p] + suffix] = part
+    return out
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

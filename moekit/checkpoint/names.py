@@ -42,8 +42,11 @@ class ExpertKeys:
     down: str = "down_proj"
 
     def pattern(self) -> re.Pattern:
+        """Matches an expert's weight: (layer prefix, expert, projection, part suffix: '' or a quantized format's
+        part beside the weight, e.g. '_scale_inv')."""
         names = "|".join(re.escape(n) for n in (self.gate, self.up, self.down))
-        return re.compile(rf"^(.*layers\.\d+)\.{re.escape(self.container)}\.experts\.(\d+)\.({names})\.weight$")
+        container = re.escape(self.container)
+        return re.compile(rf"^(.*layers\.\d+)\.{container}\.experts\.(\d+)\.({names})\.weight(|_[a-z_]+)$")
 
     def names(self, layer_prefix: str, expert: int) -> dict[str, str]:
         """{gate|up|down: checkpoint name} of one expert of the layer whose checkpoint prefix is layer_prefix."""

@@ -4,12 +4,14 @@ and returns each row's expert output. The per-expert loop is the reference every
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from moekit.experts.layout import apply_activation
+from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.segment_mm import TILED_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
 from moekit.kernels.products import gather_gemv
@@ -60,15 +62,11 @@ class LoopBackend(ExpertsBackend):
     def forward(self, x_SD, counts, experts):
         layout = experts.layout
         outs, start = [], 0
-        # unbind once: indexing the stacked tensor per expert would make autograd allocate a full-size gradient
-        # for every expert touched
-        ups, downs = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
+        matrices = _expert_matrices(experts, x_SD.dtype)
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            w_up, w_down = ups[e], downs[e]
-            if layout.transposed:
-                w_up, w_down = w_up.t(), w_down.t()
+            w_up, w_down = matrices(e)
             b_up = experts.gate_up_proj_bias[e] if layout.bias else None
             b_down = experts.down_proj_bias[e] if layout.bias else None
             h = F.linear(x_SD[start : start + c], w_up, b_up)
@@ -77,6 +75,19 @@ class LoopBackend(ExpertsBackend):
         if not outs:
             return x_SD.new_zeros(0, experts.hidden_size)
         return torch.cat(outs)
+
+
+def _expert_matrices(experts, dtype: torch.dtype) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """e -> (gate_up [X, D], down [D, F]) of expert e, output-major; quantized experts dequantize that expert."""
+    if isinstance(experts, QuantizedExperts):
+        pick = torch.tensor  # the one expert, as an index of the stacked parts
+        return lambda e: tuple(experts.dequantized(b, dtype, pick([e]))[0] for b in ("gate_up_proj", "down_proj"))
+    # unbind once: indexing the stacked tensor per expert would make autograd allocate a full-size gradient for
+    # every expert touched
+    ups, downs = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
+    if experts.layout.transposed:
+        return lambda e: (ups[e].t(), downs[e].t())
+    return lambda e: (ups[e], downs[e])
 
 
 # The grouped backend's matmul choices, in words.
@@ -119,6 +130,8 @@ class GroupedBackend(ExpertsBackend):
 
     def unsupported(self, experts, x_SD):
         reason = super().unsupported(experts, x_SD)
+        if reason is None and self.matmul != "auto" and isinstance(experts, QuantizedExperts):
+            return f"{experts.fmt.name} experts with matmul={self.matmul!r} (quantized experts take matmul 'auto')"
         if reason is None and self.matmul == "torch_grouped_mm":
             if not hasattr(torch, "_grouped_mm"):
                 return f"torch {torch.__version__} (it has no grouped matmul)"
@@ -134,10 +147,12 @@ class GroupedBackend(ExpertsBackend):
             return None
         weights_K1 = weights_K.to(x_1D.dtype).unsqueeze(1)
         x_KD = x_1D * weights_K1 if apply_to == "input" else x_1D.expand(ids_K.numel(), -1)
-        h_KX = gather_gemv(experts.gate_up_proj, ids_K, x_KD)
+        product = _products(experts, ids_K)
+        h_KX = product("gate_up_proj", x_KD)
         if layout.bias:
             h_KX = h_KX + experts.gate_up_proj_bias.index_select(0, ids_K)
-        y_KD = gather_gemv(experts.down_proj, ids_K, apply_activation(h_KX, layout).contiguous())
+        a_KF = apply_activation(h_KX, layout).contiguous()
+        y_KD = product("down_proj", a_KF)
         if layout.bias:
             y_KD = y_KD + experts.down_proj_bias.index_select(0, ids_K)
         if apply_to == "input":
@@ -145,6 +160,9 @@ class GroupedBackend(ExpertsBackend):
         return weights_K1.t() @ y_KD
 
     def forward(self, x_SD, counts, experts):
+        if isinstance(experts, QuantizedExperts):
+            _say_once(experts)
+            return BACKENDS["loop"].forward(x_SD, counts, experts)
         layout = experts.layout
         if layout.bias:
             expert_of_row = torch.repeat_interleave(
@@ -158,6 +176,27 @@ class GroupedBackend(ExpertsBackend):
         if layout.bias:
             y = y + experts.down_proj_bias[expert_of_row]
         return y
+
+
+def _products(experts, ids_K: torch.Tensor) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """(projection, x_KI) -> y_KO: each of the k experts' matrix times its own row (output-major weights)."""
+    if not isinstance(experts, QuantizedExperts):
+        return lambda base, x_KI: gather_gemv(getattr(experts, base), ids_K, x_KI)
+    _say_once(experts)
+    return lambda base, x_KI: torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(experts: QuantizedExperts) -> None:
+    """Where no kernel reads a format's bytes yet, say so once: the experts a call uses are dequantized for it."""
+    if experts.fmt.name not in _SAID:
+        _SAID.add(experts.fmt.name)
+        warnings.warn(
+            f"moekit: no kernel reads {experts.fmt.name} experts yet; each call dequantizes the experts it uses",
+            stacklevel=3,
+        )
 
 
 # Largest expert matrix (elements) for which the CPU path takes torch's grouped matmul: measured crossover between

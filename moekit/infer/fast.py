@@ -28,6 +28,7 @@ from moekit.layers.attention import Attention, AttentionInputs
 from moekit.layers.ffn import FeedForward
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import RMSNorm
+from moekit.quant.held import is_quantized
 from moekit.routing.router import TokenChoiceRouter
 
 _NONE = torch.empty(0)
@@ -209,6 +210,7 @@ def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
     return (
         isinstance(attn, Attention)
         and isinstance(norm, RMSNorm)
+        and not is_quantized(attn)
         and attn.qk_norm in ("none", "head", "full")
         and attn.temperature is None
         and not (attn.use_rope and attn.interleave)
@@ -252,6 +254,7 @@ def _block_covered(block: MoEBlock) -> bool:
     spec = block.router.spec
     return (
         type(block.router) is TokenChoiceRouter
+        and not is_quantized(block)
         and spec.score_func in ("softmax", "sigmoid")
         and spec.n_group == 1
         and spec.normalize_p == 1.0
@@ -263,7 +266,7 @@ def _block_covered(block: MoEBlock) -> bool:
 def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
     """The fused decode step of x + ffn(norm(x)), ffn an MoE block or a dense FFN (as the shared-expert part
     alone); None where it does not cover the block."""
-    if not isinstance(norm, RMSNorm):
+    if not isinstance(norm, RMSNorm) or is_quantized(ffn):
         return None
     if isinstance(ffn, FeedForward):
         step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
@@ -346,7 +349,9 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
 def _chain(model: nn.Module, steps: list[tuple[_AttentionStep | None, _FfnStep | None]]):
     """The model's whole decode step (DecodeChain) from each layer's (attention, FFN) steps, or None where a part is
     not covered."""
-    if not isinstance(model.norm, RMSNorm) or any(a is None or f is None for a, f in steps):
+    if any(a is None or f is None for a, f in steps):
+        return None
+    if not isinstance(model.norm, RMSNorm) or is_quantized(model.lm_head):
         return None
     head, embed = model.lm_head, model.embed_tokens.weight
     kernel = _kernel(embed, model.norm.weight, head.weight, model.rotary.inv_freq)

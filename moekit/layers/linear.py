@@ -21,7 +21,7 @@ class Linear(nn.Linear):
 def project(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each linear layer applied to x; at decode (one row, no_grad) all of them in one pass of the kernel, which
     for the q, k and v projections of a step turns three short streams into one long one."""
-    if not _one_row(x):
+    if not _one_row(x) or not all(isinstance(linear, nn.Linear) for linear in linears):  # quantized: their own
         return tuple(linear(x) for linear in linears)
     return _row_products(linears, x)
 

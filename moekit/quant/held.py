@@ -1,0 +1,72 @@
+"""What every module holding quantized weights shares: the parts of each weight as buffers named as the checkpoint
+names them (so the state dict is the checkpoint's), their dequantization, and casts that leave them alone (model.
+float() must not turn FP8 bytes into fp32 numbers: only the module's float parameters follow a dtype change)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.quant.formats import Format, Parts
+
+
+class QuantizedModule(nn.Module):
+    """Subclasses call hold() for each quantized weight."""
+
+    fmt: Format
+
+    def hold(self, base: str, shape: tuple[int, ...], pieces: int = 1, device=None) -> None:
+        """Buffers for the parts of weight `base` of `shape` (uninitialised: a checkpoint or quantize fills them)."""
+        self._held = {**getattr(self, "_held", {}), base: (tuple(shape), pieces)}
+        for suffix, (part_shape, dtype) in self.fmt.parts(shape, pieces).items():
+            self.register_buffer(base + suffix, torch.empty(part_shape, dtype=dtype, device=device))
+
+    def held_weights(self) -> list[str]:
+        return list(self._held)
+
+    def piece_shape(self, base: str, piece: bool = False) -> tuple[int, ...]:
+        """The shape of weight `base`; piece: of one expert's piece of it (gate or up alone where two pieces)."""
+        shape, pieces = self._held[base]
+        return (shape[-2] // pieces, shape[-1]) if piece else shape
+
+    def parts(self, base: str, index: torch.Tensor | None = None) -> Parts:
+        """The parts of weight `base`; with index, those of the chosen rows of its leading (expert) axis."""
+        names = self.fmt.parts(*self._held[base])
+        return {s: getattr(self, base + s) if index is None else getattr(self, base + s)[index] for s in names}
+
+    def dequantized(self, base: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+        shape, pieces = self._held[base]
+        if index is not None:
+            shape = (index.numel(), *shape[1:])
+        return self.fmt.dequantize(self.parts(base, index), shape, pieces, name=base).to(dtype)
+
+    def store(self, base: str, w: torch.Tensor) -> None:
+        """Quantize the float weight w into the parts of `base`."""
+        shape, pieces = self._held[base]
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{base}: weight shape {list(w.shape)} does not fit the held {list(shape)}")
+        with torch.no_grad():
+            for suffix, part in self.fmt.quantize(w, pieces).items():
+                getattr(self, base + suffix).copy_(part)
+
+    def check_parts(self, name_of) -> None:
+        """The format's checks of every held weight; name_of(base) names it in errors (file and tensor)."""
+        for base in self._held:
+            self.fmt.check(self.parts(base), name_of(base))
+
+    def held_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def _apply(self, fn, recurse=True):
+        parts = {n: b for n, b in self._buffers.items() if b is not None}
+        out = super()._apply(fn, recurse)
+        for n, before in parts.items():
+            after = self._buffers[n]
+            if after.dtype != before.dtype:  # a dtype change: the bytes keep theirs (only a device move applies)
+                self._buffers[n] = before.to(after.device)
+        return out
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether module or any module inside it holds quantized weights."""
+    return any(isinstance(m, QuantizedModule) for m in module.modules())
