@@ -5,7 +5,7 @@ weights, and one-line errors for scales that do not fit."""
 import pytest
 import torch
 
-from moekit.quant import fp8_blocks, int4_pack, mxfp4
+from moekit.quant import fp8_blocks, int_pack, mxfp4
 
 
 def test_mxfp4_bytes_as_gpt_oss_defines_them():
@@ -74,18 +74,40 @@ def test_int4_pack_layout():
     values = torch.tensor([[-8, -1, 0, 1, 2, 3, 7, -3] * 4])  # one row of 32, one group
     word = sum(((v + 8) & 0xF) << (4 * i) for i, v in enumerate(values[0, :8].tolist()))
     packed = torch.tensor([[word - 2**32 if word >= 2**31 else word] * 4], dtype=torch.int32)
-    w = int4_pack.dequantize(packed, torch.tensor([[0.5]]), shape=(1, 32))
+    w = int_pack.dequantize(packed, torch.tensor([[0.5]]), shape=(1, 32))
     assert torch.equal(w, values.float() * 0.5)
 
 
-def test_int4_round_trip_and_bad_input():
+def test_int_pack_round_trip_and_bad_input():
     w = torch.randn(6, 100)  # a ragged last group and word
-    packed, scale = int4_pack.quantize(w)
-    assert packed.shape == (6, 13) and scale.shape == (6, 4)
-    deq = int4_pack.dequantize(packed, scale, shape=(6, 100))
-    assert torch.equal(int4_pack.dequantize(*int4_pack.quantize(deq), shape=(6, 100)), deq)
-    assert float((deq - w).abs().max() / w.abs().max()) <= 1 / 14 + 1e-6  # half a step of amax / 7
+    packed, scale, zp = int_pack.quantize(w)
+    assert packed.shape == (6, 13) and scale.shape == (6, 4) and zp is None
+    deq = int_pack.dequantize(packed, scale, shape=(6, 100))
+    assert float((deq - w).abs().max() / w.abs().max()) <= 1 / 7.5 + 1e-6  # the top clamps 7.5 steps to 7
     with pytest.raises(ValueError, match=r"experts.3.w1: weight_scale shape \[6, 3\] does not fit"):
-        int4_pack.dequantize(packed, scale[:, :3], shape=(6, 100), name="experts.3.w1")
+        int_pack.dequantize(packed, scale[:, :3], shape=(6, 100), name="experts.3.w1")
     with pytest.raises(ValueError, match="weight_shape"):
-        int4_pack.dequantize(packed, scale, shape=(6, 200))
+        int_pack.dequantize(packed, scale, shape=(6, 200))
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False), (8, False)])
+def test_int_pack_equals_compressed_tensors(bits, symmetric):
+    """The packing, the scales and zero points, and the dequantized weight of compressed-tensors' own compressor."""
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = torch.randn(12, 96) + (0 if symmetric else 0.7)  # asymmetric: groups not centred on zero
+    packed, scale, zp = int_pack.quantize(w, bits=bits, symmetric=symmetric)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=32)
+    groups = w.unflatten(-1, (-1, 32))
+    their_scale, their_zp = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    assert torch.allclose(scale, their_scale, rtol=1e-6)
+    q = quantize(w, their_scale, their_zp, args, dtype=torch.int8)
+    assert torch.equal(packed, ct.pack_to_int32(q, bits))
+    if not symmetric:
+        assert torch.equal(zp, ct.pack_to_int32(their_zp.to(torch.int8), bits, packed_dim=0))
+    theirs = dequantize(q, their_scale, their_zp, args)
+    ours = int_pack.dequantize(packed, scale, (12, 96), bits=bits, zero_point=zp)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)

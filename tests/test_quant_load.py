@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import moekit
 from moekit.experts.quantized import QuantizedExperts
 from moekit.layers.quantized_linear import QuantizedLinear
-from moekit.quant import fp8_blocks, int4_pack, mxfp4
+from moekit.quant import fp8_blocks, int_pack, mxfp4
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import hf_tiny_model  # noqa: E402
@@ -53,12 +53,12 @@ def _int4(name, t):
     """Kimi-K2.5: only the routed experts, group 32."""
     if ".mlp.experts." not in name:
         return None
-    packed, scale = int4_pack.quantize(t)
+    packed, scale, _ = int_pack.quantize(t)
     scale = scale.to(torch.bfloat16)
     base = name.removesuffix("weight")
     parts = {f"{base}weight_packed": packed, f"{base}weight_scale": scale}
     parts[f"{base}weight_shape"] = torch.tensor(t.shape)
-    return parts, int4_pack.dequantize(packed, scale, tuple(t.shape))
+    return parts, int_pack.dequantize(packed, scale, tuple(t.shape))
 
 
 INT4_CONFIG = {

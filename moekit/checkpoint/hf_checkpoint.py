@@ -19,7 +19,7 @@ from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.names import piece_view
-from moekit.checkpoint.quantized import PART_DTYPES, format_of, install, quantized_targets
+from moekit.checkpoint.quantized import PART_DTYPES, install, quantized_targets, scheme_of
 from moekit.config.model import ModelConfig
 from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
@@ -50,29 +50,31 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     elif cfg.mtp_layers:
         notes.append(f"loaded {cfg.mtp_layers} multi-token-prediction layer(s) (used by training and speculation)")
     shards = Shards(files)
-    model = meta_model(cfg, _resolve_dtype(dtype, shards, files))
+    scheme = scheme_of(hf, shards)
+    floats = [n for n in files if scheme is None or not scheme.is_part(n)]  # a bf16 scale says nothing of the rest
+    model = meta_model(cfg, _resolve_dtype(dtype, shards, floats))
     keymap = KeyMap(cfg, tensor_names(cfg.family))
-    fmt = format_of(hf, shards)
-    if fmt is not None:
-        targets = quantized_targets(fmt, files, keymap)
-        install(model, fmt, targets)
-        notes.append(f"{len(targets)} module(s) hold {fmt.name} weights, kept quantized")
+    if scheme is not None:
+        targets = quantized_targets(scheme, files, keymap)
+        install(model, targets)
+        held = sorted({t.fmt.name for t in targets.values()})
+        notes.append(f"{len(targets)} module(s) hold {' / '.join(held)} weights, kept quantized")
     model = materialize(model)
     _fill(model, keymap, shards, files)
-    if fmt is not None:
+    if scheme is not None:
         _check_quantized(model, keymap, path)
     model.load_notes = notes
     return model.eval()
 
 
-def _resolve_dtype(dtype, shards: Shards, files: dict) -> torch.dtype:
+def _resolve_dtype(dtype, shards: Shards, names) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
         if dtype not in LOAD_DTYPES:
             raise ValueError(f"dtype={dtype!r} is invalid: allowed one of {', '.join(LOAD_DTYPES)}")
         return LOAD_DTYPES[dtype]
-    found = {shards.dtype(name) for name in files}
+    found = {shards.dtype(name) for name in names}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):  # the checkpoint's own (the narrowest, if mixed)
         if dtype in found:
             return dtype

@@ -6,6 +6,7 @@ quantized counterparts on the meta model before it gets memory, so no weight is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from moekit.checkpoint.keymap import KeyMap
 from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.weights import ExpertWeights
 from moekit.layers.quantized_linear import QuantizedLinear
-from moekit.quant.formats import Format, Fp8Blocks, Int4Packed, Mxfp4
+from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4
 
 METHODS = ("mxfp4", "fp8", "compressed-tensors")
 
@@ -35,9 +36,33 @@ def _part_dtype(shards: Shards | None, suffix: str, default: torch.dtype) -> tor
     return default
 
 
-def format_of(hf: dict, shards: Shards | None = None) -> Format | None:
-    """The Format of a config.json's quantization_config (None when it has none); shards: the files, whose scale
-    dtypes the format takes."""
+@dataclass(frozen=True)
+class Scheme:
+    """The formats of a checkpoint: groups of (format, targets), targets as compressed-tensors writes them (a class
+    name such as "Linear", which every quantized module matches, or "re:REGEX" matched against the module's
+    checkpoint name); the first group whose targets match decides."""
+
+    groups: tuple[tuple[Format, tuple[str, ...]], ...]
+
+    def format_for(self, module: str) -> Format:
+        for fmt, targets in self.groups:
+            if any(not t.startswith("re:") or re.match(t[3:], module) for t in targets):
+                return fmt
+        raise ValueError(f"{module}: quantized in the files, but no quantization_config group targets it")
+
+    @property
+    def markers(self) -> set[str]:
+        return {fmt.marker for fmt, _ in self.groups}
+
+    def is_part(self, name: str) -> bool:
+        """Whether a checkpoint tensor is a quantized weight's scale, zero point or shape (not a float tensor)."""
+        suffixes = {s for fmt, _ in self.groups for s in (*fmt.parts((256, 256)), *fmt.derived((256, 256))) if s}
+        return name.endswith(tuple(suffixes))
+
+
+def scheme_of(hf: dict, shards: Shards | None = None) -> Scheme | None:
+    """The Scheme of a config.json's quantization_config (None when it has none); shards: the files, whose scale
+    dtypes the formats take."""
     qc = hf.get("quantization_config")
     if qc is None:
         return None
@@ -45,7 +70,7 @@ def format_of(hf: dict, shards: Shards | None = None) -> Format | None:
         _fail("", qc, "an object")
     method = qc.get("quant_method")
     if method == "mxfp4":
-        return Mxfp4()
+        return Scheme(((Mxfp4(), ("Linear",)),))
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
             _fail("fmt", qc.get("fmt"), "'e4m3'")
@@ -53,46 +78,60 @@ def format_of(hf: dict, shards: Shards | None = None) -> Format | None:
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             _fail("weight_block_size", block, "two positive integers (rows, columns)")
         scale = _part_dtype(shards, "weight_scale_inv", torch.float32)
-        return Fp8Blocks(block=tuple(block), scale_dtype=scale, ue8m0=qc.get("scale_fmt") == "ue8m0")
+        fmt = Fp8Blocks(block=tuple(block), scale_dtype=scale, ue8m0=qc.get("scale_fmt") == "ue8m0")
+        return Scheme(((fmt, ("Linear",)),))
     if method == "compressed-tensors":
         return _compressed_tensors(qc, shards)
     return _fail("quant_method", method, ", ".join(map(repr, METHODS)))
 
 
-def _compressed_tensors(qc: dict, shards: Shards | None) -> Format:
+def _compressed_tensors(qc: dict, shards: Shards | None) -> Scheme:
     if qc.get("format") != "pack-quantized":
-        _fail("format", qc.get("format"), "'pack-quantized' (INT4 as Kimi-K2.5 ships it)")
-    groups = list((qc.get("config_groups") or {}).values())
-    if len(groups) != 1 or not isinstance(groups[0], dict):
-        _fail("config_groups", len(groups), "one group")
-    w = groups[0].get("weights") or {}
-    want = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
-    for key, value in want.items():
-        if w.get(key) != value:
-            _fail(f"config_groups.weights.{key}", w.get(key), repr(value))
-    group = w.get("group_size")
-    if not isinstance(group, int) or group <= 0 or group % 8:
-        _fail("config_groups.weights.group_size", group, "a positive multiple of 8")
-    return Int4Packed(
-        group=group,
-        scale_dtype=_part_dtype(shards, "weight_scale", torch.bfloat16),
-        shape_dtype=_part_dtype(shards, "weight_shape", torch.int64),
-    )
+        _fail("format", qc.get("format"), "'pack-quantized' (integer weights, as Kimi-K2.5 ships them)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        _fail("config_groups", groups, "one group or more")
+    out = []
+    for key, group in groups.items():
+        w = (group or {}).get("weights") or {}
+        field = f"config_groups.{key}.weights"
+        if w.get("num_bits") not in (4, 8):
+            _fail(f"{field}.num_bits", w.get("num_bits"), "4 or 8")
+        for k, value in {"type": "int", "strategy": "group"}.items():
+            if w.get(k) != value:
+                _fail(f"{field}.{k}", w.get(k), repr(value))
+        size = w.get("group_size")
+        if not isinstance(size, int) or size <= 0 or size % 8:
+            _fail(f"{field}.group_size", size, "a positive multiple of 8")
+        fmt = IntPacked(
+            bits=w["num_bits"],
+            group=size,
+            symmetric=bool(w.get("symmetric", True)),
+            scale_dtype=_part_dtype(shards, "weight_scale", torch.bfloat16),
+            shape_dtype=_part_dtype(shards, "weight_shape", torch.int64),
+        )
+        out.append((fmt, tuple((group or {}).get("targets") or ("Linear",))))
+    return Scheme(tuple(out))
 
 
-def quantization_config(fmt: Format) -> dict:
-    """The quantization_config a checkpoint in fmt declares (the inverse of format_of)."""
+def quantization_config(scheme: Scheme) -> dict:
+    """The quantization_config a checkpoint in `scheme` declares (the inverse of scheme_of)."""
+    fmt = scheme.groups[0][0]
     if isinstance(fmt, Mxfp4):
         return {"quant_method": "mxfp4"}
     if isinstance(fmt, Fp8Blocks):
         qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
         return {**qc, "weight_block_size": list(fmt.block), **({"scale_fmt": "ue8m0"} if fmt.ue8m0 else {})}
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": fmt.group}
+    groups = {}
+    for i, (f, targets) in enumerate(scheme.groups):
+        weights = {"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "strategy": "group"}
+        weights |= {"group_size": f.group, "dynamic": False}
+        groups[f"group_{i}"] = {"targets": list(targets), "weights": weights}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**weights, "dynamic": False}}},
+        "config_groups": groups,
     }
 
 
@@ -103,22 +142,25 @@ class Target:
 
     module: str
     kind: str  # "linear" | "experts"
+    fmt: Format
     per_expert: bool = False
 
 
-def quantized_targets(fmt: Format, names: Iterable[str], keymap: KeyMap) -> dict[str, Target]:
-    """{module path: Target} of the modules whose weights the checkpoint tensor names hold in fmt."""
+def quantized_targets(scheme: Scheme, names: Iterable[str], keymap: KeyMap) -> dict[str, Target]:
+    """{module path: Target} of the modules whose weights the checkpoint tensor names hold quantized."""
     experts = keymap.experts
     pattern = experts.pattern() if experts.per_expert else None
     out: dict[str, Target] = {}
     for name in names:
-        if not name.endswith(fmt.marker):
+        marker = next((m for m in scheme.markers if name.endswith(m)), None)
+        if marker is None:
             continue
-        base = name[: -len(fmt.marker)] if fmt.marker else name
+        base = name[: -len(marker)]
+        fmt = scheme.format_for(base.removesuffix(".weight"))
         m = pattern.match(base) if pattern else None
         if m:
             module = keymap.to_moekit(f"{m[1]}.mlp.experts.gate_up_proj").removesuffix(".gate_up_proj")
-            out[module] = Target(module, "experts", per_expert=True)
+            _add(out, Target(module, "experts", fmt, per_expert=True), name)
             continue
         moekit = keymap.to_moekit(base)
         if moekit is None:
@@ -127,16 +169,22 @@ def quantized_targets(fmt: Format, names: Iterable[str], keymap: KeyMap) -> dict
         kind = "linear" if attr == "weight" else "experts" if attr in ("gate_up_proj", "down_proj") else None
         if kind is None:
             raise ValueError(f"{name}: a {fmt.name} part beside {base!r}, which is no weight moekit quantizes")
-        out[module] = Target(module, kind)
+        _add(out, Target(module, kind, fmt), name)
     return out
 
 
-def install(model: nn.Module, fmt: Format, targets: dict[str, Target]) -> None:
+def _add(targets: dict[str, Target], target: Target, name: str) -> None:
+    known = targets.setdefault(target.module, target)
+    if known.fmt != target.fmt:
+        raise ValueError(f"{name}: {target.fmt.name}, where the module's other weights are {known.fmt.name}")
+
+
+def install(model: nn.Module, targets: dict[str, Target]) -> None:
     """Swap each target module of model for its quantized counterpart (on the model's device: meta stays meta)."""
     for target in targets.values():
         parent_name, _, child = target.module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child, None)
+        module, fmt = getattr(parent, child, None), target.fmt
         if target.kind == "linear" and isinstance(module, nn.Linear):
             setattr(parent, child, QuantizedLinear.like(module, fmt))
         elif target.kind == "experts" and isinstance(module, ExpertWeights):

@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         ("bytes", ", ".join(f"{k} {gb(r['weight_bytes'][k])}" for k in ("fp32", "bf16", "fp8", "mxfp4", "q4_k_m"))),
         ("KV cache", f"{r['kv_cache_bytes_per_token_bf16']:,} bytes per token (bf16)"),
     ]
+    if r["stored"]:
+        quantized = ", ".join(r["stored"]["quantized"]) or "none"
+        rows.insert(-1, ("stored", f"{gb(r['stored']['bytes'])} in the files; quantized: {quantized}"))
     for label, text in rows + [("assumed", a) for a in r["assumptions"]]:
         print(f"{label:<10} {text}")
     return 0

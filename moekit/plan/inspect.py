@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from moekit.config.model import ModelConfig
@@ -37,5 +38,25 @@ def inspect_model(model: str | Path | ModelConfig | dict) -> dict:
         "params": p,
         "weight_bytes": {name: int(p["total"] * bits / 8) for name, bits in BITS.items()},
         "kv_cache_bytes_per_token_bf16": int(stats.kv_bytes_per_token(2)),
+        "stored": _stored(model),
         "assumptions": assumptions,
     }
+
+
+def _stored(model) -> dict | None:
+    """What a model directory's files hold: their tensor bytes and the quantized formats they declare."""
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        return None
+    from moekit.checkpoint.files import Shards, checkpoint_dir, weight_map
+    from moekit.checkpoint.quantized import scheme_of
+    from moekit.config.published import load_hf_config
+
+    path = checkpoint_dir(model)
+    try:
+        shards = Shards(weight_map(path))
+    except ValueError:
+        return None  # a config without weights
+    held = sum(math.prod(shards.shape(n)) * shards.dtype(n).itemsize for n in shards.files)
+    scheme = scheme_of(load_hf_config(path), shards)
+    formats = sorted({fmt.name for fmt, _ in scheme.groups}) if scheme else []
+    return {"bytes": held, "quantized": formats}

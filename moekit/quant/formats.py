@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.quant import fp8_blocks, int4_pack, mxfp4
+from moekit.quant import fp8_blocks, int_pack, mxfp4
 
 Parts = dict[str, torch.Tensor]
 
@@ -24,7 +24,7 @@ Parts = dict[str, torch.Tensor]
 class Format:
     """marker: the part whose name identifies the format in a checkpoint."""
 
-    name = ""
+    name = ""  # as the user names it (moekit quantize --weights, inspect)
     marker = ""
 
     def parts(self, shape: tuple[int, ...], pieces: int = 1) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -114,28 +114,55 @@ class Fp8Blocks(Format):
 
 
 @dataclass(frozen=True)
-class Int4Packed(Format):
-    """compressed-tensors pack-quantized INT4, symmetric (Kimi-K2.5's experts): X_packed int32 [..., out,
-    ceil(in / 8)], X_scale [..., out, ceil(in / group)] in scale_dtype (bf16 in the files); the checkpoint also
-    stores X_shape ([out, in] of each piece, in shape_dtype)."""
+class IntPacked(Format):
+    """compressed-tensors pack-quantized integers (Kimi-K2.5's INT4 experts; moekit's q8 / q4 / q4 with a minimum):
+    X_packed int32 [..., out, ceil(in * bits / 32)], X_scale [..., out, ceil(in / group)] in scale_dtype (bf16 in
+    the files), asymmetric: X_zero_point int32 [..., ceil(out * bits / 32), groups] (per piece); the checkpoint
+    also stores X_shape ([out, in] of each piece, in shape_dtype)."""
 
-    name = "int4_packed"
     marker = "_packed"
-    group: int = int4_pack.GROUP
+    bits: int = 4
+    group: int = int_pack.GROUP
+    symmetric: bool = True
     scale_dtype: torch.dtype = torch.bfloat16
     shape_dtype: torch.dtype = torch.int64
 
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + ("" if self.symmetric else "_asym")
+
     def parts(self, shape, pieces=1):
         *lead, out, width = shape
-        words, groups = -(-width // int4_pack.PER_WORD), -(-width // self.group)
-        return {"_packed": ((*lead, out, words), torch.int32), "_scale": ((*lead, out, groups), self.scale_dtype)}
+        per_word = 32 // self.bits
+        words, groups = -(-width // per_word), -(-width // self.group)
+        held = {"_packed": ((*lead, out, words), torch.int32), "_scale": ((*lead, out, groups), self.scale_dtype)}
+        if not self.symmetric:
+            if out % pieces:
+                raise ValueError(f"{out} rows do not split into {pieces} pieces")
+            held["_zero_point"] = ((*lead, pieces * -(-(out // pieces) // per_word), groups), torch.int32)
+        return held
 
     def dequantize(self, parts, shape, pieces=1, name="weight"):
-        return int4_pack.dequantize(parts["_packed"], parts["_scale"], shape[-2:], name=name, group=self.group)
+        if self.symmetric or pieces == 1:
+            return self._dequantize(parts, shape, name)
+        split = {s: _pieces(t, pieces) for s, t in parts.items()}
+        return self._dequantize(split, (*shape[:-2], pieces, shape[-2] // pieces, shape[-1]), name).flatten(-3, -2)
+
+    def _dequantize(self, parts, shape, name):
+        zp = parts.get("_zero_point")
+        return int_pack.dequantize(parts["_packed"], parts["_scale"], shape[-2:], name, self.group, self.bits, zp)
 
     def quantize(self, w, pieces=1):
-        packed, scale = int4_pack.quantize(w, self.group)
-        return {"_packed": packed, "_scale": scale.to(self.scale_dtype)}
+        if not self.symmetric and pieces > 1:
+            packed, scale, zp = int_pack.quantize(_pieces(w, pieces), self.group, self.bits, False)
+            return {
+                "_packed": packed.flatten(-3, -2),
+                "_scale": scale.flatten(-3, -2).to(self.scale_dtype),
+                "_zero_point": zp.flatten(-3, -2),
+            }
+        packed, scale, zp = int_pack.quantize(w, self.group, self.bits, self.symmetric)
+        out = {"_packed": packed, "_scale": scale.to(self.scale_dtype)}
+        return out if zp is None else {**out, "_zero_point": zp}
 
     def check(self, parts, name):
         if not bool(torch.isfinite(parts["_scale"].float()).all()):

@@ -1,0 +1,51 @@
+"""`moekit quantize`: a float checkpoint rewritten quantized, a precision per class of tensor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moekit.cli.format import gb
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.quant.quantize import quantize_checkpoint
+
+    def progress(done: int, total: int) -> None:
+        if not args.json and sys.stderr.isatty():
+            print(f"\rquantizing tensors {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    report = quantize_checkpoint(args.model, args.out, args.weights, progress)
+    if args.json:
+        print(json.dumps({"out": args.out, "classes": report}, indent=2))
+        return 0
+    before = sum(r["bytes_before"] for r in report.values())
+    after = sum(r["bytes_after"] for r in report.values())
+    print(f"{'class':<10} {'format':<7} {'tensors':>8} {'weights':>12} {'before':>10} {'after':>10} {'bits/w':>7}")
+    for name, r in report.items():
+        if r["tensors"]:
+            bits = 8 * r["bytes_after"] / r["weights"]
+            print(
+                f"{name:<10} {r['format']:<7} {r['tensors']:>8} {r['weights']:>12,} {gb(r['bytes_before']):>10} "
+                f"{gb(r['bytes_after']):>10} {bits:>7.2f}"
+            )
+    print(f"wrote {args.out}: {gb(before)} -> {gb(after)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser(
+        "quantize",
+        help="rewrite a float checkpoint quantized (8/4-bit groups, MXFP4, FP8), a precision per class of tensor",
+        description="Classes: experts (routed), shared (shared experts), attention, dense (dense FFN layers), "
+        "embedding, head; 'rest' names the classes not given. Formats: q8, q4 (symmetric, group 32), q4m (4-bit "
+        "with a per-group minimum), mxfp4, fp8 (e4m3, 128x128 blocks), bf16, fp32, keep. Routers, norms and "
+        "biases stay in full precision. Output: a Hugging Face directory (compressed-tensors pack-quantized for "
+        "q8/q4/q4m, quant_method mxfp4 or fp8 otherwise).",
+    )
+    q.add_argument("model", help="model directory (config.json + safetensors) or a training run")
+    q.add_argument("--out", required=True, help="new directory to write (must not exist)")
+    q.add_argument("--weights", default="experts=q4,rest=q8", help="CLASS=FORMAT,... (default experts=q4,rest=q8)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(fn=run)
