@@ -15,6 +15,7 @@ from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.segment_mm import TILED_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
 from moekit.kernels.products import gather_gemv
+from moekit.kernels.quantized import quant_gemv
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -179,22 +180,32 @@ class GroupedBackend(ExpertsBackend):
 
 
 def _products(experts, ids_K: torch.Tensor) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """(projection, x_KI) -> y_KO: each of the k experts' matrix times its own row (output-major weights)."""
+    """(projection, x_KI) -> y_KO: each of the k experts' matrix times its own row (output-major weights); quantized
+    experts through the kernel that reads their bytes, or dequantized where it does not take them."""
     if not isinstance(experts, QuantizedExperts):
         return lambda base, x_KI: gather_gemv(getattr(experts, base), ids_K, x_KI)
-    _say_once(experts)
-    return lambda base, x_KI: torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
+
+    def product(base: str, x_KI: torch.Tensor) -> torch.Tensor:
+        y_KO = quant_gemv(experts, base, ids_K, x_KI)
+        if y_KO is not None:
+            return y_KO
+        if experts.int8_activations:
+            _say_once(experts)
+        return torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
+
+    return product
 
 
 _SAID: set[str] = set()
 
 
 def _say_once(experts: QuantizedExperts) -> None:
-    """Where no kernel reads a format's bytes yet, say so once: the experts a call uses are dequantized for it."""
+    """Where no kernel reads these bytes, say so once: the experts a call uses are dequantized for it."""
     if experts.fmt.name not in _SAID:
         _SAID.add(experts.fmt.name)
         warnings.warn(
-            f"moekit: no kernel reads {experts.fmt.name} experts yet; each call dequantizes the experts it uses",
+            f"moekit: no kernel reads {experts.fmt.name} experts of this shape on this path; each call "
+            "dequantizes the experts it uses",
             stacklevel=3,
         )
 

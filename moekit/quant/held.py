@@ -11,9 +11,12 @@ from moekit.quant.formats import Format, Parts
 
 
 class QuantizedModule(nn.Module):
-    """Subclasses call hold() for each quantized weight."""
+    """Subclasses call hold() for each quantized weight. int8_activations: whether products may round their input
+    rows to int8 per group of 32 where a kernel then reads the weights' bytes (decode); False: every product
+    dequantizes and multiplies in the activations' own precision (slower, for comparing with float models)."""
 
     fmt: Format
+    int8_activations = True
 
     def hold(self, base: str, shape: tuple[int, ...], pieces: int = 1, device=None) -> None:
         """Buffers for the parts of weight `base` of `shape` (uninitialised: a checkpoint or quantize fills them)."""
@@ -65,6 +68,13 @@ class QuantizedModule(nn.Module):
             if after.dtype != before.dtype:  # a dtype change: the bytes keep theirs (only a device move applies)
                 self._buffers[n] = before.to(after.device)
         return out
+
+
+def set_int8_activations(model: nn.Module, enabled: bool) -> None:
+    """Whether the quantized modules of model may round their input rows to int8 (see QuantizedModule)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedModule):
+            m.int8_activations = enabled
 
 
 def is_quantized(module: nn.Module) -> bool:

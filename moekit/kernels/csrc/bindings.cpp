@@ -10,6 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_grad_weight", &segment_grad_weight);
   m.def("gather_gemv", &gather_gemv);
   m.def("linear_gemv", &linear_gemv);
+  m.def("quant_gemv", &quant_gemv);
   m.def("mm_tasks", &mm_tasks);
   m.def("slot_sums", &slot_sums);
   m.def("row_grads", &row_grads);

@@ -1,0 +1,247 @@
+// One-row products straight from quantized weights (decode: a token's k experts, a linear layer's one row). The
+// weights stay in the bytes the checkpoint ships: compressed-tensors pack-quantized INT8 / INT4 (symmetric or with
+// packed zero points) with bf16 group scales, and gpt-oss's MXFP4 (E2M1 nibbles, UE8M0 scales); group 32 along the
+// input. Each input row is quantized once to int8 per group of 32 (scale amax / 127, round half to even: what
+// moekit/kernels/quantized.py's reference does), the products are integer dot products (AVX2 maddubs), and each
+// group adds its sum times weight scale times activation scale. Weight rows are spread over the threads as runs of
+// blocks (kernels.h), each row read once.
+#include "kernels.h"
+
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+enum Format : int64_t { kInt8 = 0, kInt4 = 1, kMxfp4 = 2 };
+
+// One input row quantized per group: q in element order, q_nib the same per group as its 16 even-indexed then its
+// 16 odd-indexed values (the order a group's nibbles unpack in: byte j holds elements 2j and 2j + 1), the group's
+// scale d and the sum of its q.
+struct QuantRow {
+  std::vector<int8_t> q, q_nib;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+};
+
+void quantize_row(const float* x, int64_t n, QuantRow& r) {
+  const int64_t groups = n / kGroup;
+  r.q.resize(n), r.q_nib.resize(n), r.d.resize(groups), r.sum.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * kGroup;
+    float amax = 0.f;
+    for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float d = amax / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kGroup; ++i) {
+      const int8_t q = d > 0.f ? static_cast<int8_t>(std::nearbyint(xg[i] / d)) : 0;
+      r.q[g * kGroup + i] = q;
+      r.q_nib[g * kGroup + i / 2 + (i % 2) * 16] = q;
+      sum += q;
+    }
+    r.d[g] = d, r.sum[g] = sum;
+  }
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// 2^(s - 128): an MXFP4 scale byte for values held doubled (E2M1 x 2 are the integers below)
+struct Ue8m0Half {
+  float v[256];
+  Ue8m0Half() {
+    for (int s = 0; s < 256; ++s) v[s] = std::ldexp(1.f, s - 128);
+  }
+};
+const Ue8m0Half kUe8m0;
+constexpr int8_t kE2m1Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// The integer dot products of one group's 32 weight codes with its quantized activations (codes in the format's
+// own terms: int8 values, int4 codes 0..15 before their offset, MXFP4 doubled E2M1 values): 8 partial sums (AVX2)
+// whose total is the group's dot product.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int64_t FMT>
+inline __m256i group_dot(const uint8_t* w, const int8_t* q, const int8_t* q_nib) {
+  __m256i prod;
+  if constexpr (FMT == kInt8) {
+    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), _mm256_set1_epi8(-128));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    prod = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
+  } else {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    const __m256i codes = _mm256_and_si256(both, m4);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_nib));
+    if constexpr (FMT == kInt4) {
+      prod = _mm256_maddubs_epi16(codes, x);
+    } else {
+      const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2m1Doubled)));
+      const __m256i v = _mm256_shuffle_epi8(lut, codes);
+      prod = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
+    }
+  }
+  return _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+template <int64_t FMT>
+inline int32_t group_dot_scalar(const uint8_t* w, const int8_t* q, const int8_t* q_nib) {
+  int32_t acc = 0;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    if constexpr (FMT == kInt8) {
+      acc += (static_cast<int32_t>(w[i]) - 128) * q[i];
+    } else {
+      const uint8_t code = i < 16 ? (w[i] & 0x0F) : (w[i - 16] >> 4);
+      acc += (FMT == kInt4 ? code : kE2m1Doubled[code]) * q_nib[i];
+    }
+  }
+  return acc;
+}
+
+// A quantized matrix [O, I] (one expert's, or a linear layer's): codes row_bytes apart, scales [O, G] (bf16 for
+// the integer formats, UE8M0 bytes for MXFP4), zero points (asymmetric integers: packed along O, [ceil(O * bits /
+// 32), G] int32 words) or null.
+struct QuantMatrix {
+  const uint8_t* codes;
+  int64_t row_bytes;
+  const void* scales;
+  const int32_t* zero_points;
+};
+
+// The offset of group g's codes in row o: int4's +8 and, asymmetric, the group's zero point (packed along O).
+template <int64_t FMT>
+inline int32_t code_offset(const QuantMatrix& m, int64_t o, int64_t g, int64_t groups) {
+  constexpr int bits = FMT == kInt8 ? 8 : 4;
+  int32_t offset = FMT == kInt4 ? 8 : 0;  // the int8 values are already signed
+  if (m.zero_points) {
+    constexpr int per_word = 32 / bits;
+    const uint32_t word = static_cast<uint32_t>(m.zero_points[(o / per_word) * groups + g]);
+    offset += static_cast<int32_t>((word >> (bits * (o % per_word))) & ((1u << bits) - 1)) - (1 << (bits - 1));
+  }
+  return offset;
+}
+
+template <int64_t FMT>
+inline float group_scale(const uint8_t* scale_bytes, int64_t g) {
+  if constexpr (FMT == kMxfp4) return kUe8m0.v[scale_bytes[g]];
+  return bf16_to_float(reinterpret_cast<const uint16_t*>(scale_bytes)[g]);
+}
+
+template <int64_t FMT>
+float row_product(const QuantMatrix& m, int64_t o, int64_t groups, const QuantRow& x) {
+  const uint8_t* w = m.codes + o * m.row_bytes;
+  constexpr int64_t group_bytes = FMT == kInt8 ? kGroup : kGroup / 2;
+  const uint8_t* scale_bytes = static_cast<const uint8_t*>(m.scales) + o * groups * (FMT == kMxfp4 ? 1 : 2);
+  const bool offsets = FMT == kInt4 || m.zero_points;
+  float correction = 0.f;  // the codes' offsets times the activation sums, scaled
+  int64_t g = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // four accumulators: one would make every group wait for the previous group's multiply-add (its latency)
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 corr = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {  // eight groups' scales at once, each broadcast from its lane
+    __m256 scale;
+    if constexpr (FMT == kMxfp4) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_bytes + g));
+      scale = _mm256_i32gather_ps(kUe8m0.v, _mm256_cvtepu8_epi32(bytes), 4);
+    } else {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scale_bytes + 2 * g));
+      scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    const __m256 sd = _mm256_mul_ps(scale, _mm256_loadu_ps(x.d.data() + g));
+    if (offsets) {
+      alignas(32) float off_sum[8];
+      for (int j = 0; j < 8; ++j) off_sum[j] = static_cast<float>(code_offset<FMT>(m, o, g + j, groups) * x.sum[g + j]);
+      corr = _mm256_fmadd_ps(sd, _mm256_load_ps(off_sum), corr);
+    }
+    for (int j = 0; j < 8; ++j) {
+      const __m256i dot = group_dot<FMT>(w + (g + j) * group_bytes, x.q.data() + (g + j) * kGroup,
+                                         x.q_nib.data() + (g + j) * kGroup);
+      acc[j % 4] =
+          _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(sd, _mm256_set1_epi32(j)), acc[j % 4]);
+    }
+  }
+  float total = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  correction = hsum(corr);
+#else
+  float total = 0.f;
+#endif
+  for (; g < groups; ++g) {
+    const float sd = group_scale<FMT>(scale_bytes, g) * x.d[g];
+    if (offsets) correction += static_cast<float>(code_offset<FMT>(m, o, g, groups) * x.sum[g]) * sd;
+    total += static_cast<float>(group_dot_scalar<FMT>(w + g * group_bytes, x.q.data() + g * kGroup,
+                                                     x.q_nib.data() + g * kGroup)) * sd;
+  }
+  return total - correction;
+}
+
+}  // namespace
+
+// y[r] = dequantized(codes[ids[r]]) @ x[r] for r < R (x may be one row for all: x.size(0) == 1). codes: uint8
+// [E, O, row_bytes] (the packed int32 words or MXFP4 blocks viewed as bytes); scales [E, O, I / 32]; zero_points
+// [E, ceil(O * bits / 32), I / 32] int32 or empty; x [R or 1, I] fp32, I a multiple of 32; y [R, O] fp32.
+void quant_gemv(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points, at::Tensor ids,
+                at::Tensor x, at::Tensor y, int64_t threads) {
+  check_fp32(x, "x"), check_fp32(y, "y");
+  TORCH_CHECK(format >= kInt8 && format <= kMxfp4, "quant_gemv: format");
+  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "quant_gemv: codes");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.dim() == 2 && y.is_contiguous(), "quant_gemv: x, y layout");
+  const int64_t experts = codes.size(0), n_out = codes.size(1), k_len = x.size(1), groups = k_len / kGroup;
+  TORCH_CHECK(k_len % kGroup == 0 && k_len > 0, "quant_gemv: the input width must be a multiple of 32");
+  TORCH_CHECK(codes.size(2) * (format == kInt8 ? 1 : 2) >= k_len, "quant_gemv: codes too short for the input");
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == experts && scales.size(1) == n_out &&
+                  scales.size(2) == groups,
+              "quant_gemv: scales shape");
+  TORCH_CHECK(scales.dtype() == (format == kMxfp4 ? at::kByte : at::kBFloat16), "quant_gemv: scales dtype");
+  const int64_t rows = ids.numel();
+  TORCH_CHECK(ids.dtype() == at::kLong && ids.is_contiguous(), "quant_gemv: ids");
+  TORCH_CHECK((x.size(0) == rows || x.size(0) == 1) && y.size(0) == rows && y.size(1) == n_out, "quant_gemv: shapes");
+  const int32_t* zp = nullptr;
+  int64_t zp_words = 0;
+  if (zero_points.numel()) {
+    const int64_t per_word = format == kInt8 ? 4 : 8;
+    TORCH_CHECK(format != kMxfp4 && zero_points.dtype() == at::kInt && zero_points.is_contiguous() &&
+                    zero_points.dim() == 3 && zero_points.size(0) == experts &&
+                    zero_points.size(1) == (n_out + per_word - 1) / per_word && zero_points.size(2) == groups,
+                "quant_gemv: zero points");
+    zp = zero_points.data_ptr<int32_t>(), zp_words = zero_points.size(1) * groups;
+  }
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < experts, "quant_gemv: expert id out of range");
+  std::vector<QuantRow> xq(x.size(0));
+  for (int64_t r = 0; r < x.size(0); ++r) quantize_row(x.data_ptr<float>() + r * k_len, k_len, xq[r]);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const auto scale_bytes = static_cast<int64_t>(scales.element_size());
+  std::vector<QuantMatrix> mats(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    mats[r] = {cp + ip[r] * n_out * codes.size(2), codes.size(2),
+               static_cast<const uint8_t*>(scales.data_ptr()) + ip[r] * n_out * groups * scale_bytes,
+               zp ? zp + ip[r] * zp_words : nullptr};
+  float* yp = y.data_ptr<float>();
+  const auto task_rows = [&](size_t) { return n_out; };
+  const std::vector<int64_t> first = first_blocks(rows, task_rows);
+  const int64_t blocks = first.back();
+  const auto run = [&](auto fmt) {
+    constexpr int64_t F = decltype(fmt)::value;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int64_t part = 0; part < threads; ++part)
+      for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
+                     [&](size_t r, int64_t o0, int64_t o1) {
+                       const QuantRow& xr = xq[x.size(0) == 1 ? 0 : r];
+                       for (int64_t o = o0; o < o1; ++o) yp[r * n_out + o] = row_product<F>(mats[r], o, groups, xr);
+                     });
+  };
+  if (format == kInt8) run(std::integral_constant<int64_t, kInt8>{});
+  if (format == kInt4) run(std::integral_constant<int64_t, kInt4>{});
+  if (format == kMxfp4) run(std::integral_constant<int64_t, kMxfp4>{});
+}
