@@ -20,7 +20,7 @@ from moekit.infer.cache import KVCache
 from moekit.kernels.build import load_kernel
 from moekit.kernels.quantized import covers, quant_gemv, quantized_activation
 from moekit.layers.quantized_linear import QuantizedLinear
-from moekit.quant.formats import IntPacked, Mxfp4
+from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
 from moekit.quant.held import set_int8_activations
 
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="moekit's C++ kernels are not built here")
@@ -31,6 +31,8 @@ FORMATS = {
     "int4_asym": IntPacked(bits=4, symmetric=False),
     "int8_asym": IntPacked(bits=8, symmetric=False),
     "mxfp4": Mxfp4(),
+    "fp8": Fp8Blocks(),
+    "fp8-16x8-ue8m0": Fp8Blocks(block=(16, 8), ue8m0=True),
 }
 
 
@@ -51,13 +53,15 @@ def test_expert_products_equal_the_dequantized_reference(name, d, f, pieces):
         for base, width in (("gate_up_proj", d), ("down_proj", f)):
             x = torch.randn(3, width) * torch.logspace(-2, 1, width)  # groups of very different magnitudes
             y = quant_gemv(q, base, ids, x)
-            if width % 32:
+            fp8 = name.startswith("fp8")  # fp32 activations, any width
+            if width % 32 and not fp8:
                 assert y is None and not covers(q, base)
                 continue
-            ref = torch.bmm(q.dequantized(base, torch.float32, ids), quantized_activation(x).unsqueeze(-1))
+            rounded = x if fp8 else quantized_activation(x)
+            ref = torch.bmm(q.dequantized(base, torch.float32, ids), rounded.unsqueeze(-1))
             assert _rel(y, ref.squeeze(-1)) < 1e-5
             shared = quant_gemv(q, base, ids, x[:1].expand(3, -1))  # one row for all k experts
-            ref = q.dequantized(base, torch.float32, ids) @ quantized_activation(x[0])
+            ref = q.dequantized(base, torch.float32, ids) @ (x[0] if fp8 else quantized_activation(x[0]))
             assert _rel(shared, ref) < 1e-5
 
 
@@ -67,13 +71,15 @@ def test_linear_one_row_reads_the_bytes(name):
     linear = torch.nn.Linear(320, 37)
     q = QuantizedLinear.like(linear, FORMATS[name])
     x = torch.randn(1, 1, 320)
+    rounded = x if name.startswith("fp8") else quantized_activation(x)
     with torch.no_grad():
-        ref = torch.nn.functional.linear(quantized_activation(x), q.dequantized("weight", torch.float32), q.bias)
+        ref = torch.nn.functional.linear(rounded, q.dequantized("weight", torch.float32), q.bias)
         assert _rel(q(x), ref) < 1e-5
         exact = torch.nn.functional.linear(x, q.dequantized("weight", torch.float32), q.bias)
         assert _rel(q(x), exact) < 0.02  # int8 activations: a percent at most
         set_int8_activations(q, False)
         assert torch.equal(q(x), exact)
+        assert name.startswith("fp8") or not torch.equal(q(x), ref)
 
 
 def test_uncovered_shapes_dequantize_and_say_so_once(monkeypatch):

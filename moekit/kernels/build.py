@@ -42,7 +42,7 @@ def load_kernel():
 def _build():
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if _has_avx2_fma() else [])
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if _has_avx2_fma() else [])
     csrc = Path(__file__).parent / "csrc"
     build_dir = _build_directory()
     with _build_lock(build_dir), _environment_ninja():
@@ -130,7 +130,7 @@ def _has_avx2_fma() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags  # every AVX2 CPU has F16C
 
 
 def kernel_available() -> bool:

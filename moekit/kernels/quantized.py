@@ -4,19 +4,20 @@ group of 32 (scale amax / 127, round half to even) once per row; `quantized_acti
 for the dequantize-then-fp32 reference the kernel is tested against.
 
 Covered: compressed-tensors pack-quantized INT8 / INT4 (symmetric or asymmetric) with bf16 scales and group 32,
-and MXFP4; input widths that are multiples of 32; fp32 activations on the CPU. Elsewhere the wrapper returns None
-and the caller dequantizes the weights it uses (backends say so once)."""
+and MXFP4, for input widths that are multiples of 32; FP8 e4m3 blocks with fp32 scales, any shape (there the
+activations stay fp32: no integer product of fp8 values exists). fp32 activations on the CPU. Elsewhere the
+wrapper returns None and the caller dequantizes the weights it uses (backends say so once)."""
 
 from __future__ import annotations
 
 import torch
 
 from moekit.kernels.build import kernel_taking
-from moekit.quant.formats import IntPacked, Mxfp4
+from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
 from moekit.quant.held import QuantizedModule
 
 GROUP = 32
-_INT8, _INT4, _MXFP4 = 0, 1, 2
+_INT8, _INT4, _MXFP4, _FP8 = 0, 1, 2, "fp8"
 
 
 def quantized_activation(x_RI: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,8 @@ def quantized_activation(x_RI: torch.Tensor) -> torch.Tensor:
 def _code(module: QuantizedModule, base: str) -> int | None:
     fmt = module.fmt
     shape, pieces = module._held[base]
+    if isinstance(fmt, Fp8Blocks):  # fp32 activations: any width
+        return _FP8 if fmt.scale_dtype == torch.float32 else None
     if shape[-1] % GROUP:
         return None
     if isinstance(fmt, Mxfp4):
@@ -58,6 +61,8 @@ def quant_gemv(
     if kernel is None:
         return None
     parts = module.parts(base)
+    if code == _FP8:
+        return _fp8(kernel, module, base, parts, ids_R, x_RI)
     if code == _MXFP4:
         codes, scales, zero_points = parts["_blocks"].flatten(-2), parts["_scales"], None
     else:
@@ -80,4 +85,15 @@ def quant_gemv(
         y_RO,
         torch.get_num_threads(),
     )
+    return y_RO
+
+
+def _fp8(kernel, module: QuantizedModule, base: str, parts, ids_R, x_RI) -> torch.Tensor:
+    w, scale = parts[""].view(torch.uint8), parts["_scale_inv"]
+    if ids_R is None:
+        w, scale, ids_R = w.unsqueeze(0), scale.unsqueeze(0), torch.zeros(x_RI.shape[0], dtype=torch.long)
+    y_RO = x_RI.new_empty(ids_R.numel(), w.shape[1])
+    x = x_RI.contiguous() if x_RI.stride(0) != 0 else x_RI[:1].contiguous()
+    block, pieces = module.fmt.block, module._held[base][1]
+    kernel.fp8_gemv(w, scale, block[0], block[1], pieces, ids_R.contiguous(), x, y_RO, torch.get_num_threads())
     return y_RO

@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv);
   m.def("linear_gemv", &linear_gemv);
   m.def("quant_gemv", &quant_gemv);
+  m.def("fp8_gemv", &fp8_gemv);
   m.def("mm_tasks", &mm_tasks);
   m.def("slot_sums", &slot_sums);
   m.def("row_grads", &row_grads);

@@ -246,6 +246,8 @@ void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Te
                          at::Tensor dw, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
+void fp8_gemv(at::Tensor w, at::Tensor scale_inv, int64_t block_rows, int64_t block_cols, int64_t pieces,
+              at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads);
 void quant_gemv(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points, at::Tensor ids,
                 at::Tensor x, at::Tensor y, int64_t threads);
 void slot_sums(at::Tensor rows, at::Tensor slot_row, at::Tensor weights, at::Tensor out, int64_t k, int64_t threads);

@@ -245,3 +245,87 @@ void quant_gemv(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor 
   if (format == kInt4) run(std::integral_constant<int64_t, kInt4>{});
   if (format == kMxfp4) run(std::integral_constant<int64_t, kMxfp4>{});
 }
+
+namespace {
+
+// 16 e4m3 bytes as fp32 times 2^-8: their bits moved into fp16 (sign to bit 15, exponent and mantissa to bits 13..7)
+// read as fp16 give the value times 2^(7 - 15), subnormals included; the 2^8 is folded into the block scale.
+#if defined(__AVX2__) && defined(__FMA__)
+inline void e4m3_to_float_x16(const uint8_t* w, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+#endif
+
+inline float e4m3_to_float(uint8_t b) {
+  const int e = (b >> 3) & 0xF, m = b & 7;
+  const float mag = e ? std::ldexp(1.f + m / 8.f, e - 7) : std::ldexp(m / 8.f, -6);
+  return (b & 0x80) ? -mag : mag;
+}
+
+// dot(row of e4m3 weights, x) over [c0, c1), times 2^-8 (the caller's scale carries the 2^8)
+inline float fp8_span(const uint8_t* w, const float* x, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; c + 16 <= c1; c += 16) {
+    __m256 lo, hi;
+    e4m3_to_float_x16(w + c, lo, hi);
+    a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c), a0);
+    a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + c + 8), a1);
+  }
+  acc = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; c < c1; ++c) acc += e4m3_to_float(w[c]) * 0.00390625f * x[c];
+  return acc;
+}
+
+}  // namespace
+
+// y[r] = dequantized(w[ids[r]]) @ x[r]: FP8 e4m3 weights w uint8 [E, O, I] (float8_e4m3fn viewed as bytes) with fp32
+// scale_inv [E, pieces * ceil(O / pieces / b0), ceil(I / b1)] (each of `pieces` equal row blocks its own grid, ragged
+// edges included); x [R or 1, I] fp32, not rounded (there is no integer product of fp8 values); y [R, O].
+void fp8_gemv(at::Tensor w, at::Tensor scale_inv, int64_t block_rows, int64_t block_cols, int64_t pieces,
+              at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads) {
+  check_fp32(x, "x"), check_fp32(y, "y"), check_fp32(scale_inv, "scale_inv");
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 3 && w.is_contiguous(), "fp8_gemv: weights");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.dim() == 2 && y.is_contiguous(), "fp8_gemv: x, y layout");
+  const int64_t experts = w.size(0), n_out = w.size(1), k_len = w.size(2), rows = ids.numel();
+  TORCH_CHECK(block_rows > 0 && block_cols > 0 && pieces > 0 && n_out % pieces == 0, "fp8_gemv: blocks");
+  const int64_t piece_rows = n_out / pieces, grid_rows = (piece_rows + block_rows - 1) / block_rows;
+  const int64_t grid_cols = (k_len + block_cols - 1) / block_cols;
+  TORCH_CHECK(scale_inv.is_contiguous() && scale_inv.dim() == 3 && scale_inv.size(0) == experts &&
+                  scale_inv.size(1) == pieces * grid_rows && scale_inv.size(2) == grid_cols,
+              "fp8_gemv: scale grid");
+  TORCH_CHECK(ids.dtype() == at::kLong && ids.is_contiguous(), "fp8_gemv: ids");
+  TORCH_CHECK(x.size(1) == k_len && (x.size(0) == rows || x.size(0) == 1) && y.size(0) == rows && y.size(1) == n_out,
+              "fp8_gemv: shapes");
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < experts, "fp8_gemv: expert id out of range");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *sp = scale_inv.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto task_rows = [&](size_t) { return n_out; };
+  const std::vector<int64_t> first = first_blocks(rows, task_rows);
+  const int64_t blocks = first.back();
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int64_t part = 0; part < threads; ++part)
+    for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
+                   [&](size_t r, int64_t o0, int64_t o1) {
+                     const uint8_t* we = wp + ip[r] * n_out * k_len;
+                     const float* se = sp + ip[r] * pieces * grid_rows * grid_cols;
+                     const float* xr = xp + (x.size(0) == 1 ? 0 : r * k_len);
+                     for (int64_t o = o0; o < o1; ++o) {
+                       const float* srow = se + ((o / piece_rows) * grid_rows + (o % piece_rows) / block_rows) * grid_cols;
+                       float acc = 0.f;
+                       for (int64_t j = 0; j < grid_cols; ++j)
+                         acc += 256.f * srow[j] *
+                                fp8_span(we + o * k_len, xr, j * block_cols, std::min(k_len, (j + 1) * block_cols));
+                       yp[r * n_out + o] = acc;
+                     }
+                   });
+}
