@@ -17,6 +17,7 @@ from moekit.experts.layout import ExpertLayout
 from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.weights import ExpertWeights
 from moekit.infer.cache import KVCache
+from moekit.infer.fast import prepare_inference
 from moekit.kernels.build import load_kernel
 from moekit.kernels.quantized import covers, quant_gemv, quantized_activation
 from moekit.layers.quantized_linear import QuantizedLinear
@@ -130,3 +131,22 @@ def test_quantized_decode_stays_within_activation_rounding(tmp_path):
         set_int8_activations(model, False)
         exact = _decode_logits(model, ids, 4)
     assert 0 < _rel(fast, exact) < 0.02  # the kernels ran (int8 activations), within their rounding
+
+
+@pytest.mark.parametrize("weights", ["experts=q4", "experts=q8", "experts=fp8"])
+def test_fused_decode_step_takes_quantized_experts(tmp_path, weights):
+    from hf_tiny import hf_tiny_model
+
+    from moekit.quant.quantize import quantize_checkpoint
+
+    hf_tiny_model("qwen3_moe", tmp_path / "hf", hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", weights)
+    model = moekit.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    report = prepare_inference(model)
+    assert report["chain"] and set(model.config.moe_layers) <= set(report["ffn"]) and report["moe"] == []
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused = _decode_logits(model, ids, 4)
+        model.drop_fused()
+        eager = _decode_logits(model, ids, 4)  # the modules, the same kernels for the experts
+    assert _rel(fused, eager) < 1e-5

@@ -23,7 +23,9 @@ from torch import nn
 
 from moekit.experts.backends import is_default
 from moekit.experts.layout import ACTIVATIONS
+from moekit.experts.quantized import QuantizedExperts
 from moekit.kernels import kernel_taking
+from moekit.kernels.quantized import covers, quant_weights
 from moekit.layers.attention import Attention, AttentionInputs
 from moekit.layers.ffn import FeedForward
 from moekit.layers.moe import MoEBlock, MoEInfo
@@ -252,9 +254,13 @@ def _block_covered(block: MoEBlock) -> bool:
     """What the FFN step computes of an MoE block: token choice by softmax or sigmoid scores (before or after top-k,
     selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
     spec = block.router.spec
+    experts = block.experts
+    quantized = isinstance(experts, QuantizedExperts)  # routed experts the kernels read, nothing else quantized
+    if quantized and not all(covers(experts, b) and experts.int8_activations for b in ("gate_up_proj", "down_proj")):
+        return False
     return (
         type(block.router) is TokenChoiceRouter
-        and not is_quantized(block)
+        and not (block.shared_experts is not None and is_quantized(block.shared_experts))
         and spec.score_func in ("softmax", "sigmoid")
         and spec.n_group == 1
         and spec.normalize_p == 1.0
@@ -266,9 +272,11 @@ def _block_covered(block: MoEBlock) -> bool:
 def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
     """The fused decode step of x + ffn(norm(x)), ffn an MoE block or a dense FFN (as the shared-expert part
     alone); None where it does not cover the block."""
-    if not isinstance(norm, RMSNorm) or is_quantized(ffn):
+    if not isinstance(norm, RMSNorm):
         return None
     if isinstance(ffn, FeedForward):
+        if is_quantized(ffn):
+            return None
         step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
     else:
         step = _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate) if _block_covered(ffn) else None
@@ -277,8 +285,8 @@ def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
 
 def block_step(block: MoEBlock) -> _BlockStep | None:
     """The fused step of an MoE block alone (no norm or residual) over any batch of tokens, or None where it does
-    not cover the block."""
-    if not _block_covered(block):
+    not cover the block (quantized experts: decode only)."""
+    if not _block_covered(block) or isinstance(block.experts, QuantizedExperts):
         return None
     step = _ffn_decode(None, block, block.shared_experts, block.shared_expert_gate)
     return _BlockStep(block, step) if step is not None else None
@@ -308,8 +316,16 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         "gate_up_bias": _NONE,
         "down_bias": _NONE,
     }
+    quant: dict = {}
     if block is not None:
         spec, experts, router = block.router.spec, block.experts, block.router
+        quantized = isinstance(experts, QuantizedExperts)
+        if quantized:
+            quant = {
+                b.removesuffix("_proj") + "_quant": quant_weights(experts, b) for b in ("gate_up_proj", "down_proj")
+            }
+            if any(q is None for q in quant.values()):
+                return None
         routing.update(
             router_weight=router.weight,
             router_bias=_or_none(router.bias),
@@ -321,8 +337,8 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
             normalize_eps=spec.normalize_eps,
             scaling_factor=spec.scaling_factor,
             apply_to_input=spec.apply_to == "input",
-            gate_up_weight=experts.gate_up_proj,
-            down_weight=experts.down_proj,
+            gate_up_weight=_NONE if quantized else experts.gate_up_proj,
+            down_weight=_NONE if quantized else experts.down_proj,
             gate_up_bias=experts.gate_up_proj_bias if layout.bias else _NONE,
             down_bias=experts.down_proj_bias if layout.bias else _NONE,
         )
@@ -343,6 +359,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         swiglu_alpha=layout.swiglu_alpha,
         swiglu_limit=layout.swiglu_limit,
         **shared,
+        **quant,
     )
 
 

@@ -17,7 +17,8 @@ from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
 from moekit.quant.held import QuantizedModule
 
 GROUP = 32
-_INT8, _INT4, _MXFP4, _FP8 = 0, 1, 2, "fp8"
+_INT8, _INT4, _MXFP4, _FP8 = "int8", "int4", "mxfp4", "fp8"
+_FORMAT_CODES = {_INT8: 0, _INT4: 1, _MXFP4: 2, _FP8: 3}  # csrc/kernels.h's QuantWeights
 
 
 def quantized_activation(x_RI: torch.Tensor) -> torch.Tensor:
@@ -49,51 +50,50 @@ def covers(module: QuantizedModule, base: str) -> bool:
     return _code(module, base) is not None
 
 
+def quant_weights(module: QuantizedModule, base: str):
+    """The kernel's QuantWeights of weight `base` of module (a linear layer's as a stack of one), or None where the
+    kernel does not take it (format, shape, no kernel here)."""
+    code = _code(module, base)
+    kernel = kernel_taking() if code is not None else None
+    if kernel is None or not all(p.is_cpu for p in module.parts(base).values()):
+        return None
+    parts = module.parts(base)
+    (shape, pieces), fmt = module._held[base], module.fmt
+    block, zero_points = (1, 1), None
+    if code == _FP8:
+        codes, scales, block = parts[""].view(torch.uint8), parts["_scale_inv"], fmt.block
+    elif code == _MXFP4:
+        codes, scales = parts["_blocks"].flatten(-2), parts["_scales"]
+    else:
+        codes, scales, zero_points = parts["_packed"].view(torch.uint8), parts["_scale"], parts.get("_zero_point")
+    if len(shape) == 2:
+        codes, scales = codes.unsqueeze(0), scales.unsqueeze(0)
+        zero_points = zero_points.unsqueeze(0) if zero_points is not None else None
+    return kernel.QuantWeights(
+        format=_FORMAT_CODES[code],
+        codes=codes,
+        scales=scales,
+        zero_points=zero_points if zero_points is not None else torch.empty(0, dtype=torch.int32),
+        block_rows=block[0],
+        block_cols=block[1],
+        pieces=pieces,
+        cols=shape[-1],
+    )
+
+
 def quant_gemv(
     module: QuantizedModule, base: str, ids_R: torch.Tensor | None, x_RI: torch.Tensor
 ) -> torch.Tensor | None:
     """y_RO[r] = dequantized(weight base of expert ids_R[r]) @ x_RI[r] (x_RI may be one row for all; ids None: a
     linear layer's own weight), or None where the kernel does not take it."""
-    code = _code(module, base) if module.int8_activations else None
-    if code is None or x_RI.dtype != torch.float32 or not x_RI.is_cpu or torch.is_grad_enabled():
+    if not module.int8_activations or x_RI.dtype != torch.float32 or not x_RI.is_cpu or torch.is_grad_enabled():
         return None
-    kernel = kernel_taking(x_RI)
-    if kernel is None:
+    weights = quant_weights(module, base)
+    if weights is None:
         return None
-    parts = module.parts(base)
-    if code == _FP8:
-        return _fp8(kernel, module, base, parts, ids_R, x_RI)
-    if code == _MXFP4:
-        codes, scales, zero_points = parts["_blocks"].flatten(-2), parts["_scales"], None
-    else:
-        codes, scales, zero_points = parts["_packed"].view(torch.uint8), parts["_scale"], parts.get("_zero_point")
     if ids_R is None:
-        codes, scales = codes.unsqueeze(0), scales.unsqueeze(0)
-        zero_points = zero_points.unsqueeze(0) if zero_points is not None else None
         ids_R = torch.zeros(x_RI.shape[0], dtype=torch.long)
-    out_rows = codes.shape[1]
-    y_RO = x_RI.new_empty(ids_R.numel(), out_rows)
-    empty = torch.empty(0, dtype=torch.int32)
+    y_RO = x_RI.new_empty(ids_R.numel(), weights.rows)
     x = x_RI.contiguous() if x_RI.stride(0) != 0 else x_RI[:1].contiguous()
-    kernel.quant_gemv(
-        code,
-        codes,
-        scales,
-        zero_points if zero_points is not None else empty,
-        ids_R.contiguous(),
-        x,
-        y_RO,
-        torch.get_num_threads(),
-    )
-    return y_RO
-
-
-def _fp8(kernel, module: QuantizedModule, base: str, parts, ids_R, x_RI) -> torch.Tensor:
-    w, scale = parts[""].view(torch.uint8), parts["_scale_inv"]
-    if ids_R is None:
-        w, scale, ids_R = w.unsqueeze(0), scale.unsqueeze(0), torch.zeros(x_RI.shape[0], dtype=torch.long)
-    y_RO = x_RI.new_empty(ids_R.numel(), w.shape[1])
-    x = x_RI.contiguous() if x_RI.stride(0) != 0 else x_RI[:1].contiguous()
-    block, pieces = module.fmt.block, module._held[base][1]
-    kernel.fp8_gemv(w, scale, block[0], block[1], pieces, ids_R.contiguous(), x, y_RO, torch.get_num_threads())
+    kernel_taking(x).quant_gemv(weights, ids_R.contiguous(), x, y_RO, torch.get_num_threads())
     return y_RO

@@ -36,7 +36,7 @@ class AttentionDecode {
 };
 
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
-// shared expert, combine) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp); or for a
+// shared expert, combine; the routed experts fp32 or quantized) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp); or for a
 // batch of tokens (ffn_tokens.cpp). Without a norm weight and the residual: ffn(x), the block alone.
 class FfnDecode {
  public:
@@ -45,7 +45,8 @@ class FfnDecode {
             double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
             at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha,
             double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
-            at::Tensor shared_sigmoid_w);
+            at::Tensor shared_sigmoid_w, std::shared_ptr<QuantWeights> up_quant,
+            std::shared_ptr<QuantWeights> down_quant);
   // x [D] -> (x + ffn [D] (or ffn alone), the chosen experts [k] in selection order, tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
   // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
@@ -62,6 +63,7 @@ class FfnDecode {
 
   at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;
   at::Tensor shared_gate_w_, shared_up_w_, shared_down_w_, shared_sigmoid_w_;
+  std::shared_ptr<QuantWeights> up_q_, down_q_;  // quantized routed experts (then up_w_ and down_w_ are empty)
   float eps_, normalize_eps_, scaling_, alpha_, limit_;
   bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_;
   int64_t activation_, x_rows_, f_, fs_;

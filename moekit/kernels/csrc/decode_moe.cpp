@@ -22,12 +22,13 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                      bool normalize, double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w,
                      at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
                      bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
-                     at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w)
+                     at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
+                     std::shared_ptr<QuantWeights> up_quant, std::shared_ptr<QuantWeights> down_quant)
     : d(norm_w.numel() ? norm_w.numel() : (router_w.numel() ? router_w.size(1) : shared_up_w.size(-1))),
       experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
       norm_w_(norm_w), router_w_(router_w), router_b_(router_b), selection_bias_(selection_bias), up_w_(up_w),
       down_w_(down_w), up_b_(up_b), down_b_(down_b), shared_gate_w_(shared_gate_w), shared_up_w_(shared_up_w),
-      shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), eps_(static_cast<float>(eps)),
+      shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), up_q_(up_quant), down_q_(down_quant), eps_(static_cast<float>(eps)),
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
       alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
       sigmoid_(sigmoid_scores), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
@@ -38,7 +39,14 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
   TORCH_CHECK(norm_w.is_contiguous(), "moe_decode: norm");
   TORCH_CHECK(router_w.numel() || shared_up_w.numel(), "moe_decode: neither experts nor a dense FFN");
   x_rows_ = f_ = 0;
-  if (experts) {
+  TORCH_CHECK(!up_q_ == !down_q_, "moe_decode: both expert projections quantized, or neither");
+  if (experts && up_q_) {  // quantized: output-major stacks [E, X, D] and [E, D, F]
+    TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
+    x_rows_ = up_q_->rows, f_ = down_q_->cols;
+    TORCH_CHECK(!transposed && up_q_->experts == experts && down_q_->experts == experts && up_q_->cols == d &&
+                    down_q_->rows == d && x_rows_ == (gated ? 2 * f_ : f_),
+                "moe_decode: quantized expert weights");
+  } else if (experts) {
     TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
     TORCH_CHECK(up_w.dim() == 3 && down_w.dim() == 3, "moe_decode: expert weights");
     x_rows_ = up_w.size(transposed ? 2 : 1), f_ = down_w.size(transposed ? 1 : 2);
@@ -132,11 +140,17 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   std::vector<float> inputs(apply_to_input_ ? k * d : 0), up(k * x_rows + 2 * fs), act_k(k * f + fs);
   std::vector<Task> tasks;
   std::vector<Product> input_major;
+  std::vector<const float*> q_in(k);
+  std::vector<float*> q_out(k);
   for (int64_t j = 0; j < k; ++j) {
     const float* in = h.data();
     if (apply_to_input_) {
       for (int64_t i = 0; i < d; ++i) inputs[j * d + i] = h[i] * w[j];
       in = inputs.data() + j * d;
+    }
+    if (up_q_) {
+      q_in[j] = in, q_out[j] = up.data() + j * x_rows;
+      continue;
     }
     const float* wj = up_w_.data_ptr<float>() + id[j] * x_rows * d;
     if (transposed_)
@@ -151,6 +165,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   }
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, d, threads);
+  if (up_q_ && k) up_q_->products(id, q_in.data(), q_out.data(), k, threads);
   const float* ub = data_or_null(up_b_);
   for (int64_t j = 0; j < k; ++j) {
     float* hj = up.data() + j * x_rows;
@@ -164,6 +179,10 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   std::vector<float> down(k * d + (fs ? d : 0));
   tasks.clear(), input_major.clear();
   for (int64_t j = 0; j < k; ++j) {
+    if (down_q_) {
+      q_in[j] = act_k.data() + j * f, q_out[j] = down.data() + j * d;
+      continue;
+    }
     const float* wj = down_w_.data_ptr<float>() + id[j] * d * f;
     if (transposed_)
       input_major.push_back({wj, d, f, act_k.data() + j * f, f, 1, down.data() + j * d, d});
@@ -172,6 +191,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   }
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, f, threads);
+  if (down_q_ && k) down_q_->products(id, q_in.data(), q_out.data(), k, threads);
   if (fs) run_tasks({{shared_down_w_.data_ptr<float>(), d, act_k.data() + k * f, 0, 1, down.data() + k * d, 0}}, fs,
                     threads);
   const float* db = data_or_null(down_b_);

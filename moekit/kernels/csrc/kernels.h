@@ -246,10 +246,25 @@ void segment_grad_weight(at::Tensor x, at::Tensor dy, at::Tensor experts, at::Te
                          at::Tensor dw, int64_t threads);
 void gather_gemv(at::Tensor w, at::Tensor x, at::Tensor ids, at::Tensor y, int64_t threads);
 void linear_gemv(std::vector<at::Tensor> ws, at::Tensor x, std::vector<at::Tensor> ys, int64_t threads);
-void fp8_gemv(at::Tensor w, at::Tensor scale_inv, int64_t block_rows, int64_t block_cols, int64_t pieces,
-              at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads);
-void quant_gemv(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points, at::Tensor ids,
-                at::Tensor x, at::Tensor y, int64_t threads);
+// A stack of quantized matrices [E, O, I] as the checkpoint holds them (quant_gemv.cpp): format 0 INT8, 1 INT4
+// (compressed-tensors pack-quantized: codes = the int32 words as bytes, bf16 scales [E, O, I / 32], zero points
+// [E, ceil(O * bits / 32), I / 32] int32 or empty), 2 MXFP4 (codes [E, O, I / 2], UE8M0 scales), 3 FP8 e4m3
+// (codes [E, O, I], fp32 scale_inv per block_rows x block_cols block of each of `pieces` row blocks). cols = I.
+class QuantWeights {
+ public:
+  QuantWeights(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points, int64_t block_rows,
+               int64_t block_cols, int64_t pieces, int64_t cols);
+  // ys[r][:rows] = dequantized(matrix ids[r]) @ xs[r][:cols] for r < n; the integer formats round each distinct
+  // input row (consecutive equal pointers count once) to int8 per group of 32.
+  void products(const int64_t* ids, const float* const* xs, float* const* ys, int64_t n, int64_t threads) const;
+
+  int64_t format, experts, rows, cols;
+
+ private:
+  at::Tensor codes_, scales_, zero_points_;
+  int64_t block_rows_, block_cols_, pieces_;
+};
+void quant_gemv(const QuantWeights& w, at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads);
 void slot_sums(at::Tensor rows, at::Tensor slot_row, at::Tensor weights, at::Tensor out, int64_t k, int64_t threads);
 void row_grads(at::Tensor grad, at::Tensor token, at::Tensor rows, at::Tensor w_row, at::Tensor d_rows, at::Tensor d_w,
                int64_t threads);

@@ -12,7 +12,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-enum Format : int64_t { kInt8 = 0, kInt4 = 1, kMxfp4 = 2 };
+enum Format : int64_t { kInt8 = 0, kInt4 = 1, kMxfp4 = 2, kFp8 = 3 };
 
 // One input row quantized per group: q in element order, q_nib the same per group as its 16 even-indexed then its
 // 16 odd-indexed values (the order a group's nibbles unpack in: byte j holds elements 2j and 2j + 1), the group's
@@ -187,65 +187,6 @@ float row_product(const QuantMatrix& m, int64_t o, int64_t groups, const QuantRo
 
 }  // namespace
 
-// y[r] = dequantized(codes[ids[r]]) @ x[r] for r < R (x may be one row for all: x.size(0) == 1). codes: uint8
-// [E, O, row_bytes] (the packed int32 words or MXFP4 blocks viewed as bytes); scales [E, O, I / 32]; zero_points
-// [E, ceil(O * bits / 32), I / 32] int32 or empty; x [R or 1, I] fp32, I a multiple of 32; y [R, O] fp32.
-void quant_gemv(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points, at::Tensor ids,
-                at::Tensor x, at::Tensor y, int64_t threads) {
-  check_fp32(x, "x"), check_fp32(y, "y");
-  TORCH_CHECK(format >= kInt8 && format <= kMxfp4, "quant_gemv: format");
-  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "quant_gemv: codes");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.dim() == 2 && y.is_contiguous(), "quant_gemv: x, y layout");
-  const int64_t experts = codes.size(0), n_out = codes.size(1), k_len = x.size(1), groups = k_len / kGroup;
-  TORCH_CHECK(k_len % kGroup == 0 && k_len > 0, "quant_gemv: the input width must be a multiple of 32");
-  TORCH_CHECK(codes.size(2) * (format == kInt8 ? 1 : 2) >= k_len, "quant_gemv: codes too short for the input");
-  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == experts && scales.size(1) == n_out &&
-                  scales.size(2) == groups,
-              "quant_gemv: scales shape");
-  TORCH_CHECK(scales.dtype() == (format == kMxfp4 ? at::kByte : at::kBFloat16), "quant_gemv: scales dtype");
-  const int64_t rows = ids.numel();
-  TORCH_CHECK(ids.dtype() == at::kLong && ids.is_contiguous(), "quant_gemv: ids");
-  TORCH_CHECK((x.size(0) == rows || x.size(0) == 1) && y.size(0) == rows && y.size(1) == n_out, "quant_gemv: shapes");
-  const int32_t* zp = nullptr;
-  int64_t zp_words = 0;
-  if (zero_points.numel()) {
-    const int64_t per_word = format == kInt8 ? 4 : 8;
-    TORCH_CHECK(format != kMxfp4 && zero_points.dtype() == at::kInt && zero_points.is_contiguous() &&
-                    zero_points.dim() == 3 && zero_points.size(0) == experts &&
-                    zero_points.size(1) == (n_out + per_word - 1) / per_word && zero_points.size(2) == groups,
-                "quant_gemv: zero points");
-    zp = zero_points.data_ptr<int32_t>(), zp_words = zero_points.size(1) * groups;
-  }
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < experts, "quant_gemv: expert id out of range");
-  std::vector<QuantRow> xq(x.size(0));
-  for (int64_t r = 0; r < x.size(0); ++r) quantize_row(x.data_ptr<float>() + r * k_len, k_len, xq[r]);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const auto scale_bytes = static_cast<int64_t>(scales.element_size());
-  std::vector<QuantMatrix> mats(rows);
-  for (int64_t r = 0; r < rows; ++r)
-    mats[r] = {cp + ip[r] * n_out * codes.size(2), codes.size(2),
-               static_cast<const uint8_t*>(scales.data_ptr()) + ip[r] * n_out * groups * scale_bytes,
-               zp ? zp + ip[r] * zp_words : nullptr};
-  float* yp = y.data_ptr<float>();
-  const auto task_rows = [&](size_t) { return n_out; };
-  const std::vector<int64_t> first = first_blocks(rows, task_rows);
-  const int64_t blocks = first.back();
-  const auto run = [&](auto fmt) {
-    constexpr int64_t F = decltype(fmt)::value;
-#pragma omp parallel for schedule(static, 1) num_threads(threads)
-    for (int64_t part = 0; part < threads; ++part)
-      for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
-                     [&](size_t r, int64_t o0, int64_t o1) {
-                       const QuantRow& xr = xq[x.size(0) == 1 ? 0 : r];
-                       for (int64_t o = o0; o < o1; ++o) yp[r * n_out + o] = row_product<F>(mats[r], o, groups, xr);
-                     });
-  };
-  if (format == kInt8) run(std::integral_constant<int64_t, kInt8>{});
-  if (format == kInt4) run(std::integral_constant<int64_t, kInt4>{});
-  if (format == kMxfp4) run(std::integral_constant<int64_t, kMxfp4>{});
-}
-
 namespace {
 
 // 16 e4m3 bytes as fp32 times 2^-8: their bits moved into fp16 (sign to bit 15, exponent and mantissa to bits 13..7)
@@ -284,48 +225,119 @@ inline float fp8_span(const uint8_t* w, const float* x, int64_t c0, int64_t c1) 
   return acc;
 }
 
+// FP8 row r of expert matrix we [O, I] (e4m3 bytes) with its block scales se: dot with fp32 x.
+inline float fp8_row(const uint8_t* we, const float* se, int64_t o, const float* x, int64_t k_len, int64_t piece_rows,
+                     int64_t grid_rows, int64_t grid_cols, int64_t block_rows, int64_t block_cols) {
+  const float* srow = se + ((o / piece_rows) * grid_rows + (o % piece_rows) / block_rows) * grid_cols;
+  float acc = 0.f;
+  for (int64_t j = 0; j < grid_cols; ++j)
+    acc += 256.f * srow[j] * fp8_span(we + o * k_len, x, j * block_cols, std::min(k_len, (j + 1) * block_cols));
+  return acc;
+}
+
 }  // namespace
 
-// y[r] = dequantized(w[ids[r]]) @ x[r]: FP8 e4m3 weights w uint8 [E, O, I] (float8_e4m3fn viewed as bytes) with fp32
-// scale_inv [E, pieces * ceil(O / pieces / b0), ceil(I / b1)] (each of `pieces` equal row blocks its own grid, ragged
-// edges included); x [R or 1, I] fp32, not rounded (there is no integer product of fp8 values); y [R, O].
-void fp8_gemv(at::Tensor w, at::Tensor scale_inv, int64_t block_rows, int64_t block_cols, int64_t pieces,
-              at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads) {
-  check_fp32(x, "x"), check_fp32(y, "y"), check_fp32(scale_inv, "scale_inv");
-  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 3 && w.is_contiguous(), "fp8_gemv: weights");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.dim() == 2 && y.is_contiguous(), "fp8_gemv: x, y layout");
-  const int64_t experts = w.size(0), n_out = w.size(1), k_len = w.size(2), rows = ids.numel();
-  TORCH_CHECK(block_rows > 0 && block_cols > 0 && pieces > 0 && n_out % pieces == 0, "fp8_gemv: blocks");
-  const int64_t piece_rows = n_out / pieces, grid_rows = (piece_rows + block_rows - 1) / block_rows;
-  const int64_t grid_cols = (k_len + block_cols - 1) / block_cols;
-  TORCH_CHECK(scale_inv.is_contiguous() && scale_inv.dim() == 3 && scale_inv.size(0) == experts &&
-                  scale_inv.size(1) == pieces * grid_rows && scale_inv.size(2) == grid_cols,
-              "fp8_gemv: scale grid");
-  TORCH_CHECK(ids.dtype() == at::kLong && ids.is_contiguous(), "fp8_gemv: ids");
-  TORCH_CHECK(x.size(1) == k_len && (x.size(0) == rows || x.size(0) == 1) && y.size(0) == rows && y.size(1) == n_out,
-              "fp8_gemv: shapes");
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < experts, "fp8_gemv: expert id out of range");
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float *sp = scale_inv.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const auto task_rows = [&](size_t) { return n_out; };
-  const std::vector<int64_t> first = first_blocks(rows, task_rows);
+QuantWeights::QuantWeights(int64_t format, at::Tensor codes, at::Tensor scales, at::Tensor zero_points,
+                           int64_t block_rows, int64_t block_cols, int64_t pieces, int64_t cols)
+    : format(format), experts(codes.size(0)), rows(codes.size(1)), cols(cols), codes_(codes), scales_(scales),
+      zero_points_(zero_points), block_rows_(block_rows), block_cols_(block_cols), pieces_(pieces) {
+  TORCH_CHECK(format >= kInt8 && format <= kFp8, "QuantWeights: format");
+  TORCH_CHECK(codes.device().is_cpu() && codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(),
+              "QuantWeights: codes must be contiguous uint8 [E, O, bytes]");
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == experts, "QuantWeights: scales");
+  if (format == kFp8) {
+    TORCH_CHECK(codes.size(2) == cols && block_rows > 0 && block_cols > 0 && pieces > 0 && rows % pieces == 0,
+                "QuantWeights: fp8 blocks");
+    const int64_t grid_rows = (rows / pieces + block_rows - 1) / block_rows;
+    TORCH_CHECK(scales.dtype() == at::kFloat && scales.size(1) == pieces * grid_rows &&
+                    scales.size(2) == (cols + block_cols - 1) / block_cols,
+                "QuantWeights: fp8 scale grid");
+    return;
+  }
+  const int64_t groups = cols / kGroup;
+  TORCH_CHECK(cols % kGroup == 0 && cols > 0, "QuantWeights: the input width must be a multiple of 32");
+  TORCH_CHECK(codes.size(2) * (format == kInt8 ? 1 : 2) >= cols, "QuantWeights: codes too short for the input");
+  TORCH_CHECK(scales.size(1) == rows && scales.size(2) == groups &&
+                  scales.dtype() == (format == kMxfp4 ? at::kByte : at::kBFloat16),
+              "QuantWeights: scales shape or dtype");
+  if (zero_points.numel()) {
+    const int64_t per_word = format == kInt8 ? 4 : 8;
+    TORCH_CHECK(format != kMxfp4 && zero_points.dtype() == at::kInt && zero_points.is_contiguous() &&
+                    zero_points.dim() == 3 && zero_points.size(0) == experts &&
+                    zero_points.size(1) == (rows + per_word - 1) / per_word && zero_points.size(2) == groups,
+                "QuantWeights: zero points");
+  }
+}
+
+void QuantWeights::products(const int64_t* ids, const float* const* xs, float* const* ys, int64_t n,
+                            int64_t threads) const {
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(ids[r] >= 0 && ids[r] < experts, "quant products: expert id");
+  const auto task_rows = [&](size_t) { return rows; };
+  const std::vector<int64_t> first = first_blocks(n, task_rows);
   const int64_t blocks = first.back();
+  const uint8_t* cp = codes_.data_ptr<uint8_t>();
+  if (format == kFp8) {
+    const int64_t piece_rows = rows / pieces_, grid_rows = (piece_rows + block_rows_ - 1) / block_rows_;
+    const int64_t grid_cols = (cols + block_cols_ - 1) / block_cols_;
+    const float* sp = scales_.data_ptr<float>();
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
-  for (int64_t part = 0; part < threads; ++part)
-    for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
-                   [&](size_t r, int64_t o0, int64_t o1) {
-                     const uint8_t* we = wp + ip[r] * n_out * k_len;
-                     const float* se = sp + ip[r] * pieces * grid_rows * grid_cols;
-                     const float* xr = xp + (x.size(0) == 1 ? 0 : r * k_len);
-                     for (int64_t o = o0; o < o1; ++o) {
-                       const float* srow = se + ((o / piece_rows) * grid_rows + (o % piece_rows) / block_rows) * grid_cols;
-                       float acc = 0.f;
-                       for (int64_t j = 0; j < grid_cols; ++j)
-                         acc += 256.f * srow[j] *
-                                fp8_span(we + o * k_len, xr, j * block_cols, std::min(k_len, (j + 1) * block_cols));
-                       yp[r * n_out + o] = acc;
-                     }
-                   });
+    for (int64_t part = 0; part < threads; ++part)
+      for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
+                     [&](size_t r, int64_t o0, int64_t o1) {
+                       const uint8_t* we = cp + ids[r] * rows * cols;
+                       const float* se = sp + ids[r] * pieces_ * grid_rows * grid_cols;
+                       for (int64_t o = o0; o < o1; ++o)
+                         ys[r][o] = fp8_row(we, se, o, xs[r], cols, piece_rows, grid_rows, grid_cols, block_rows_,
+                                            block_cols_);
+                     });
+    return;
+  }
+  // each distinct input row quantized once
+  std::vector<QuantRow> xq;
+  std::vector<int64_t> row_of(n);
+  for (int64_t r = 0; r < n; ++r) {
+    if (r > 0 && xs[r] == xs[r - 1]) {
+      row_of[r] = row_of[r - 1];
+      continue;
+    }
+    row_of[r] = static_cast<int64_t>(xq.size());
+    xq.emplace_back();
+    quantize_row(xs[r], cols, xq.back());
+  }
+  const int64_t groups = cols / kGroup, row_bytes = codes_.size(2);
+  const auto scale_bytes = static_cast<int64_t>(scales_.element_size());
+  const int32_t* zp = zero_points_.numel() ? zero_points_.data_ptr<int32_t>() : nullptr;
+  const int64_t zp_words = zp ? zero_points_.size(1) * groups : 0;
+  std::vector<QuantMatrix> mats(n);
+  for (int64_t r = 0; r < n; ++r)
+    mats[r] = {cp + ids[r] * rows * row_bytes, row_bytes,
+               static_cast<const uint8_t*>(scales_.data_ptr()) + ids[r] * rows * groups * scale_bytes,
+               zp ? zp + ids[r] * zp_words : nullptr};
+  const auto run = [&](auto fmt) {
+    constexpr int64_t F = decltype(fmt)::value;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int64_t part = 0; part < threads; ++part)
+      for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
+                     [&](size_t r, int64_t o0, int64_t o1) {
+                       for (int64_t o = o0; o < o1; ++o) ys[r][o] = row_product<F>(mats[r], o, groups, xq[row_of[r]]);
+                     });
+  };
+  if (format == kInt8) run(std::integral_constant<int64_t, kInt8>{});
+  if (format == kInt4) run(std::integral_constant<int64_t, kInt4>{});
+  if (format == kMxfp4) run(std::integral_constant<int64_t, kMxfp4>{});
+}
+
+// y[r] = dequantized(w[ids[r]]) @ x[r] for r < R; x [R or 1, I] fp32 (one row: the same for all), y [R, O] fp32.
+void quant_gemv(const QuantWeights& w, at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads) {
+  check_fp32(x, "x"), check_fp32(y, "y");
+  const int64_t rows = ids.numel();
+  TORCH_CHECK(ids.dtype() == at::kLong && ids.is_contiguous(), "quant_gemv: ids");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == w.cols && (x.size(0) == rows || x.size(0) == 1),
+              "quant_gemv: x");
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.size(0) == rows && y.size(1) == w.rows, "quant_gemv: y");
+  std::vector<const float*> xs(rows);
+  std::vector<float*> ys(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    xs[r] = x.data_ptr<float>() + (x.size(0) == 1 ? 0 : r * w.cols), ys[r] = y.data_ptr<float>() + r * w.rows;
+  w.products(ids.data_ptr<int64_t>(), xs.data(), ys.data(), rows, threads);
 }
