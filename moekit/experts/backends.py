@@ -162,7 +162,8 @@ class GroupedBackend(ExpertsBackend):
 
     def forward(self, x_SD, counts, experts):
         if isinstance(experts, QuantizedExperts):
-            _say_once(experts)
+            if experts.int8_activations:
+                _say_once(experts)
             return BACKENDS["loop"].forward(x_SD, counts, experts)
         layout = experts.layout
         if layout.bias:

@@ -1,0 +1,79 @@
+"""Quality of `moekit quantize` on a trained model: validation perplexity on the run's own held-out text (the
+standard library's files the training never saw, as `moekit train` splits them) at fp32 and after each --weights
+choice, beside the bytes each checkpoint holds. Products run exactly (set_int8_activations off): this measures the
+weights' rounding; the kernels' int8 activation rounding is measured by the decode benchmark.
+
+    moekit train --out runs/main && python benchmarks/quant_quality.py runs/main [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.checkpoint.files import checkpoint_dir
+from moekit.quant.held import set_int8_activations
+from moekit.quant.quantize import quantize_checkpoint
+from moekit.train.data import TokenStream, load_corpus
+from moekit.train.tokenizer import ByteTokenizer
+
+SPECS = ("rest=q8", "experts=q4,rest=q8", "rest=q4", "rest=q4m", "experts=q4m,rest=q8")
+
+
+def held_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    total, n = 0.0, 0
+    for ids_BT in windows:
+        logits = model(ids_BT).float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids_BT[:, 1:].flatten())
+        total, n = total + float(loss) * ids_BT.shape[0], n + ids_BT.shape[0]
+    return math.exp(total / n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a moekit train run directory (byte tokenizer)")
+    parser.add_argument("--specs", nargs="+", default=list(SPECS), help="--weights choices to compare")
+    parser.add_argument("--batches", type=int, default=16, help="validation batches of 16 windows (16)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    run = json.loads((Path(args.run) / "run.json").read_text())["train"]
+    if run.get("tokenizer", "byte") != "byte":
+        raise SystemExit("quant_quality.py reads byte-tokenizer runs (the main job's)")
+    _, val_text, _ = load_corpus(run.get("data", ""), 1, run.get("max_val_bytes", 200_000))
+    ids = torch.tensor(ByteTokenizer().encode(val_text), dtype=torch.long)
+    windows = TokenStream(ids, run["seq_len"], "the validation text").windows(16, args.batches)
+    source = checkpoint_dir(args.run)
+    rows = [
+        {"weights": "fp32", "bytes": held_bytes(source), "ppl": perplexity(moekit.from_pretrained(source), windows)}
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(args.specs):
+            out = Path(tmp) / str(i)
+            quantize_checkpoint(source, out, spec)
+            model = moekit.from_pretrained(out, dtype=torch.float32)
+            set_int8_activations(model, False)
+            rows.append({"weights": spec, "bytes": held_bytes(out), "ppl": perplexity(model, windows)})
+    base = rows[0]["ppl"]
+    print("| weights | bytes | bits/weight vs fp32 | validation ppl | vs fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        r["ppl_ratio"] = r["ppl"] / base
+        bits = 32 * r["bytes"] / rows[0]["bytes"]
+        print(f"| {r['weights']} | {r['bytes'] / 1e6:.2f} MB | {bits:.2f} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": args.run, "windows": 16 * args.batches, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
