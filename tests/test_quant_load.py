@@ -155,7 +155,7 @@ def test_mxfp4_experts_hold_4_25_bits_per_weight(tmp_path):
     _, directory = _shipped("gpt_oss-mxfp4", tmp_path)
     model = moekit.from_pretrained(directory)
     experts = model.layers[0].mlp.experts
-    weights = sum(torch.Size(shape).numel() for shape, _ in experts._held.values())
+    weights = sum(torch.Size(experts.held(b)[0]).numel() for b in experts.held_weights())
     assert 8 * experts.held_bytes() / weights == mxfp4.BITS_PER_WEIGHT
     model.float()  # a dtype change leaves the bytes alone
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and experts.gate_up_proj_bias.dtype == torch.float32

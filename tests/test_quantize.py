@@ -113,3 +113,26 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"experts.0.down_proj.weight: weight input width 24 is invalid for MXFP4"):
         quantize_checkpoint(tmp_path / "hf", tmp_path / "m", "experts=mxfp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "q", "taken"]
+
+
+def test_loading_a_quantized_checkpoint_costs_its_own_size(tmp_path):
+    """Peak resident memory while loading grows by the quantized bytes, not by a float copy (within 1.15x)."""
+    import subprocess
+
+    hf_tiny_model(
+        "mixtral", tmp_path / "hf", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, vocab_size=1024
+    )
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", "experts=q4,rest=q8")
+    size = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    code = (  # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current resident size
+        "import re, torch, moekit\n"
+        "kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+        "moekit.from_pretrained(" + repr(str(tmp_path / "hf")) + ")  # imports and first-use costs paid\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kb('VmRSS')\n"
+        f"model = moekit.from_pretrained({str(tmp_path / 'q')!r})\n"
+        "print(kb('VmHWM') - before)\n"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert size > 50e6
+    assert grown < 1.15 * size, (grown, size)

@@ -31,7 +31,7 @@ def quantized_activation(x_RI: torch.Tensor) -> torch.Tensor:
 
 def _code(module: QuantizedModule, base: str) -> int | None:
     fmt = module.fmt
-    shape, pieces = module._held[base]
+    shape, pieces = module.held(base)
     if isinstance(fmt, Fp8Blocks):  # fp32 activations: any width
         return _FP8 if fmt.scale_dtype == torch.float32 else None
     if shape[-1] % GROUP:
@@ -58,7 +58,7 @@ def quant_weights(module: QuantizedModule, base: str):
     if kernel is None or not all(p.is_cpu for p in module.parts(base).values()):
         return None
     parts = module.parts(base)
-    (shape, pieces), fmt = module._held[base], module.fmt
+    (shape, pieces), fmt = module.held(base), module.fmt
     block, zero_points = (1, 1), None
     if code == _FP8:
         codes, scales, block = parts[""].view(torch.uint8), parts["_scale_inv"], fmt.block

@@ -27,6 +27,10 @@ class QuantizedModule(nn.Module):
     def held_weights(self) -> list[str]:
         return list(self._held)
 
+    def held(self, base: str) -> tuple[tuple[int, ...], int]:
+        """(shape, pieces) of weight `base`."""
+        return self._held[base]
+
     def piece_shape(self, base: str, piece: bool = False) -> tuple[int, ...]:
         """The shape of weight `base`; piece: of one expert's piece of it (gate or up alone where two pieces)."""
         shape, pieces = self._held[base]
