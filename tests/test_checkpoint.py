@@ -9,7 +9,6 @@ layers and yarn, Llama 4's chunked attention, NoPE layers, temperature tuning, L
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from moekit.checkpoint.files import SafetensorsFile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import FAMILIES, SHARDED, hf_tiny_model  # noqa: E402
+from peak_memory import loading_growth  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,15 +90,7 @@ def test_loading_costs_the_model_size_once(tmp_path):
     directory = tmp_path / "big"
     hf_tiny_model("mixtral", directory, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=1024)
     size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-    code = (  # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current resident size
-        "import re, torch, moekit\n"
-        "kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = kb('VmRSS')\n"
-        f"model = moekit.from_pretrained({str(directory)!r})\n"
-        "print(kb('VmHWM') - before)\n"
-    )
-    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    grown = loading_growth(directory)
     assert size > 50e6
     assert grown < 1.2 * size, (grown, size)
 

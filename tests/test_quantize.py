@@ -18,6 +18,7 @@ from moekit.quant.quantize import parse_weights, quantize_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import hf_tiny_model  # noqa: E402
+from peak_memory import loading_growth  # noqa: E402
 from test_quant_load import _read  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -117,22 +118,11 @@ def test_refusals_leave_nothing_behind(tmp_path, capsys):
 
 def test_loading_a_quantized_checkpoint_costs_its_own_size(tmp_path):
     """Peak resident memory while loading grows by the quantized bytes, not by a float copy (within 1.15x)."""
-    import subprocess
-
     hf_tiny_model(
         "mixtral", tmp_path / "hf", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, vocab_size=1024
     )
     quantize_checkpoint(tmp_path / "hf", tmp_path / "q", "experts=q4,rest=q8")
     size = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
-    code = (  # Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current resident size
-        "import re, torch, moekit\n"
-        "kb = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
-        "moekit.from_pretrained(" + repr(str(tmp_path / "hf")) + ")  # imports and first-use costs paid\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = kb('VmRSS')\n"
-        f"model = moekit.from_pretrained({str(tmp_path / 'q')!r})\n"
-        "print(kb('VmHWM') - before)\n"
-    )
-    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    grown = loading_growth(tmp_path / "q", warm=tmp_path / "hf")
     assert size > 50e6
     assert grown < 1.15 * size, (grown, size)
