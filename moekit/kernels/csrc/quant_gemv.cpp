@@ -19,13 +19,13 @@ enum Format : int64_t { kInt8 = 0, kInt4 = 1, kMxfp4 = 2, kFp8 = 3 };
 // scale d and the sum of its q.
 struct QuantRow {
   std::vector<int8_t> q, q_nib;
-  std::vector<float> d;
+  std::vector<float> d, sum_f;  // sum_f: the sums as floats (exact: at most 32 x 127)
   std::vector<int32_t> sum;
 };
 
 void quantize_row(const float* x, int64_t n, QuantRow& r) {
   const int64_t groups = n / kGroup;
-  r.q.resize(n), r.q_nib.resize(n), r.d.resize(groups), r.sum.resize(groups);
+  r.q.resize(n), r.q_nib.resize(n), r.d.resize(groups), r.sum.resize(groups), r.sum_f.resize(groups);
   for (int64_t g = 0; g < groups; ++g) {
     const float* xg = x + g * kGroup;
     float amax = 0.f;
@@ -38,7 +38,7 @@ void quantize_row(const float* x, int64_t n, QuantRow& r) {
       r.q_nib[g * kGroup + i / 2 + (i % 2) * 16] = q;
       sum += q;
     }
-    r.d[g] = d, r.sum[g] = sum;
+    r.d[g] = d, r.sum[g] = sum, r.sum_f[g] = static_cast<float>(sum);
   }
 }
 
@@ -58,6 +58,7 @@ struct Ue8m0Half {
 };
 const Ue8m0Half kUe8m0;
 constexpr int8_t kE2m1Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+constexpr uint8_t kE2m1Plus12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 // The integer dot products of one group's 32 weight codes with its quantized activations (codes in the format's
 // own terms: int8 values, int4 codes 0..15 before their offset, MXFP4 doubled E2M1 values): 8 partial sums (AVX2)
@@ -78,10 +79,9 @@ inline __m256i group_dot(const uint8_t* w, const int8_t* q, const int8_t* q_nib)
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_nib));
     if constexpr (FMT == kInt4) {
       prod = _mm256_maddubs_epi16(codes, x);
-    } else {
-      const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2m1Doubled)));
-      const __m256i v = _mm256_shuffle_epi8(lut, codes);
-      prod = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v));
+    } else {  // the doubled E2M1 values + 12, unsigned: the 12 comes off through the activation sums
+      const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2m1Plus12)));
+      prod = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut, codes), x);
     }
   }
   return _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
@@ -151,15 +151,19 @@ float row_product(const QuantMatrix& m, int64_t o, int64_t groups, const QuantRo
   __m256 corr = _mm256_setzero_ps();
   for (; g + 8 <= groups; g += 8) {  // eight groups' scales at once, each broadcast from its lane
     __m256 scale;
-    if constexpr (FMT == kMxfp4) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_bytes + g));
-      scale = _mm256_i32gather_ps(kUe8m0.v, _mm256_cvtepu8_epi32(bytes), 4);
+    if constexpr (FMT == kMxfp4) {  // 2^(s - 128) built from its bits (s = 0: the subnormal 2^-128)
+      const __m256i s32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_bytes + g)));
+      const __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(s32, _mm256_set1_epi32(1)), 23);
+      const __m256i zero = _mm256_cmpeq_epi32(s32, _mm256_setzero_si256());
+      scale = _mm256_castsi256_ps(_mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00200000), zero));
     } else {
       const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scale_bytes + 2 * g));
       scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
     }
     const __m256 sd = _mm256_mul_ps(scale, _mm256_loadu_ps(x.d.data() + g));
-    if (offsets) {
+    if ((FMT == kInt4 || FMT == kMxfp4) && !m.zero_points) {  // a constant offset: times the sums, per row
+      corr = _mm256_fmadd_ps(sd, _mm256_loadu_ps(x.sum_f.data() + g), corr);
+    } else if (offsets) {
       alignas(32) float off_sum[8];
       for (int j = 0; j < 8; ++j) off_sum[j] = static_cast<float>(code_offset<FMT>(m, o, g + j, groups) * x.sum[g + j]);
       corr = _mm256_fmadd_ps(sd, _mm256_load_ps(off_sum), corr);
@@ -172,7 +176,7 @@ float row_product(const QuantMatrix& m, int64_t o, int64_t groups, const QuantRo
     }
   }
   float total = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-  correction = hsum(corr);
+  correction = hsum(corr) * (FMT == kMxfp4 ? 12.f : FMT == kInt4 && !m.zero_points ? 8.f : 1.f);
 #else
   float total = 0.f;
 #endif
