@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -54,10 +55,14 @@ class Scheme:
     def markers(self) -> set[str]:
         return {fmt.marker for fmt, _ in self.groups}
 
+    @cached_property
+    def part_suffixes(self) -> tuple[str, ...]:
+        """The suffixes of the parts beside the weights: scales, zero points, shapes."""
+        return tuple({s for fmt, _ in self.groups for s in (*fmt.parts((256, 256)), *fmt.derived((256, 256))) if s})
+
     def is_part(self, name: str) -> bool:
         """Whether a checkpoint tensor is a quantized weight's scale, zero point or shape (not a float tensor)."""
-        suffixes = {s for fmt, _ in self.groups for s in (*fmt.parts((256, 256)), *fmt.derived((256, 256))) if s}
-        return name.endswith(tuple(suffixes))
+        return name.endswith(self.part_suffixes)
 
 
 def scheme_of(hf: dict, shards: Shards | None = None) -> Scheme | None:

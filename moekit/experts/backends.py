@@ -162,8 +162,7 @@ class GroupedBackend(ExpertsBackend):
 
     def forward(self, x_SD, counts, experts):
         if isinstance(experts, QuantizedExperts):
-            if experts.int8_activations:
-                _say_once(experts)
+            _say_once(experts)
             return BACKENDS["loop"].forward(x_SD, counts, experts)
         layout = experts.layout
         if layout.bias:
@@ -190,8 +189,7 @@ def _products(experts, ids_K: torch.Tensor) -> Callable[[str, torch.Tensor], tor
         y_KO = quant_gemv(experts, base, ids_K, x_KI)
         if y_KO is not None:
             return y_KO
-        if experts.int8_activations:
-            _say_once(experts)
+        _say_once(experts)
         return torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
 
     return product
@@ -201,8 +199,9 @@ _SAID: set[str] = set()
 
 
 def _say_once(experts: QuantizedExperts) -> None:
-    """Where no kernel reads these bytes, say so once: the experts a call uses are dequantized for it."""
-    if experts.fmt.name not in _SAID:
+    """Where no kernel reads these bytes, say so once: the experts a call uses are dequantized for it (not when the
+    user asked for exact products: set_int8_activations(model, False))."""
+    if experts.int8_activations and experts.fmt.name not in _SAID:
         _SAID.add(experts.fmt.name)
         warnings.warn(
             f"moekit: no kernel reads {experts.fmt.name} experts of this shape on this path; each call "

@@ -52,12 +52,20 @@ def covers(module: QuantizedModule, base: str) -> bool:
 
 def quant_weights(module: QuantizedModule, base: str):
     """The kernel's QuantWeights of weight `base` of module (a linear layer's as a stack of one), or None where the
-    kernel does not take it (format, shape, no kernel here)."""
+    kernel does not take it (format, shape, no kernel here); built once per module and weight (it views the
+    buffers, so in-place changes show; moving the module clears it)."""
+    cache = module.kernel_cache()
+    if base not in cache:
+        cache[base] = _build_weights(module, base)
+    return cache[base]
+
+
+def _build_weights(module: QuantizedModule, base: str):
     code = _code(module, base)
     kernel = kernel_taking() if code is not None else None
-    if kernel is None or not all(p.is_cpu for p in module.parts(base).values()):
-        return None
     parts = module.parts(base)
+    if kernel is None or not all(p.is_cpu for p in parts.values()):
+        return None
     (shape, pieces), fmt = module.held(base), module.fmt
     block, zero_points = (1, 1), None
     if code == _FP8:

@@ -61,10 +61,19 @@ class QuantizedModule(nn.Module):
         for base in self._held:
             self.fmt.check(self.parts(base), name_of(base))
 
+    def kernel_cache(self) -> dict:
+        """A per-module cache for what kernels build from the parts (moekit.kernels.quantized); cleared when the
+        buffers move, never copied with the module."""
+        cache = self.__dict__.get("_kernel_cache")
+        if cache is None:
+            cache = self.__dict__["_kernel_cache"] = _KernelCache()
+        return cache
+
     def held_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel_cache", None)  # built on the old buffers
         parts = {n: b for n, b in self._buffers.items() if b is not None}
         out = super()._apply(fn, recurse)
         for n, before in parts.items():
@@ -72,6 +81,16 @@ class QuantizedModule(nn.Module):
             if after.dtype != before.dtype:  # a dtype change: the bytes keep theirs (only a device move applies)
                 self._buffers[n] = before.to(after.device)
         return out
+
+
+class _KernelCache(dict):
+    """Holds kernel objects (not copyable): a copy of the module starts with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _KernelCache()
+
+    def __reduce__(self):
+        return (_KernelCache, ())
 
 
 def set_int8_activations(model: nn.Module, enabled: bool) -> None:
