@@ -81,3 +81,25 @@ class TensorNames:
 
 
 SHARED_EXPERT = (".mlp.shared_expert.", ".mlp.shared_experts.")  # transformers' one shared expert, moekit's block
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """What llama.cpp's architecture `name` computes, where it is fixed rather than read from the file (moekit
+    export-gguf refuses a model that differs). renormalised: top-k weights renormalised (None: the file says);
+    shared: shared experts required (gated by a sigmoid unless mla); qk_norm: moekit's qk_norm kind it applies;
+    qkv_bias: q/k/v biases allowed; head_required: an output tensor even when the head is tied; full_kv_heads: no
+    grouped-query attention; rope_pairs: rotates adjacent pairs (q/k rows permuted from rotate-half); mla: DeepSeek's
+    MLA with leading dense layers and routing metadata; oai: GPT-OSS's clamped SwiGLU experts with biases, sinks and
+    sliding-window even layers."""
+
+    name: str
+    renormalised: bool | None = None
+    shared: bool = False
+    qk_norm: str = "none"
+    qkv_bias: bool = False
+    head_required: bool = False
+    full_kv_heads: bool = False
+    rope_pairs: bool = False
+    mla: bool = False
+    oai: bool = False

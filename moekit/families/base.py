@@ -5,7 +5,7 @@ an ExpertLayout, attention variants), never a copy of a modeling file."""
 
 from __future__ import annotations
 
-from moekit.checkpoint.names import TensorNames
+from moekit.checkpoint.names import GgufArch, TensorNames
 from moekit.config.attention import AttentionConfig, RopeScaling
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
@@ -71,6 +71,7 @@ class Family:
     aliases: tuple[str, ...] = ()  # other model_type values read as this family (Llama 4's wrapper: llama4)
     architecture: str | None = None  # transformers' class named in a written config.json
     write_rank: int | None = None  # order in which saving tries the writing families (lowest first); None: never
+    gguf_arch: GgufArch | None = None  # what llama.cpp's architecture for it computes (export-gguf); None: none
     names: TensorNames = TensorNames()
     # The fused steps (FUSED_STEPS) that cover this family's MoE layers, with the particulars its tests switch on
     # (tests/hf_tiny.py); tests check it against what moekit.infer.fast installs.

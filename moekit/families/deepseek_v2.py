@@ -3,6 +3,7 @@ best expert of each group), scaled by routed_scaling_factor, shared experts, the
 
 from __future__ import annotations
 
+from moekit.checkpoint.names import GgufArch
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
@@ -12,6 +13,7 @@ from moekit.routing.spec import RoutingSpec
 
 class DeepseekV2(Family):
     model_type = "deepseek_v2"
+    gguf_arch = GgufArch("deepseek2", shared=True, qkv_bias=True, mla=True)
     architecture = "DeepseekV2ForCausalLM"
     write_rank = 1
     mla = True

@@ -4,12 +4,14 @@ renormalised and scaled; multi-token-prediction layers after the main ones."""
 
 from __future__ import annotations
 
+from moekit.checkpoint.names import GgufArch
 from moekit.config.model import ModelConfig
 from moekit.families.deepseek_v2 import DeepseekV2
 
 
 class DeepseekV3(DeepseekV2):
     model_type = "deepseek_v3"
+    gguf_arch = GgufArch("deepseek2", shared=True, qkv_bias=True, mla=True)
     architecture = "DeepseekV3ForCausalLM"
     write_rank = 0
     v3_routing = True

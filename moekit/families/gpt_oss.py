@@ -4,7 +4,7 @@ sliding-window and full layers."""
 
 from __future__ import annotations
 
-from moekit.checkpoint.names import STACKED, TensorNames
+from moekit.checkpoint.names import STACKED, GgufArch, TensorNames
 from moekit.config.attention import AttentionConfig
 from moekit.config.moe import MoEConfig
 from moekit.experts.layout import ExpertLayout
@@ -14,6 +14,7 @@ from moekit.routing.spec import RoutingSpec
 
 class GptOss(Family):
     model_type = "gpt_oss"
+    gguf_arch = GgufArch("gpt-oss", qkv_bias=True, head_required=True, oai=True)
     names = TensorNames(renames=(), experts=STACKED)  # already mlp.router.*
 
     def moe(self, c):

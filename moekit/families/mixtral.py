@@ -3,7 +3,7 @@ per-expert w1/w3/w2 tensors under block_sparse_moe."""
 
 from __future__ import annotations
 
-from moekit.checkpoint.names import ExpertKeys, TensorNames
+from moekit.checkpoint.names import ExpertKeys, GgufArch, TensorNames
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
@@ -15,6 +15,7 @@ W123 = ExpertKeys(per_expert=True, container="block_sparse_moe", gate="w1", up="
 
 class Mixtral(Family):
     model_type = "mixtral"
+    gguf_arch = GgufArch("llama", renormalised=True, rope_pairs=True)
     architecture = "MixtralForCausalLM"
     write_rank = 5
     names = TensorNames(experts=W123)

@@ -3,6 +3,7 @@ projection, clip_qkv."""
 
 from __future__ import annotations
 
+from moekit.checkpoint.names import GgufArch
 from moekit.config.attention import AttentionConfig
 from moekit.config.moe import MoEConfig
 from moekit.families.base import Family, aux_loss_coef, experts_top_k, need
@@ -11,6 +12,7 @@ from moekit.routing.spec import RoutingSpec
 
 class Olmoe(Family):
     model_type = "olmoe"
+    gguf_arch = GgufArch("olmoe", renormalised=False, qk_norm="full", head_required=True, full_kv_heads=True)
 
     def moe(self, c):
         spec = RoutingSpec(

@@ -3,7 +3,7 @@ sigmoid gate, qkv biases, MoE layers every decoder_sparse_step except mlp_only_l
 
 from __future__ import annotations
 
-from moekit.checkpoint.names import ROUTER, SHARED_EXPERT, TensorNames
+from moekit.checkpoint.names import ROUTER, SHARED_EXPERT, GgufArch, TensorNames
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig, place_moe_layers
 from moekit.config.moe import MoEConfig
@@ -13,6 +13,7 @@ from moekit.routing.spec import RoutingSpec
 
 class Qwen2Moe(Family):
     model_type = "qwen2_moe"
+    gguf_arch = GgufArch("qwen2moe", renormalised=False, shared=True, qkv_bias=True, head_required=True)
     architecture = "Qwen2MoeForCausalLM"
     write_rank = 4
     names = TensorNames(renames=(*ROUTER, SHARED_EXPERT))

@@ -3,12 +3,13 @@ attention_bias."""
 
 from __future__ import annotations
 
-from moekit.checkpoint.names import TensorNames
+from moekit.checkpoint.names import GgufArch, TensorNames
 from moekit.families.qwen2_moe import Qwen2Moe
 
 
 class Qwen3Moe(Qwen2Moe):
     model_type = "qwen3_moe"
+    gguf_arch = GgufArch("qwen3moe", renormalised=True, qk_norm="head")
     architecture = "Qwen3MoeForCausalLM"
     write_rank = 3
     names = TensorNames()
