@@ -150,3 +150,29 @@ def test_fused_decode_step_takes_quantized_experts(tmp_path, weights):
         model.drop_fused()
         eager = _decode_logits(model, ids, 4)  # the modules, the same kernels for the experts
     assert _rel(fused, eager) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "family, weights",
+    [("qwen3_moe", "experts=q4,rest=q8"), ("qwen2_moe", "rest=q8"), ("qwen2_moe", "experts=q8,rest=q4")],
+)
+def test_fused_chain_takes_quantized_attention_shared_and_head(tmp_path, family, weights):
+    """Attention projections, shared experts and the head held quantized stay inside the fused chain, which equals
+    the modules reading the same bytes."""
+    from hf_tiny import hf_tiny_model
+
+    from moekit.quant.quantize import quantize_checkpoint
+
+    extra = {"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}
+    hf_tiny_model(family, tmp_path / "hf", hidden_size=64, moe_intermediate_size=32, intermediate_size=64, **extra)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", weights)
+    model = moekit.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.layers[0].self_attn.q_proj, QuantizedLinear)
+    report = prepare_inference(model)
+    assert report["chain"] and report["attention"] == list(range(len(model.layers))) and report["moe"] == []
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fused = _decode_logits(model, ids, 4)
+        model.drop_fused()
+        eager = _decode_logits(model, ids, 4)
+    assert _rel(fused, eager) < 1e-5

@@ -100,6 +100,23 @@ def _or_none(tensor: torch.Tensor | None) -> torch.Tensor:
     return _NONE if tensor is None else tensor
 
 
+def _linear_parts(linear: nn.Module | None) -> tuple[torch.Tensor, object] | None:
+    """(fp32 weight, None) of a float linear layer, (_NONE, its QuantWeights) of a quantized one the kernels read,
+    None where they read neither (another format or shape, int8 activations switched off); (_NONE, None) for none."""
+    if linear is None:
+        return _NONE, None
+    if not is_quantized(linear):
+        return linear.weight, None
+    if not (linear.int8_activations and covers(linear, "weight")):
+        return None
+    q = quant_weights(linear, "weight")
+    return (_NONE, q) if q is not None else None
+
+
+def _linears_covered(*linears: nn.Module | None) -> bool:
+    return all(_linear_parts(lin) is not None for lin in linears)
+
+
 class _AttentionStep(_Installed):
     """x + attn(norm(x)) for one token (x [1, 1, D]) with a cache, or None where this step does not apply."""
 
@@ -212,7 +229,7 @@ def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
     return (
         isinstance(attn, Attention)
         and isinstance(norm, RMSNorm)
-        and not is_quantized(attn)
+        and _linears_covered(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         and attn.qk_norm in ("none", "head", "full")
         and attn.temperature is None
         and not (attn.use_rope and attn.interleave)
@@ -225,8 +242,8 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
     if not _attention_covered(norm, attn):
         return None
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    weights = [lin.weight for lin in linears]
-    kernel = _kernel(*weights, norm.weight)
+    weights, quant = zip(*(_linear_parts(lin) for lin in linears), strict=True)
+    kernel = _kernel(*(w for w in weights if w.numel()), norm.weight)
     if kernel is None:
         return None
     biases = [_or_none(lin.bias) for lin in linears]
@@ -246,6 +263,8 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
         sinks=_or_none(attn.sinks),
         o_weight=weights[3],
         o_bias=biases[3],
+        qkv_quant=list(quant[:3]),
+        o_quant=quant[3],
     )
     return _AttentionStep(attn, step)
 
@@ -255,12 +274,13 @@ def _block_covered(block: MoEBlock) -> bool:
     selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
     spec = block.router.spec
     experts = block.experts
-    quantized = isinstance(experts, QuantizedExperts)  # routed experts the kernels read, nothing else quantized
+    quantized = isinstance(experts, QuantizedExperts)  # routed experts the kernels read
     if quantized and not all(covers(experts, b) and experts.int8_activations for b in ("gate_up_proj", "down_proj")):
         return False
+    shared = block.shared_experts
     return (
         type(block.router) is TokenChoiceRouter
-        and not (block.shared_experts is not None and is_quantized(block.shared_experts))
+        and (shared is None or _linears_covered(shared.gate_proj, shared.up_proj, shared.down_proj))
         and spec.score_func in ("softmax", "sigmoid")
         and spec.n_group == 1
         and spec.normalize_p == 1.0
@@ -275,7 +295,7 @@ def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
     if not isinstance(norm, RMSNorm):
         return None
     if isinstance(ffn, FeedForward):
-        if is_quantized(ffn):
+        if not _linears_covered(ffn.gate_proj, ffn.up_proj, ffn.down_proj):
             return None
         step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
     else:
@@ -286,7 +306,8 @@ def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
 def block_step(block: MoEBlock) -> _BlockStep | None:
     """The fused step of an MoE block alone (no norm or residual) over any batch of tokens, or None where it does
     not cover the block (quantized experts: decode only)."""
-    if not _block_covered(block) or isinstance(block.experts, QuantizedExperts):
+    shared = block.shared_experts
+    if not _block_covered(block) or is_quantized(block.experts) or (shared is not None and is_quantized(shared)):
         return None
     step = _ffn_decode(None, block, block.shared_experts, block.shared_expert_gate)
     return _BlockStep(block, step) if step is not None else None
@@ -294,12 +315,16 @@ def block_step(block: MoEBlock) -> _BlockStep | None:
 
 def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward | None, dense_gate: nn.Linear | None):
     layout = (block.experts if block is not None else dense).layout
+    parts = [
+        _linear_parts(getattr(dense, n) if dense is not None else None) for n in ("gate_proj", "up_proj", "down_proj")
+    ]
     shared = {
-        "shared_gate_weight": _or_none(dense.gate_proj.weight if dense is not None and dense.gate_proj else None),
-        "shared_up_weight": dense.up_proj.weight if dense is not None else _NONE,
-        "shared_down_weight": dense.down_proj.weight if dense is not None else _NONE,
+        "shared_gate_weight": parts[0][0],
+        "shared_up_weight": parts[1][0],
+        "shared_down_weight": parts[2][0],
         "shared_sigmoid_weight": _or_none(dense_gate.weight if dense_gate is not None else None),
     }
+    shared_quant = [q for _, q in parts]
     routing: dict = {
         "router_weight": _NONE,
         "router_bias": _NONE,
@@ -360,6 +385,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         swiglu_limit=layout.swiglu_limit,
         **shared,
         **quant,
+        shared_quant=shared_quant,
     )
 
 
@@ -368,10 +394,12 @@ def _chain(model: nn.Module, steps: list[tuple[_AttentionStep | None, _FfnStep |
     not covered."""
     if any(a is None or f is None for a, f in steps):
         return None
-    if not isinstance(model.norm, RMSNorm) or is_quantized(model.lm_head):
-        return None
     head, embed = model.lm_head, model.embed_tokens.weight
-    kernel = _kernel(embed, model.norm.weight, head.weight, model.rotary.inv_freq)
+    head_parts = _linear_parts(head)
+    if not isinstance(model.norm, RMSNorm) or head_parts is None:
+        return None
+    head_weight, head_quant = head_parts
+    kernel = _kernel(*(t for t in (embed, model.norm.weight, head_weight, model.rotary.inv_freq) if t.numel()))
     if kernel is None:
         return None
     return kernel.DecodeChain(
@@ -381,6 +409,7 @@ def _chain(model: nn.Module, steps: list[tuple[_AttentionStep | None, _FfnStep |
         rope_layers=[layer.self_attn.use_rope for layer in model.layers],
         norm_weight=model.norm.weight,
         norm_eps=model.norm.eps,
-        head_weight=head.weight,
+        head_weight=head_weight,
         head_bias=_or_none(head.bias),
+        head_quant=head_quant,
     )

@@ -4,6 +4,8 @@
 
 #include "decode.h"
 
+using QuantList = std::vector<std::shared_ptr<QuantWeights>>;  // per projection: quantized or None
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_gemm", &segment_gemm);
   m.def("segment_gemm_input_major", &segment_gemm_input_major);
@@ -26,17 +28,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_row_limits", &set_row_limits);
   py::class_<AttentionDecode, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
       .def(py::init<at::Tensor, double, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, at::Tensor,
-                    at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor>(),
+                    at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor, QuantList,
+                    std::shared_ptr<QuantWeights>>(),
            py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("qkv_weights"), py::arg("qkv_biases"),
            py::arg("head_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("full_qk_norm"),
            py::arg("qk_norm_eps"), py::arg("clip_qkv"), py::arg("window"), py::arg("scale"), py::arg("sinks"),
-           py::arg("o_weight"), py::arg("o_bias"))
+           py::arg("o_weight"), py::arg("o_bias"), py::arg("qkv_quant") = QuantList{}, py::arg("o_quant") = py::none())
       .def("__call__", &AttentionDecode::forward);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::shared_ptr<QuantWeights>,
-                    std::shared_ptr<QuantWeights>>(),
+                    std::shared_ptr<QuantWeights>, QuantList>(),
            py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("residual"), py::arg("router_weight"),
            py::arg("router_bias"), py::arg("selection_bias"), py::arg("sigmoid_scores"), py::arg("softmax_after_topk"),
            py::arg("top_k"), py::arg("normalize"), py::arg("normalize_eps"), py::arg("scaling_factor"),
@@ -44,13 +47,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("down_bias"), py::arg("transposed"), py::arg("gated"), py::arg("interleaved"), py::arg("activation"),
            py::arg("swiglu_alpha"), py::arg("swiglu_limit"), py::arg("shared_gate_weight"), py::arg("shared_up_weight"),
            py::arg("shared_down_weight"), py::arg("shared_sigmoid_weight"), py::arg("gate_up_quant") = py::none(),
-           py::arg("down_quant") = py::none())
+           py::arg("down_quant") = py::none(), py::arg("shared_quant") = QuantList{})
       .def("__call__", &FfnDecode::forward)
       .def("tokens", &FfnDecode::forward_tokens);
   py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
       .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
-                    std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor>(),
+                    std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor, std::shared_ptr<QuantWeights>>(),
            py::kw_only(), py::arg("embed_weight"), py::arg("attention"), py::arg("ffn"), py::arg("rope_layers"),
-           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"))
+           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"),
+           py::arg("head_quant") = py::none())
       .def("step", &DecodeChain::step);
 }

@@ -14,7 +14,8 @@ class AttentionDecode {
  public:
   AttentionDecode(at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w, std::vector<at::Tensor> qkv_b,
                   int64_t head_dim, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm, double qk_eps, double clip,
-                  int64_t window, double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b);
+                  int64_t window, double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b,
+                  std::vector<std::shared_ptr<QuantWeights>> qkv_quant, std::shared_ptr<QuantWeights> o_quant);
   // x [D]; cos, sin [r <= head_dim] or empty; caches [Hkv, capacity, hd] (a leading batch axis of 1 allowed), the
   // new key and value going to index pos. Returns x + attention [D].
   at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
@@ -30,6 +31,8 @@ class AttentionDecode {
  private:
   at::Tensor norm_w_, q_norm_w_, k_norm_w_, sinks_, o_w_, o_b_;
   std::vector<at::Tensor> qkv_w_, qkv_b_;
+  std::vector<std::shared_ptr<QuantWeights>> qkv_q_;  // per projection: quantized (its weight empty) or null
+  std::shared_ptr<QuantWeights> o_q_;
   float eps_, qk_eps_, clip_, scale_;
   bool full_qk_norm_;
   int64_t window_, rows_[3];
@@ -46,7 +49,7 @@ class FfnDecode {
             at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha,
             double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
             at::Tensor shared_sigmoid_w, std::shared_ptr<QuantWeights> up_quant,
-            std::shared_ptr<QuantWeights> down_quant);
+            std::shared_ptr<QuantWeights> down_quant, std::vector<std::shared_ptr<QuantWeights>> shared_quant);
   // x [D] -> (x + ffn [D] (or ffn alone), the chosen experts [k] in selection order, tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
   // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
@@ -64,6 +67,7 @@ class FfnDecode {
   at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;
   at::Tensor shared_gate_w_, shared_up_w_, shared_down_w_, shared_sigmoid_w_;
   std::shared_ptr<QuantWeights> up_q_, down_q_;  // quantized routed experts (then up_w_ and down_w_ are empty)
+  std::vector<std::shared_ptr<QuantWeights>> shared_q_;  // the shared / dense gate, up, down: quantized or null
   float eps_, normalize_eps_, scaling_, alpha_, limit_;
   bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_;
   int64_t activation_, x_rows_, f_, fs_;
@@ -77,7 +81,7 @@ class DecodeChain {
  public:
   DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
               std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers, at::Tensor norm_w,
-              double eps, at::Tensor head_w, at::Tensor head_b);
+              double eps, at::Tensor head_w, at::Tensor head_b, std::shared_ptr<QuantWeights> head_quant);
   // token [1, 1] int64 at position pos; rotary angles pos * inv_freq (cos, sin times rope_factor; inv_freq of
   // rope_dim / 2); the caches of every layer. Returns the logits [1, 1, V].
   at::Tensor step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
@@ -85,6 +89,8 @@ class DecodeChain {
 
  private:
   at::Tensor embed_w_, norm_w_, head_w_, head_b_;
+  std::shared_ptr<QuantWeights> head_q_;  // quantized head (then head_w_ is empty)
+  int64_t head_rows_;
   std::vector<std::shared_ptr<AttentionDecode>> attention_;
   std::vector<std::shared_ptr<FfnDecode>> ffn_;
   std::vector<bool> rope_layers_;

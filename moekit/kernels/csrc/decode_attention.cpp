@@ -44,27 +44,41 @@ static void check_optional(const at::Tensor& t, int64_t numel, const char* what)
 AttentionDecode::AttentionDecode(at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w,
                                  std::vector<at::Tensor> qkv_b, int64_t head_dim, at::Tensor q_norm_w,
                                  at::Tensor k_norm_w, bool full_qk_norm, double qk_eps, double clip, int64_t window,
-                                 double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b)
+                                 double scale, at::Tensor sinks, at::Tensor o_w, at::Tensor o_b,
+                                 std::vector<std::shared_ptr<QuantWeights>> qkv_quant,
+                                 std::shared_ptr<QuantWeights> o_quant)
     : head_dim(head_dim), norm_w_(norm_w), q_norm_w_(q_norm_w), k_norm_w_(k_norm_w), sinks_(sinks), o_w_(o_w),
-      o_b_(o_b), qkv_w_(qkv_w), qkv_b_(qkv_b), eps_(static_cast<float>(eps)), qk_eps_(static_cast<float>(qk_eps)),
+      o_b_(o_b), qkv_w_(qkv_w), qkv_b_(qkv_b), qkv_q_(qkv_quant), o_q_(o_quant), eps_(static_cast<float>(eps)), qk_eps_(static_cast<float>(qk_eps)),
       clip_(static_cast<float>(clip)), scale_(static_cast<float>(scale)), full_qk_norm_(full_qk_norm),
       window_(window) {
-  check_fp32(norm_w, "norm weight"), check_fp32(o_w, "o_proj weight");
+  check_fp32(norm_w, "norm weight");
   TORCH_CHECK(qkv_w.size() == 3 && qkv_b.size() == 3, "attention_decode: q, k and v weights and biases");
+  if (qkv_q_.empty()) qkv_q_.resize(3);
+  TORCH_CHECK(qkv_q_.size() == 3, "attention_decode: q, k and v quantized weights (or none)");
   d = norm_w.numel();
   TORCH_CHECK(norm_w.is_contiguous(), "attention_decode: norm");
   for (int i = 0; i < 3; ++i) {
-    check_fp32(qkv_w[i], "projection weight");
-    TORCH_CHECK(qkv_w[i].is_contiguous() && qkv_w[i].dim() == 2 && qkv_w[i].size(1) == d, "attention_decode: qkv");
-    rows_[i] = qkv_w[i].size(0);
+    if (qkv_q_[i]) {
+      TORCH_CHECK(qkv_q_[i]->experts == 1 && qkv_q_[i]->cols == d, "attention_decode: quantized qkv");
+      rows_[i] = qkv_q_[i]->rows;
+    } else {
+      check_fp32(qkv_w[i], "projection weight");
+      TORCH_CHECK(qkv_w[i].is_contiguous() && qkv_w[i].dim() == 2 && qkv_w[i].size(1) == d, "attention_decode: qkv");
+      rows_[i] = qkv_w[i].size(0);
+    }
     check_optional(qkv_b[i], rows_[i], "projection bias");
   }
   TORCH_CHECK(head_dim > 0 && rows_[0] % head_dim == 0 && rows_[1] % head_dim == 0 && rows_[2] == rows_[1],
               "attention_decode: projection widths");
   heads = rows_[0] / head_dim, kv_heads = rows_[1] / head_dim;
   TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads per key-value head");
-  TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows_[0],
-              "attention_decode: o_proj");
+  if (o_q_) {
+    TORCH_CHECK(o_q_->experts == 1 && o_q_->rows == d && o_q_->cols == rows_[0], "attention_decode: quantized o_proj");
+  } else {
+    check_fp32(o_w, "o_proj weight");
+    TORCH_CHECK(o_w.is_contiguous() && o_w.dim() == 2 && o_w.size(0) == d && o_w.size(1) == rows_[0],
+                "attention_decode: o_proj");
+  }
   check_optional(o_b, d, "o_proj bias");
   check_optional(sinks, heads, "sinks");
   check_optional(q_norm_w, full_qk_norm ? rows_[0] : head_dim, "q norm weight");
@@ -104,8 +118,11 @@ void AttentionDecode::run(const float* x, float* y, const float* cos, const floa
   rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
   float* out[3] = {qkv.data(), qkv.data() + rows_[0], qkv.data() + rows_[0] + rows_[1]};
   std::vector<Task> tasks;
-  for (int i = 0; i < 3; ++i) tasks.push_back({qkv_w_[i].data_ptr<float>(), rows_[i], h.data(), 0, 1, out[i], 0});
-  run_tasks(tasks, d, threads);
+  for (int i = 0; i < 3; ++i)
+    if (!qkv_q_[i]) tasks.push_back({qkv_w_[i].data_ptr<float>(), rows_[i], h.data(), 0, 1, out[i], 0});
+  if (!tasks.empty()) run_tasks(tasks, d, threads);
+  for (int i = 0; i < 3; ++i)
+    if (qkv_q_[i]) quant_row(*qkv_q_[i], h.data(), out[i], threads);
   for (int i = 0; i < 3; ++i) {
     if (qkv_b_[i].numel() == 0) continue;
     const float* b = qkv_b_[i].data_ptr<float>();
@@ -157,7 +174,10 @@ void AttentionDecode::run(const float* x, float* y, const float* cos, const floa
 
   // output projection and residual (into a row of its own: y may be x)
   std::vector<float> projected(d);
-  run_tasks({{o_w_.data_ptr<float>(), d, attn.data(), 0, 1, projected.data(), 0}}, rows_[0], threads);
+  if (o_q_)
+    quant_row(*o_q_, attn.data(), projected.data(), threads);
+  else
+    run_tasks({{o_w_.data_ptr<float>(), d, attn.data(), 0, 1, projected.data(), 0}}, rows_[0], threads);
   const float* ob = data_or_null(o_b_);
   for (int64_t n = 0; n < d; ++n) y[n] = x[n] + (ob ? projected[n] + ob[n] : projected[n]);
 }

@@ -6,16 +6,24 @@
 
 DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
                          std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers,
-                         at::Tensor norm_w, double eps, at::Tensor head_w, at::Tensor head_b)
-    : embed_w_(embed_w), norm_w_(norm_w), head_w_(head_w), head_b_(head_b), attention_(attention), ffn_(ffn),
-      rope_layers_(rope_layers), eps_(static_cast<float>(eps)) {
-  check_fp32(embed_w, "embedding"), check_fp32(norm_w, "final norm"), check_fp32(head_w, "output head");
+                         at::Tensor norm_w, double eps, at::Tensor head_w, at::Tensor head_b,
+                         std::shared_ptr<QuantWeights> head_quant)
+    : embed_w_(embed_w), norm_w_(norm_w), head_w_(head_w), head_b_(head_b), head_q_(head_quant),
+      attention_(attention), ffn_(ffn), rope_layers_(rope_layers), eps_(static_cast<float>(eps)) {
+  check_fp32(embed_w, "embedding"), check_fp32(norm_w, "final norm");
   const int64_t d = norm_w.numel();
-  TORCH_CHECK(embed_w.dim() == 2 && embed_w.size(1) == d && embed_w.is_contiguous(), "decode_chain: embedding");
-  TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == d && head_w.is_contiguous() && norm_w.is_contiguous(),
-              "decode_chain: output head");
+  TORCH_CHECK(embed_w.dim() == 2 && embed_w.size(1) == d && embed_w.is_contiguous() && norm_w.is_contiguous(),
+              "decode_chain: embedding");
+  if (head_q_) {
+    TORCH_CHECK(head_q_->experts == 1 && head_q_->cols == d, "decode_chain: quantized output head");
+    head_rows_ = head_q_->rows;
+  } else {
+    check_fp32(head_w, "output head");
+    TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == d && head_w.is_contiguous(), "decode_chain: output head");
+    head_rows_ = head_w.size(0);
+  }
   if (head_b.numel()) check_fp32(head_b, "head bias");
-  TORCH_CHECK(head_b.numel() == 0 || (head_b.numel() == head_w.size(0) && head_b.is_contiguous()),
+  TORCH_CHECK(head_b.numel() == 0 || (head_b.numel() == head_rows_ && head_b.is_contiguous()),
               "decode_chain: head bias");
   TORCH_CHECK(attention.size() == ffn.size() && rope_layers.size() == ffn.size(), "decode_chain: layers");
   for (size_t i = 0; i < ffn.size(); ++i)
@@ -57,12 +65,15 @@ at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq,
 
   std::vector<float> h(d);
   rms_norm(x.data(), norm_w_.data_ptr<float>(), h.data(), d, eps_);
-  at::Tensor logits = at::empty({1, 1, head_w_.size(0)}, embed_w_.options());
+  at::Tensor logits = at::empty({1, 1, head_rows_}, embed_w_.options());
   float* out = logits.data_ptr<float>();
-  run_tasks({{head_w_.data_ptr<float>(), head_w_.size(0), h.data(), 0, 1, out, 0}}, d, threads);
+  if (head_q_)
+    quant_row(*head_q_, h.data(), out, threads);
+  else
+    run_tasks({{head_w_.data_ptr<float>(), head_rows_, h.data(), 0, 1, out, 0}}, d, threads);
   if (head_b_.numel()) {
     const float* b = head_b_.data_ptr<float>();
-    for (int64_t n = 0; n < head_w_.size(0); ++n) out[n] += b[n];
+    for (int64_t n = 0; n < head_rows_; ++n) out[n] += b[n];
   }
   return logits;
 }

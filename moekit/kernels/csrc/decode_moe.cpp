@@ -23,12 +23,13 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                      at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
                      bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
                      at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
-                     std::shared_ptr<QuantWeights> up_quant, std::shared_ptr<QuantWeights> down_quant)
+                     std::shared_ptr<QuantWeights> up_quant, std::shared_ptr<QuantWeights> down_quant,
+                     std::vector<std::shared_ptr<QuantWeights>> shared_quant)
     : d(norm_w.numel() ? norm_w.numel() : (router_w.numel() ? router_w.size(1) : shared_up_w.size(-1))),
       experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
       norm_w_(norm_w), router_w_(router_w), router_b_(router_b), selection_bias_(selection_bias), up_w_(up_w),
       down_w_(down_w), up_b_(up_b), down_b_(down_b), shared_gate_w_(shared_gate_w), shared_up_w_(shared_up_w),
-      shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), up_q_(up_quant), down_q_(down_quant), eps_(static_cast<float>(eps)),
+      shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), up_q_(up_quant), down_q_(down_quant), shared_q_(shared_quant), eps_(static_cast<float>(eps)),
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
       alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
       sigmoid_(sigmoid_scores), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
@@ -37,7 +38,11 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                               &shared_gate_w, &shared_up_w, &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
   TORCH_CHECK(norm_w.is_contiguous(), "moe_decode: norm");
-  TORCH_CHECK(router_w.numel() || shared_up_w.numel(), "moe_decode: neither experts nor a dense FFN");
+  if (shared_q_.empty()) shared_q_.resize(3);
+  TORCH_CHECK(shared_q_.size() == 3, "moe_decode: shared gate, up and down quantized weights (or none)");
+  const auto& [sgq, suq, sdq] = std::tie(shared_q_[0], shared_q_[1], shared_q_[2]);
+  TORCH_CHECK(router_w.numel() || shared_up_w.numel() || suq, "moe_decode: neither experts nor a dense FFN");
+  TORCH_CHECK(norm_w.numel() || router_w.numel() || !suq, "moe_decode: a quantized dense FFN needs its norm");
   x_rows_ = f_ = 0;
   TORCH_CHECK(!up_q_ == !down_q_, "moe_decode: both expert projections quantized, or neither");
   if (experts && up_q_) {  // quantized: output-major stacks [E, X, D] and [E, D, F]
@@ -60,12 +65,16 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
     TORCH_CHECK(up_b.numel() == 0 || (up_b.numel() == experts * x_rows_ && down_b.numel() == experts * d),
                 "moe_decode: expert biases");
   }
-  fs_ = shared_up_w.numel() ? shared_up_w.size(0) : 0;
-  TORCH_CHECK(!fs_ || (shared_up_w.size(1) == d && shared_down_w.size(0) == d && shared_down_w.size(1) == fs_ &&
-                       (gated ? shared_gate_w.numel() == fs_ * d : shared_gate_w.numel() == 0) &&
-                       shared_up_w.is_contiguous() && shared_down_w.is_contiguous() &&
-                       (!gated || shared_gate_w.is_contiguous()) &&
-                       (shared_sigmoid_w.numel() == 0 || shared_sigmoid_w.numel() == d)),
+  // the shared expert (or dense FFN): each of gate, up, down fp32 or quantized
+  fs_ = suq ? suq->rows : (shared_up_w.numel() ? shared_up_w.size(0) : 0);
+  if (!fs_) return;
+  const auto fits = [&](const std::shared_ptr<QuantWeights>& q, const at::Tensor& w, int64_t rows, int64_t cols) {
+    if (q) return q->experts == 1 && q->rows == rows && q->cols == cols;
+    return w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous();
+  };
+  TORCH_CHECK(fits(suq, shared_up_w, fs_, d) && fits(sdq, shared_down_w, d, fs_) &&
+                  (gated ? fits(sgq, shared_gate_w, fs_, d) : (!sgq && shared_gate_w.numel() == 0)) &&
+                  (shared_sigmoid_w.numel() == 0 || shared_sigmoid_w.numel() == d),
               "moe_decode: shared expert");
 }
 
@@ -160,12 +169,15 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   }
   float* shared_up = up.data() + k * x_rows;
   if (fs) {  // a dense FFN: [gate, up] concatenated when gated
-    if (gated_) tasks.push_back({shared_gate_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
-    tasks.push_back({shared_up_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated_ ? fs : 0), 0});
+    if (gated_ && !shared_q_[0]) tasks.push_back({shared_gate_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up, 0});
+    if (!shared_q_[1])
+      tasks.push_back({shared_up_w_.data_ptr<float>(), fs, h.data(), 0, 1, shared_up + (gated_ ? fs : 0), 0});
   }
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, d, threads);
   if (up_q_ && k) up_q_->products(id, q_in.data(), q_out.data(), k, threads);
+  if (fs && gated_ && shared_q_[0]) quant_row(*shared_q_[0], h.data(), shared_up, threads);
+  if (fs && shared_q_[1]) quant_row(*shared_q_[1], h.data(), shared_up + (gated_ ? fs : 0), threads);
   const float* ub = data_or_null(up_b_);
   for (int64_t j = 0; j < k; ++j) {
     float* hj = up.data() + j * x_rows;
@@ -192,8 +204,11 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, f, threads);
   if (down_q_ && k) down_q_->products(id, q_in.data(), q_out.data(), k, threads);
-  if (fs) run_tasks({{shared_down_w_.data_ptr<float>(), d, act_k.data() + k * f, 0, 1, down.data() + k * d, 0}}, fs,
-                    threads);
+  if (fs && shared_q_[2])
+    quant_row(*shared_q_[2], act_k.data() + k * f, down.data() + k * d, threads);
+  else if (fs)
+    run_tasks({{shared_down_w_.data_ptr<float>(), d, act_k.data() + k * f, 0, 1, down.data() + k * d, 0}}, fs,
+              threads);
   const float* db = data_or_null(down_b_);
   float shared_scale = 1.f;
   if (fs && shared_sigmoid_w_.numel())

@@ -265,6 +265,11 @@ class QuantWeights {
   int64_t block_rows_, block_cols_, pieces_;
 };
 void quant_gemv(const QuantWeights& w, at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads);
+// y[:rows] = dequantized(matrix 0 of w) @ x: a fused step's quantized linear layer.
+inline void quant_row(const QuantWeights& w, const float* x, float* y, int64_t threads) {
+  const int64_t zero = 0;
+  w.products(&zero, &x, &y, 1, threads);
+}
 void slot_sums(at::Tensor rows, at::Tensor slot_row, at::Tensor weights, at::Tensor out, int64_t k, int64_t threads);
 void row_grads(at::Tensor grad, at::Tensor token, at::Tensor rows, at::Tensor w_row, at::Tensor d_rows, at::Tensor d_w,
                int64_t threads);
