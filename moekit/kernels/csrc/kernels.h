@@ -138,6 +138,16 @@ inline void stream_rows(const Task& t, int64_t r0, int64_t r1, int64_t k_len) {
     for (int64_t j = 0; j < t.m; ++j) t.y[j * t.y_stride + n] = dot(t.w + n * k_len, t.x + j * t.x_stride, k_len);
 }
 
+// fn(o) for every row of [r0, r1), taking row s of each quarter in turn: four sequential streams, as stream_rows
+// reads fp32 rows (one row after another leaves the int4 kernel at 14 GB/s of a 32 GB/s machine).
+template <class F>
+inline void quarter_rows(int64_t r0, int64_t r1, F fn) {
+  const int64_t q = (r1 - r0) / 4;
+  for (int64_t s = 0; s < q; ++s)
+    for (int64_t j = 0; j < 4; ++j) fn(r0 + j * q + s);
+  for (int64_t o = r0 + 4 * q; o < r1; ++o) fn(o);
+}
+
 inline void run_tasks(const std::vector<Task>& tasks, int64_t k_len, int64_t threads) {
   const auto rows = [&](size_t i) { return tasks[i].rows; };
   const std::vector<int64_t> first = first_blocks(tasks.size(), rows);

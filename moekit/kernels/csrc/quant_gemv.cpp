@@ -13,6 +13,9 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 enum Format : int64_t { kInt8 = 0, kInt4 = 1, kMxfp4 = 2, kFp8 = 3 };
+// How far ahead of its reads a row product prefetches its stream: measured on a 144 MiB int4 matrix (2 threads),
+// 1 KiB 26 GB/s, 2 KiB 30, 4 KiB 23, of the machine's 33.
+constexpr int64_t kPrefetchBytes = 2048;
 
 // One input row quantized per group: q in element order, q_nib the same per group as its 16 even-indexed then its
 // 16 odd-indexed values (the order a group's nibbles unpack in: byte j holds elements 2j and 2j + 1), the group's
@@ -150,6 +153,12 @@ float row_product(const QuantMatrix& m, int64_t o, int64_t groups, const QuantRo
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   __m256 corr = _mm256_setzero_ps();
   for (; g + 8 <= groups; g += 8) {  // eight groups' scales at once, each broadcast from its lane
+    // the lines kPrefetchBytes ahead in this stream (the next rows follow this one): the streams' own prefetch
+    // leaves the quantized rows at about half the machine's read rate
+    for (int64_t line = 0; line < 8 * group_bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + g * group_bytes + line + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scale_bytes + g * (FMT == kMxfp4 ? 1 : 2) + kPrefetchBytes / 8),
+                 _MM_HINT_T0);
     __m256 scale;
     if constexpr (FMT == kMxfp4) {  // 2^(s - 128) built from its bits (s = 0: the subnormal 2^-128)
       const __m256i s32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_bytes + g)));
@@ -218,6 +227,7 @@ inline float fp8_span(const uint8_t* w, const float* x, int64_t c0, int64_t c1) 
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; c + 16 <= c1; c += 16) {
+    if (c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchBytes), _MM_HINT_T0);
     __m256 lo, hi;
     e4m3_to_float_x16(w + c, lo, hi);
     a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c), a0);
@@ -290,9 +300,10 @@ void QuantWeights::products(const int64_t* ids, const float* const* xs, float* c
                      [&](size_t r, int64_t o0, int64_t o1) {
                        const uint8_t* we = cp + ids[r] * rows * cols;
                        const float* se = sp + ids[r] * pieces_ * grid_rows * grid_cols;
-                       for (int64_t o = o0; o < o1; ++o)
+                       quarter_rows(o0, o1, [&](int64_t o) {
                          ys[r][o] = fp8_row(we, se, o, xs[r], cols, piece_rows, grid_rows, grid_cols, block_rows_,
                                             block_cols_);
+                       });
                      });
     return;
   }
@@ -323,7 +334,9 @@ void QuantWeights::products(const int64_t* ids, const float* const* xs, float* c
     for (int64_t part = 0; part < threads; ++part)
       for_each_share(first, blocks * part / threads, blocks * (part + 1) / threads, task_rows,
                      [&](size_t r, int64_t o0, int64_t o1) {
-                       for (int64_t o = o0; o < o1; ++o) ys[r][o] = row_product<F>(mats[r], o, groups, xq[row_of[r]]);
+                       quarter_rows(o0, o1, [&](int64_t o) {
+                         ys[r][o] = row_product<F>(mats[r], o, groups, xq[row_of[r]]);
+                       });
                      });
   };
   if (format == kInt8) run(std::integral_constant<int64_t, kInt8>{});
