@@ -41,6 +41,27 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _reference(q, base, ids=None):
+    """moekit.quant's torch dequantization of weight base (of experts ids): the reference for every kernel."""
+    shape, pieces = q.held(base)
+    shape = shape if ids is None else (ids.numel(), *shape[1:])
+    return q.fmt.dequantize(q.parts(base, ids), shape, pieces, name=base)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_dequantize_kernel_equals_torch_bit_for_bit(name, pieces):
+    torch.manual_seed(2)
+    q = QuantizedExperts.like(ExpertWeights(5, 96, 64, ExpertLayout()), FORMATS[name], gate_up_pieces=pieces)
+    with torch.no_grad():
+        for base in ("gate_up_proj", "down_proj"):
+            for ids in (None, torch.tensor([3]), torch.tensor([4, 0, 4])):
+                assert torch.equal(q.dequantized(base, torch.float32, ids), _reference(q, base, ids))
+        linear = QuantizedLinear.like(torch.nn.Linear(320, 37), FORMATS[name])  # odd row count
+        assert torch.equal(linear.dequantized("weight", torch.float32), _reference(linear, "weight"))
+        assert linear.kernel_cache().get("weight") is not None  # the kernel did it
+
+
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("d, f, pieces", [(288, 96, 2), (96, 40, 1), (64, 64, 2)])
 def test_expert_products_equal_the_dequantized_reference(name, d, f, pieces):
@@ -59,10 +80,10 @@ def test_expert_products_equal_the_dequantized_reference(name, d, f, pieces):
                 assert y is None and not covers(q, base)
                 continue
             rounded = x if fp8 else quantized_activation(x)
-            ref = torch.bmm(q.dequantized(base, torch.float32, ids), rounded.unsqueeze(-1))
+            ref = torch.bmm(_reference(q, base, ids), rounded.unsqueeze(-1))
             assert _rel(y, ref.squeeze(-1)) < 1e-5
             shared = quant_gemv(q, base, ids, x[:1].expand(3, -1))  # one row for all k experts
-            ref = q.dequantized(base, torch.float32, ids) @ (x[0] if fp8 else quantized_activation(x[0]))
+            ref = _reference(q, base, ids) @ (x[0] if fp8 else quantized_activation(x[0]))
             assert _rel(shared, ref) < 1e-5
 
 
@@ -74,9 +95,9 @@ def test_linear_one_row_reads_the_bytes(name):
     x = torch.randn(1, 1, 320)
     rounded = x if name.startswith("fp8") else quantized_activation(x)
     with torch.no_grad():
-        ref = torch.nn.functional.linear(rounded, q.dequantized("weight", torch.float32), q.bias)
+        ref = torch.nn.functional.linear(rounded, _reference(q, "weight"), q.bias)
         assert _rel(q(x), ref) < 1e-5
-        exact = torch.nn.functional.linear(x, q.dequantized("weight", torch.float32), q.bias)
+        exact = torch.nn.functional.linear(x, _reference(q, "weight"), q.bias)
         assert _rel(q(x), exact) < 0.02  # int8 activations: a percent at most
         set_int8_activations(q, False)
         assert torch.equal(q(x), exact)
@@ -93,12 +114,12 @@ def test_uncovered_shapes_dequantize_and_say_so_once(monkeypatch):
         for _ in range(3):
             y = backend.one_token(x, torch.tensor([1, 3]), torch.tensor([0.5, 0.5]), q, "output")
     assert len([w for w in said if "no kernel reads int4" in str(w.message)]) == 1
-    ref = sum(0.5 * (q.dequantized("down_proj", torch.float32)[e] @ _act(q, e, x)) for e in (1, 3))
+    ref = sum(0.5 * (_reference(q, "down_proj")[e] @ _act(q, e, x)) for e in (1, 3))
     assert _rel(y[0], ref[:, 0]) < 1e-5
 
 
 def _act(q, e, x):
-    h = q.dequantized("gate_up_proj", torch.float32)[e] @ x[0]
+    h = _reference(q, "gate_up_proj")[e] @ x[0]
     gate, up = h.chunk(2)
     return (torch.nn.functional.silu(gate) * up).unsqueeze(-1)
 

@@ -161,8 +161,7 @@ class GroupedBackend(ExpertsBackend):
         return weights_K1.t() @ y_KD
 
     def forward(self, x_SD, counts, experts):
-        if isinstance(experts, QuantizedExperts):
-            _say_once(experts)
+        if isinstance(experts, QuantizedExperts):  # many rows: each expert used dequantized once, fp32 products
             return BACKENDS["loop"].forward(x_SD, counts, experts)
         layout = experts.layout
         if layout.bias:

@@ -10,11 +10,15 @@ wrapper returns None and the caller dequantizes the weights it uses (backends sa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moekit.kernels.build import kernel_taking
 from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
-from moekit.quant.held import QuantizedModule
+
+if TYPE_CHECKING:  # the quantized modules dequantize through this module
+    from moekit.quant.held import QuantizedModule
 
 GROUP = 32
 _INT8, _INT4, _MXFP4, _FP8 = "int8", "int4", "mxfp4", "fp8"
@@ -105,3 +109,17 @@ def quant_gemv(
     x = x_RI.contiguous() if x_RI.stride(0) != 0 else x_RI[:1].contiguous()
     kernel_taking(x).quant_gemv(weights, ids_R.contiguous(), x, y_RO, torch.get_num_threads())
     return y_RO
+
+
+def dequantize(module: QuantizedModule, base: str, index: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The fp32 weight `base` of module (index: of those experts only) as moekit.quant computes it, bit for bit,
+    from the kernel (about 5x faster than torch's unpacking), or None where the kernel does not take it."""
+    weights = quant_weights(module, base)
+    if weights is None:
+        return None
+    shape, _ = module.held(base)
+    ids = torch.zeros(1, dtype=torch.long) if len(shape) == 2 else index
+    ids = torch.arange(shape[0]) if ids is None else ids.reshape(-1).long().contiguous()
+    out = torch.empty(ids.numel(), weights.rows, weights.cols)
+    kernel_taking().quant_dequantize(weights, ids, out, torch.get_num_threads())
+    return out[0] if len(shape) == 2 else out

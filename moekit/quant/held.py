@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.kernels.quantized import dequantize
 from moekit.quant.formats import Format, Parts
 
 
@@ -42,6 +43,9 @@ class QuantizedModule(nn.Module):
         return {s: getattr(self, base + s) if index is None else getattr(self, base + s)[index] for s in names}
 
     def dequantized(self, base: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:
+        fast = dequantize(self, base, index)
+        if fast is not None:
+            return fast.to(dtype)
         shape, pieces = self._held[base]
         if index is not None:
             shape = (index.numel(), *shape[1:])

@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_gemv", &gather_gemv);
   m.def("linear_gemv", &linear_gemv);
   m.def("quant_gemv", &quant_gemv);
+  m.def("quant_dequantize", &quant_dequantize);
   py::class_<QuantWeights, std::shared_ptr<QuantWeights>>(m, "QuantWeights")
       .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t>(), py::kw_only(),
            py::arg("format"), py::arg("codes"), py::arg("scales"), py::arg("zero_points"), py::arg("block_rows"),

@@ -267,6 +267,9 @@ class QuantWeights {
   // ys[r][:rows] = dequantized(matrix ids[r]) @ xs[r][:cols] for r < n; the integer formats round each distinct
   // input row (consecutive equal pointers count once) to int8 per group of 32.
   void products(const int64_t* ids, const float* const* xs, float* const* ys, int64_t n, int64_t threads) const;
+  // out[r] [rows, cols] = dequantized(matrix ids[r]) for r < n, exactly as moekit/quant computes it
+  // (quant_dequantize.cpp).
+  void dequantize(const int64_t* ids, int64_t n, float* out, int64_t threads) const;
 
   int64_t format, experts, rows, cols;
 
@@ -275,6 +278,7 @@ class QuantWeights {
   int64_t block_rows_, block_cols_, pieces_;
 };
 void quant_gemv(const QuantWeights& w, at::Tensor ids, at::Tensor x, at::Tensor y, int64_t threads);
+void quant_dequantize(const QuantWeights& w, at::Tensor ids, at::Tensor out, int64_t threads);
 // y[:rows] = dequantized(matrix 0 of w) @ x: a fused step's quantized linear layer.
 inline void quant_row(const QuantWeights& w, const float* x, float* y, int64_t threads) {
   const int64_t zero = 0;
