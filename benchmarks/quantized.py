@@ -12,6 +12,7 @@ and the embedding table, top-k experts per MoE layer, the KV cache) over the rea
 run. Everything is measured in interleaved rounds and the medians are reported.
 
     python benchmarks/quantized.py [--models mixtral qwen3 gpt-oss] [--rounds 3] [--json results.json] [--markdown]
+    python benchmarks/quantized.py --table benchmarks/results/quantized.json --markdown
 
 Needs llama-cpp-python (it compiles llama.cpp on install; see docs/quantization.md for a build that runs on CPUs
 whose AMX path crashes).
@@ -197,7 +198,11 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (3)")
+    parser.add_argument("--table", metavar="RESULTS", help="print the table of an earlier run's JSON and stop")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()), args.markdown)
+        return
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -215,15 +220,19 @@ def main() -> None:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    print_table(report, args.markdown)
+
+
+def print_table(report: dict, markdown: bool) -> None:
     header = (
         "| model | moekit | llama.cpp | decode tok/s moekit | llama.cpp | time / floor moekit | llama.cpp "
         "| speed-up | prefill tok/s moekit | llama.cpp | speed-up |"
     )
-    print(f"{report['date']}, {report['machine']}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(header if args.markdown else header.replace("|", " "))
-    if args.markdown:
+    print(f"{report['date']}, {report['machine']}, read bandwidth {report['read_bandwidth_gbs']:.1f} GB/s")
+    print(header if markdown else header.replace("|", " "))
+    if markdown:
         print("|---" * 11 + "|")
-    for r in results.values():
+    for r in report["models"].values():
         for row in r["rows"]:
             bw = r["bandwidth"]
             cells = [
@@ -239,8 +248,7 @@ def main() -> None:
                 f"{PREFILL / row['llama_prefill_s']:.0f}",
                 f"{row['llama_prefill_s'] / row['moekit_prefill_s']:.2f}x",
             ]
-            print(("| " + " | ".join(cells) + " |") if args.markdown else "  ".join(cells))
-
+            print(("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells))
 
 if __name__ == "__main__":
     main()
