@@ -250,5 +250,6 @@ def print_table(report: dict, markdown: bool) -> None:
             ]
             print(("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells))
 
+
 if __name__ == "__main__":
     main()
