@@ -12,12 +12,13 @@ from moekit.routing import RoutingSpec
 from moekit.version import __version__
 
 
-def from_pretrained(path, dtype=None) -> MoEDecoder:
+def from_pretrained(path, dtype=None, quantize: str | None = None) -> MoEDecoder:
     """A Hugging Face model directory (config.json + safetensors, sharded or not) of a supported family; dtype None
-    keeps the checkpoint's (torch.float32 / torch.bfloat16 / "float32" ...)."""
+    keeps the checkpoint's (torch.float32 / torch.bfloat16 / "float32" ...); quantize: the float modules quantized
+    while loading, as `moekit quantize --weights` names them ("rest=q8"); what the files hold quantized stays so."""
     from moekit.checkpoint.hf_checkpoint import load_pretrained
 
-    return load_pretrained(path, dtype)
+    return load_pretrained(path, dtype, quantize)
 
 
 def save_pretrained(model: MoEDecoder, path, max_shard_bytes: int = 5 * 2**30) -> None:

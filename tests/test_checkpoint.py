@@ -226,6 +226,11 @@ def test_generate_command_streams_the_models_greedy_continuation(tmp_path, capsy
     )
     streamed = capsys.readouterr()
     assert streamed.out.startswith("import json") and "tok/s" in streamed.err
+    args = ["generate", str(tmp_path / "hf"), "import json", "--max-new-tokens", "6", "--json"]
+    assert main([*args, "--quantize", "attention=q8,head=q8"]) == 0
+    quantized = moekit.from_pretrained(tmp_path / "hf", dtype=torch.float32, quantize="attention=q8,head=q8")
+    expected = quantized.generate(ids, 6)[0, ids.shape[1] :].tolist()
+    assert json.loads(capsys.readouterr().out)["tokens"] == expected
     assert main(["generate", str(tmp_path / "hf"), "import json", "--speculative"]) == 2
     refused = capsys.readouterr()
     assert refused.out == "" and "mtp_layers=0" in refused.err  # one line, no half-printed prompt

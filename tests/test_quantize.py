@@ -13,8 +13,9 @@ import moekit
 from moekit.cli.main import main
 from moekit.experts.quantized import QuantizedExperts
 from moekit.layers.quantized_linear import QuantizedLinear
+from moekit.quant.choices import check_one_method, parse_weights
 from moekit.quant.held import set_int8_activations
-from moekit.quant.quantize import parse_weights, quantize_checkpoint
+from moekit.quant.quantize import quantize_checkpoint, random_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import hf_tiny_model  # noqa: E402
@@ -46,6 +47,28 @@ CASES = [
     ("gpt_oss", {}, "experts=q4,attention=q8"),
     ("mixtral", {}, "rest=fp8"),
 ]
+
+
+@pytest.mark.parametrize("family, overrides, weights", CASES)
+def test_random_checkpoint_is_laid_out_as_a_quantized_one(family, overrides, weights, tmp_path):
+    """random_checkpoint (real-size runs in minutes) writes the tensors, shapes, part dtypes and quantization_config
+    that quantizing a float checkpoint of the same config writes, and moekit runs it."""
+    hf_tiny_model(family, tmp_path / "hf", **overrides)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", weights)
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf["num_nextn_predict_layers"] = 0  # transformers saves no MTP layer; random_checkpoint writes what configs say
+    random_checkpoint(hf, tmp_path / "r", weights, seed=1)
+    made, random = _read(tmp_path / "q"), _read(tmp_path / "r")
+    assert {n: t.shape for n, t in made.items()} == {n: t.shape for n, t in random.items()}
+    assert {n: t.dtype for n, t in made.items() if not t.is_floating_point() or t.dtype.itemsize == 1} == {
+        n: t.dtype for n, t in random.items() if not t.is_floating_point() or t.dtype.itemsize == 1
+    }
+    config = lambda d: json.loads((d / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert config(tmp_path / "q") == config(tmp_path / "r")
+    model = moekit.from_pretrained(tmp_path / "r", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 5, 7, 9]])).float()
+    assert torch.isfinite(logits).all() and logits.std() > 0
 
 
 @pytest.mark.parametrize("family, overrides, weights", CASES)
@@ -100,7 +123,7 @@ def test_quantize_shrinks_what_it_should_and_reports_it(tmp_path, capsys):
 )
 def test_bad_weight_specs(weights, message):
     with pytest.raises(ValueError, match=message):
-        parse_weights(weights)
+        check_one_method(parse_weights(weights))
 
 
 def test_refusals_leave_nothing_behind(tmp_path, capsys):

@@ -67,6 +67,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER = 100 * 2**20
+CONVERT_BYTES = 64 * 2**20  # a tensor read into another dtype goes through a buffer of at most this size
 
 
 class SafetensorsFile:
@@ -106,16 +107,42 @@ class SafetensorsFile:
         return list(self.entries)
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
-        """Fill dst (any dtype, same shape) with the tensor."""
+        """Fill dst (any dtype, same shape) with the tensor; a conversion goes through a bounded buffer."""
         dtype, shape, begin, end = self.entries[name]
-        buffer = dst if dst.dtype == dtype and dst.is_contiguous() else torch.empty(shape, dtype=dtype)
+        if dst.dtype == dtype and dst.is_contiguous():
+            self._read_bytes(name, begin, end, dst.view(-1))
+            return
+        flat = dst.view(-1) if dst.is_contiguous() else None
+        if flat is None:
+            dst.copy_(self.read_rows(name, 0, shape[0]) if shape else self._scalar(name))
+            return
+        step = max(1, CONVERT_BYTES // dtype.itemsize)
+        buffer = torch.empty(min(step, flat.numel()), dtype=dtype)
+        for start in range(0, flat.numel(), step):
+            n = min(step, flat.numel() - start)
+            offset = begin + start * dtype.itemsize
+            self._read_bytes(name, offset, offset + n * dtype.itemsize, buffer[:n])
+            flat[start : start + n].copy_(buffer[:n])
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the tensor's leading axis, in the file's dtype (one read of their bytes)."""
+        dtype, shape, begin, _ = self.entries[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        self._read_bytes(name, begin + start * row, begin + stop * row, out.view(-1))
+        return out
+
+    def _scalar(self, name: str) -> torch.Tensor:
+        dtype, _, begin, end = self.entries[name]
+        out = torch.empty((), dtype=dtype)
+        self._read_bytes(name, begin, end, out.view(-1))
+        return out
+
+    def _read_bytes(self, name: str, begin: int, end: int, flat: torch.Tensor) -> None:
         with open(self.file, "rb") as fh:
             fh.seek(self.data_start + begin)
-            view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
-            if fh.readinto(view) != end - begin:
+            if fh.readinto(memoryview(flat.view(torch.uint8).numpy())) != end - begin:
                 raise ValueError(f"{self.file}: truncated while reading {name!r}")
-        if buffer is not dst:
-            dst.copy_(buffer)
 
 
 class Shards:
@@ -136,6 +163,9 @@ class Shards:
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         self._handles[self.files[name]].read_into(name, dst)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._handles[self.files[name]].read_rows(name, start, stop)
 
     def read(self, name: str) -> torch.Tensor:
         t = torch.empty(self.shape(name), dtype=self.dtype(name))

@@ -19,7 +19,7 @@ from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.names import piece_view
-from moekit.checkpoint.quantized import PART_DTYPES, install, quantized_targets, scheme_of
+from moekit.checkpoint.quantized import PART_DTYPES, install, load_targets, quantized_targets, scheme_of
 from moekit.config.model import ModelConfig
 from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
@@ -32,9 +32,13 @@ from moekit.version import __version__
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> MoEDecoder:
-    """The model in a Hugging Face directory; dtype None keeps the checkpoint's. model.load_notes lists what the
-    loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = None, quantize: str | None = None
+) -> MoEDecoder:
+    """The model in a Hugging Face directory; dtype None keeps the checkpoint's. quantize: a `moekit quantize
+    --weights` spec ("rest=q8", "attention=q8,head=q4") for the float modules, quantized tensor by tensor as they
+    are read (never all held in float); what the files hold quantized stays as it is. model.load_notes lists what
+    the loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
     path = checkpoint_dir(path)
     hf = load_hf_config(path)
     if hf.get("model_type") != NATIVE:
@@ -54,13 +58,20 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) ->
     floats = [n for n in files if scheme is None or not scheme.is_part(n)]  # a bf16 scale says nothing of the rest
     model = meta_model(cfg, _resolve_dtype(dtype, shards, floats))
     keymap = KeyMap(cfg, tensor_names(cfg.family))
-    if scheme is not None:
-        targets = quantized_targets(scheme, files, keymap)
+    targets = quantized_targets(scheme, files, keymap) if scheme is not None else {}
+    if targets:
         install(model, targets)
         held = sorted({t.fmt.name for t in targets.values()})
         notes.append(f"{len(targets)} module(s) hold {' / '.join(held)} weights, kept quantized")
+    on_load = load_targets(model, keymap, quantize, targets) if quantize else {}
+    transposed = {p for p, t in on_load.items() if t.kind == "experts" and model.get_submodule(p).layout.transposed}
+    if on_load:
+        install(model, on_load)
+        made = sorted({t.fmt.name for t in on_load.values()})
+        notes.append(f"{len(on_load)} module(s) quantized to {' / '.join(made)} while loading")
     model = materialize(model)
-    _fill(model, keymap, shards, files)
+    quantizing = {p: model.get_submodule(p) for p in on_load}
+    _fill(model, keymap, shards, files, quantizing, transposed)
     if scheme is not None:
         _check_quantized(model, keymap, path)
     model.load_notes = notes
@@ -81,7 +92,16 @@ def _resolve_dtype(dtype, shards: Shards, names) -> torch.dtype:
     return torch.float32
 
 
-def _fill(model: MoEDecoder, keymap: KeyMap, shards: Shards, files: dict) -> None:
+def _fill(
+    model: MoEDecoder,
+    keymap: KeyMap,
+    shards: Shards,
+    files: dict,
+    quantizing: dict[str, QuantizedModule],
+    transposed: set[str],
+) -> None:
+    """Read every checkpoint tensor into its place; float tensors of the modules in `quantizing` are quantized into
+    their parts (those in `transposed` are stacked experts the files hold input-major)."""
     cfg = model.config
     experts = keymap.experts
     targets = model.state_dict(keep_vars=True)
@@ -114,6 +134,12 @@ def _fill(model: MoEDecoder, keymap: KeyMap, shards: Shards, files: dict) -> Non
         if target_name is None:  # a copy of a shared tensor (DeepSeek's MTP embedding/head)
             continue
         if target_name not in targets and _derived(quantized, target_name, shards, name, files):
+            continue
+        module_name, _, base = target_name.rpartition(".")
+        owner = quantizing.get(module_name)
+        if owner is not None and base in owner.held_weights():
+            _quantize_into(owner, base, module_name in transposed, shards, name, files)
+            filled.update(f"{target_name}{suffix}" for suffix in owner.fmt.parts(*owner.held(base)))
             continue
         _copy(_target(targets, target_name, name, files).data, shards, name, files)
         filled.add(target_name)
@@ -155,6 +181,21 @@ def _derived(quantized: dict, target_name: str, shards, name: str, files: dict, 
     if found.shape != expected.shape or not torch.equal(found.to(expected.dtype), expected):
         raise ValueError(f"{files[name]}: {name} is {found.tolist()}, the config implies {expected.tolist()}")
     return True
+
+
+def _quantize_into(owner: QuantizedModule, base: str, transposed: bool, shards, name: str, files: dict) -> None:
+    """Quantize checkpoint tensor `name` into weight `base` of owner, reading it a slice at a time (one expert, or
+    a block of rows) so that no float copy of the whole is ever made; transposed: stacked experts the files hold
+    input-major."""
+    shape = shards.shape(name)
+    held, _ = owner.held(base)
+    expected = (held[0], held[2], held[1]) if transposed else held
+    if shape != expected:
+        raise ValueError(f"{files[name]}: tensor {name!r} has shape {list(shape)}, the config implies {list(expected)}")
+    step = owner.store_step(base)
+    for start in range(0, shape[0], step):
+        w = shards.read_rows(name, start, min(start + step, shape[0]))
+        owner.store_rows(base, start, w.transpose(1, 2) if transposed else w)
 
 
 def _check_quantized(model: MoEDecoder, keymap: KeyMap, path: Path) -> None:

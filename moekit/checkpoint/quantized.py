@@ -19,6 +19,7 @@ from moekit.checkpoint.keymap import KeyMap
 from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.weights import ExpertWeights
 from moekit.layers.quantized_linear import QuantizedLinear
+from moekit.quant.choices import CHOICES, FLOATS, module_class, parse_weights
 from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4
 
 METHODS = ("mxfp4", "fp8", "compressed-tensors")
@@ -182,6 +183,30 @@ def _add(targets: dict[str, Target], target: Target, name: str) -> None:
     known = targets.setdefault(target.module, target)
     if known.fmt != target.fmt:
         raise ValueError(f"{name}: {target.fmt.name}, where the module's other weights are {known.fmt.name}")
+
+
+def load_targets(model: nn.Module, keymap: KeyMap, spec: str, shipped: dict[str, Target]) -> dict[str, Target]:
+    """{module path: Target} of the modules to quantize while loading, from a --weights spec (moekit quantize's
+    classes and formats): the float modules of each class given a format; modules the checkpoint ships quantized
+    keep their format; modules filled from fused checkpoint tensors (DBRX's Wqkv) stay float."""
+    choices = parse_weights(spec)
+    floats = sorted({c for c, v in choices.items() if v in FLOATS})
+    if floats:
+        raise ValueError(f"quantize: {floats[0]}={choices[floats[0]]} is a dtype: allowed formats (pass dtype=)")
+    fused = {t.rpartition(".")[0] for pieces in keymap.fused_names().values() for t, _ in pieces}
+    out = {}
+    for path, module in model.named_modules():
+        cls = module_class(path, module)
+        fmt = CHOICES[choices[cls]] if cls else None
+        if fmt is None or path in shipped or path in fused:
+            continue
+        if cls == "experts" and keymap.experts.per_expert:
+            raise ValueError(
+                f"quantize: experts={choices[cls]}: this family's files hold one tensor per expert, which loading "
+                "does not quantize: allowed the other classes (or run moekit quantize first)"
+            )
+        out[path] = Target(path, "experts" if cls == "experts" else "linear", fmt)
+    return out
 
 
 def install(model: nn.Module, targets: dict[str, Target]) -> None:

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.kernels import load_kernel
 
     path = checkpoint_dir(args.checkpoint)
-    model = moekit.from_pretrained(path, dtype=torch.float32)
+    model = moekit.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
     load_kernel()  # a first build says so and happens here, outside the speed reported below
     tokenizer = load_tokenizer(path, model.config.vocab_size)
     ids = tokenizer.encode(args.prompt)
@@ -86,6 +86,18 @@ def add_parser(sub) -> None:
         action="store_true",
         help="self-speculative decoding: the model's multi-token-prediction layers draft, one pass checks the "
         "drafts (same output distribution); reports the acceptance rate",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the dtype of what the files hold in float (default float32, the fast one on CPUs)",
+    )
+    g.add_argument(
+        "--quantize",
+        metavar="SPEC",
+        help="quantize float modules while loading, as moekit quantize --weights names them (e.g. rest=q8: a "
+        "checkpoint shipped with MXFP4 experts and bf16 attention fits and decodes in fp32 + 8-bit)",
     )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(fn=run)

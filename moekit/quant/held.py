@@ -10,6 +10,8 @@ from torch import nn
 from moekit.kernels.quantized import dequantize
 from moekit.quant.formats import Format, Parts
 
+STORE_ROWS = 4096  # rows quantized at a time by store(): a multiple of every format's row block (FP8's 128)
+
 
 class QuantizedModule(nn.Module):
     """Subclasses call hold() for each quantized weight. int8_activations: whether products may round their input
@@ -52,13 +54,40 @@ class QuantizedModule(nn.Module):
         return self.fmt.dequantize(self.parts(base, index), shape, pieces, name=base).to(dtype)
 
     def store(self, base: str, w: torch.Tensor) -> None:
-        """Quantize the float weight w into the parts of `base`."""
-        shape, pieces = self._held[base]
+        """Quantize the float weight w (any float dtype) into the parts of `base`, a slice at a time (see
+        store_rows), so that the float copies quantizing makes stay small beside the weight."""
+        shape, _ = self._held[base]
         if tuple(w.shape) != shape:
             raise ValueError(f"{base}: weight shape {list(w.shape)} does not fit the held {list(shape)}")
+        step = self.store_step(base)
+        for start in range(0, shape[0], step):
+            self.store_rows(base, start, w[start : start + step])
+
+    def store_step(self, base: str) -> int:
+        """How many leading rows store_rows takes at a time: one expert of a stack, STORE_ROWS rows of a matrix."""
+        shape, _ = self._held[base]
+        return 1 if len(shape) == 3 else min(shape[0], STORE_ROWS)
+
+    def store_rows(self, base: str, start: int, w: torch.Tensor) -> None:
+        """Quantize w, the rows start:start + len(w) of weight `base`'s leading axis (experts of a stack, rows of a
+        matrix; start a multiple of store_step), into those rows of its parts."""
+        shape, pieces = self._held[base]
+        if tuple(w.shape[1:]) != shape[1:] or start + w.shape[0] > shape[0]:
+            raise ValueError(f"{base}: rows {start}+{list(w.shape)} do not fit the held {list(shape)}")
         with torch.no_grad():
-            for suffix, part in self.fmt.quantize(w, pieces).items():
-                getattr(self, base + suffix).copy_(part)
+            if len(shape) == 3:
+                for i in range(w.shape[0]):
+                    for suffix, part in self.fmt.quantize(w[i].float(), pieces).items():
+                        getattr(self, base + suffix)[start + i].copy_(part)
+                return
+            step = self.store_step(base)
+            whole, chunk = self.fmt.parts(shape), self.fmt.parts((step, *shape[1:]))
+            for suffix, part in self.fmt.quantize(w.float()).items():
+                # the part's row axis: the one where a step's shape and the whole's differ
+                sides = zip(chunk[suffix][0], whole[suffix][0], strict=True)
+                axis = next((a for a, (c, f) in enumerate(sides) if c != f), 0)
+                at = start * chunk[suffix][0][axis] // step
+                getattr(self, base + suffix).narrow(axis, at, part.shape[axis]).copy_(part)
 
     def check_parts(self, name_of) -> None:
         """The format's checks of every held weight; name_of(base) names it in errors (file and tensor)."""

@@ -11,6 +11,7 @@ bf16 / fp32 / keep: not quantized."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,61 +23,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, fsync_path, weight_map
+from moekit.checkpoint.hf_checkpoint import checkpoint_tensors
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.quantized import Scheme, quantization_config
 from moekit.config.published import load_hf_config
 from moekit.experts.weights import ExpertWeights
 from moekit.families import model_from_hf, tensor_names
 from moekit.model.meta import meta_model
-from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4
+from moekit.quant.choices import CHOICES, CLASSES, FLOATS, check_one_method, module_class, parse_weights
+from moekit.quant.formats import Format, Fp8Blocks, Mxfp4, Parts
 
-CLASSES = ("experts", "shared", "attention", "dense", "embedding", "head")
-CHOICES: dict[str, Format | None] = {
-    "q8": IntPacked(bits=8),
-    "q4": IntPacked(bits=4),
-    "q4m": IntPacked(bits=4, symmetric=False),
-    "mxfp4": Mxfp4(),
-    "fp8": Fp8Blocks(),
-    "bf16": None,
-    "fp32": None,
-    "keep": None,
-}
-FLOATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_SHARD_BYTES = 2 * 2**30
-
-
-def parse_weights(spec: str) -> dict[str, str]:
-    """{class: choice} for every class from 'experts=q4,rest=q8' (rest: the classes not named; default keep)."""
-    named: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in (*CLASSES, "rest"):
-            raise ValueError(
-                f"--weights item {item!r} is invalid: allowed CLASS=FORMAT, CLASS one of {', '.join(CLASSES)}, rest"
-            )
-        if value not in CHOICES:
-            raise ValueError(f"--weights {key}={value!r} is invalid: allowed one of {', '.join(CHOICES)}")
-        named[key] = value
-    rest = named.pop("rest", "keep")
-    choices = {c: named.get(c, rest) for c in CLASSES}
-    if CHOICES[choices["embedding"]] is not None:
-        if "embedding" in named:
-            raise ValueError(
-                f"--weights embedding={choices['embedding']} is invalid: allowed bf16, fp32, keep "
-                "(embeddings are looked up, not multiplied)"
-            )
-        choices["embedding"] = "keep"
-    floats = {FLOATS[v] for v in choices.values() if v in FLOATS}
-    if len(floats) > 1:
-        raise ValueError("--weights names both bf16 and fp32: allowed one float dtype for the unquantized tensors")
-    special = {v for v in choices.values() if v in ("mxfp4", "fp8")}
-    ints = {v for v in choices.values() if isinstance(CHOICES[v], IntPacked)}
-    if len(special) > 1 or (special and ints):
-        raise ValueError(
-            f"--weights mixes {', '.join(sorted(special | ints))}: mxfp4 and fp8 are each their own "
-            "quant_method, which holds one format; mix q8 / q4 / q4m freely"
-        )
-    return choices
 
 
 def _classify(meta: nn.Module, keymap: KeyMap, name: str) -> tuple[str | None, bool]:
@@ -96,17 +53,10 @@ def _classify(meta: nn.Module, keymap: KeyMap, name: str) -> tuple[str | None, b
         owner = meta.get_submodule(path)
     except AttributeError:
         return None, False
-    if isinstance(owner, ExpertWeights) and attr in ("gate_up_proj", "down_proj"):
-        return "experts", True
-    if isinstance(owner, nn.Embedding):
-        return "embedding", False
-    if not isinstance(owner, nn.Linear) or attr != "weight" or path.endswith("shared_expert_gate"):
-        return None, False
-    if path == "lm_head":
-        return "head", False
-    if ".shared_experts." in f"{path}.":
-        return "shared", False
-    return ("attention", False) if ".self_attn." in f"{path}." else ("dense", False)
+    if isinstance(owner, ExpertWeights):
+        return ("experts", True) if attr in ("gate_up_proj", "down_proj") else (None, False)
+    cls = module_class(path, owner)
+    return (cls, False) if cls is not None and (attr == "weight" or cls == "embedding") else (None, False)
 
 
 def _module_pattern(names: set[str]) -> str:
@@ -120,19 +70,85 @@ def quantize_checkpoint(
 ) -> dict:
     """Write the quantized checkpoint of `source` to `out` (which must not exist; written under a temporary name
     and renamed into place). Returns a report: per class its choice, tensors, weights and bytes before and after."""
-    source, out = checkpoint_dir(source), Path(out)
-    if out.exists():
-        raise ValueError(f"{out}: exists: allowed a new directory (nothing is overwritten)")
+    source = checkpoint_dir(source)
     hf = load_hf_config(source)
     if "quantization_config" in hf:
         method = (hf["quantization_config"] or {}).get("quant_method")
         raise ValueError(f"{source}: already quantized (quant_method {method!r}): allowed a float checkpoint")
-    choices = parse_weights(weights)
-    cfg = model_from_hf(hf, name=source.name)
-    meta = meta_model(cfg)
-    keymap = KeyMap(cfg, tensor_names(cfg.family))
     files = weight_map(source)
     shards = Shards(files)
+    names = {n: (shards.shape(n), shards.dtype(n)) for n in files}
+
+    def quantized(name: str, fmt: Format, shape: tuple[int, ...], transposed: bool) -> Parts:
+        w = shards.read(name).float()
+        try:
+            return fmt.quantize(w.transpose(1, 2) if transposed else w)
+        except ValueError as e:
+            raise ValueError(f"{files[name]}: {name}: {e}") from None
+
+    return _write(hf, names, lambda name: shards.read(name), quantized, out, weights, source, progress)
+
+
+def random_checkpoint(
+    hf: dict, out: str | Path, weights: str, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """A checkpoint of config.json `hf`'s shapes with random weights, written straight into the formats `weights`
+    chooses (quantized parts are random codes with scales of ordinary size; never made as floats first), in the
+    family's checkpoint layout: a real-size model for measuring memory and speed in minutes, not hours. Unquantized
+    tensors are bf16 (norm weights ones). Returns the report of quantize_checkpoint."""
+    cfg = model_from_hf(hf)
+    meta = meta_model(cfg, torch.bfloat16)
+    tensors = checkpoint_tensors(meta)
+    names = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def floats(name: str) -> torch.Tensor:
+        shape, dtype = names[name]
+        if not dtype.is_floating_point:
+            return tensors[name]  # derived parts, made from the shape
+        if len(shape) == 1 and "norm" in name:
+            return torch.ones(shape, dtype=dtype)
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    def quantized(name: str, fmt: Format, shape: tuple[int, ...], transposed: bool) -> Parts:
+        held = (shape[0], shape[2], shape[1]) if transposed else shape
+        return {s: random_part(s, part_shape, dtype, gen) for s, (part_shape, dtype) in fmt.parts(held).items()}
+
+    return _write(hf, names, floats, quantized, out, weights, None, progress)
+
+
+def random_part(suffix: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A random quantized part: any code is valid; scales keep the weights near the usual 0.01-0.1."""
+    if dtype == torch.uint8 and suffix == "_scales":  # MXFP4 exponents: 2^-9 .. 2^-5
+        return torch.randint(118, 123, shape, generator=gen, dtype=torch.uint8)
+    if dtype in (torch.uint8, torch.int32):
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype)
+    if dtype == torch.float8_e4m3fn:
+        return torch.randn(shape, generator=gen).clamp(-448, 448).to(dtype)
+    return (torch.rand(shape, generator=gen) * 0.01 + 0.005).to(dtype)  # group or block scales
+
+
+def _write(
+    hf: dict,
+    names: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    floats: Callable[[str], torch.Tensor],
+    quantized: Callable[[str, Format, tuple[int, ...], bool], Parts],
+    out: str | Path,
+    weights: str,
+    source: Path | None,
+    progress: Callable[[int, int], None] | None,
+) -> dict:
+    """Write checkpoint tensors `names` ({name: (shape, dtype)}) to `out` under the --weights choices: floats(name)
+    gives an unquantized tensor, quantized(name, format, shape, stacked and transposed) a quantized one's parts."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out}: exists: allowed a new directory (nothing is overwritten)")
+    choices = parse_weights(weights)
+    check_one_method(choices)
+    cfg = model_from_hf(hf, name=out.name)
+    meta = meta_model(cfg)
+    keymap = KeyMap(cfg, tensor_names(cfg.family))
     float_dtype = next((FLOATS[v] for v in choices.values() if v in FLOATS), None)
     layout_transposed = cfg.moe is not None and cfg.moe.layout.transposed
     report = {
@@ -157,24 +173,21 @@ def quantize_checkpoint(
         pending, pending_bytes = {}, 0
 
     try:
-        for i, name in enumerate(files):
-            t = shards.read(name)
+        for i, (name, (shape, dtype)) in enumerate(names.items()):
             cls, stacked = _classify(meta, keymap, name)
             fmt = CHOICES[choices[cls]] if cls else None
             entry = report[cls or "other"]
             entry["tensors"] += 1
-            entry["weights"] += t.numel()
-            entry["bytes_before"] += t.numel() * t.element_size()
+            entry["weights"] += math.prod(shape)
+            entry["bytes_before"] += math.prod(shape) * dtype.itemsize
             if fmt is None:
+                t = floats(name)
                 parts = {name: t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t}
             else:
-                w = t.float().transpose(1, 2) if stacked and layout_transposed else t.float()
-                try:
-                    made = fmt.quantize(w)
-                except ValueError as e:
-                    raise ValueError(f"{files[name]}: {name}: {e}") from None
-                parts = {name + s: p for s, p in made.items()}
-                parts |= {name + s: p for s, p in fmt.derived(tuple(w.shape)).items()}
+                transposed = stacked and layout_transposed
+                held = (shape[0], shape[2], shape[1]) if transposed else shape
+                parts = {name + s: p for s, p in quantized(name, fmt, shape, transposed).items()}
+                parts |= {name + s: p for s, p in fmt.derived(held).items()}
                 targets.setdefault(choices[cls], set()).add(name if stacked else name.removesuffix(".weight"))
             for key, part in parts.items():
                 part = part.contiguous()
@@ -185,7 +198,7 @@ def quantize_checkpoint(
             if pending_bytes >= MAX_SHARD_BYTES:
                 flush()
             if progress is not None:
-                progress(i + 1, len(files))
+                progress(i + 1, len(names))
         flush()
         _finish(tmp, out, source, hf, written, targets, float_dtype)
     except BaseException:
@@ -194,8 +207,9 @@ def quantize_checkpoint(
     return report
 
 
-def _finish(tmp: Path, out: Path, source: Path, hf: dict, written, targets, float_dtype) -> None:
-    """Name the shards, write the index and config.json, copy the tokenizer and other files, rename into place."""
+def _finish(tmp: Path, out: Path, source: Path | None, hf: dict, written, targets, float_dtype) -> None:
+    """Name the shards, write the index and config.json, copy the source's tokenizer and other files, rename into
+    place."""
     names = (
         [SINGLE]
         if len(written) == 1
@@ -219,7 +233,7 @@ def _finish(tmp: Path, out: Path, source: Path, hf: dict, written, targets, floa
         config["torch_dtype"] = config["dtype"] = str(float_dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     skip = {"config.json", INDEX, SINGLE}
-    for f in source.iterdir():
+    for f in source.iterdir() if source is not None else ():
         if f.is_file() and f.name not in skip and not f.name.endswith(".safetensors"):
             shutil.copy2(f, tmp / f.name)
     for f in tmp.iterdir():
