@@ -1,7 +1,9 @@
 """Quality of `moekit quantize` on a trained model: validation perplexity on the run's own held-out text (the
 standard library's files the training never saw, as `moekit train` splits them) at fp32 and after each --weights
-choice, beside the bytes each checkpoint holds. Products run exactly (set_int8_activations off): this measures the
-weights' rounding; the kernels' int8 activation rounding is measured by the decode benchmark.
+choice, beside the bytes each checkpoint holds and the bits per routed-expert weight. experts=auto (a format per
+expert, calibrated on the run's training text) at each --auto-bits budget beside the uniform expert formats, the
+rest at 8 bits throughout. Products run exactly (set_int8_activations off): this measures the weights' rounding;
+the kernels' int8 activation rounding is measured by the decode benchmark.
 
     moekit train --out runs/main && python benchmarks/quant_quality.py runs/main [--json out.json]
 """
@@ -23,7 +25,8 @@ from moekit.quant.quantize import quantize_checkpoint
 from moekit.train.data import TokenStream, load_corpus
 from moekit.train.tokenizer import ByteTokenizer
 
-SPECS = ("rest=q8", "experts=q4,rest=q8", "rest=q4", "rest=q4m", "experts=q4m,rest=q8")
+SPECS = ("rest=q8", "rest=q4", "rest=q4m", "experts=q2,rest=q8", "experts=q4,rest=q8", "experts=q4m,rest=q8")
+AUTO_BITS = (3.5, 4.5, 5.5)
 
 
 def held_bytes(directory: Path) -> int:
@@ -44,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a moekit train run directory (byte tokenizer)")
     parser.add_argument("--specs", nargs="+", default=list(SPECS), help="--weights choices to compare")
+    parser.add_argument("--auto-bits", nargs="*", type=float, default=list(AUTO_BITS), help="experts=auto budgets")
     parser.add_argument("--batches", type=int, default=16, help="validation batches of 16 windows (16)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -57,20 +61,31 @@ def main() -> None:
     rows = [
         {"weights": "fp32", "bytes": held_bytes(source), "ppl": perplexity(moekit.from_pretrained(source), windows)}
     ]
+    runs = [(spec, spec, {}) for spec in args.specs]
+    runs += [(f"experts=auto ({b} bits),rest=q8", "experts=auto,rest=q8", {"target_bits": b}) for b in args.auto_bits]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, spec in enumerate(args.specs):
+        for i, (label, spec, budget) in enumerate(runs):
             out = Path(tmp) / str(i)
-            quantize_checkpoint(source, out, spec)
+            report = quantize_checkpoint(source, out, spec, **budget)
             model = moekit.from_pretrained(out, dtype=torch.float32)
             set_int8_activations(model, False)
-            rows.append({"weights": spec, "bytes": held_bytes(out), "ppl": perplexity(model, windows)})
+            experts = report["experts"]
+            row = {"weights": label, "bytes": held_bytes(out), "ppl": perplexity(model, windows)}
+            row["expert_bits"] = 8 * experts["bytes_after"] / experts["weights"]
+            if "experts_auto" in report:
+                row["experts_per_format"] = report["experts_auto"]["experts_per_format"]
+            rows.append(row)
     base = rows[0]["ppl"]
-    print("| weights | bytes | bits/weight vs fp32 | validation ppl | vs fp32 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| weights | bytes | bits/weight vs fp32 | routed experts bits/weight | validation ppl | vs fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         r["ppl_ratio"] = r["ppl"] / base
         bits = 32 * r["bytes"] / rows[0]["bytes"]
-        print(f"| {r['weights']} | {r['bytes'] / 1e6:.2f} MB | {bits:.2f} | {r['ppl']:.4f} | {r['ppl_ratio']:.4f} |")
+        experts = f"{r['expert_bits']:.2f}" if "expert_bits" in r else "32"
+        print(
+            f"| {r['weights']} | {r['bytes'] / 1e6:.2f} MB | {bits:.2f} | {experts} | {r['ppl']:.4f} "
+            f"| {r['ppl_ratio']:.4f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"run": args.run, "windows": 16 * args.batches, "rows": rows}, indent=2))
 

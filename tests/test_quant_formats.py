@@ -90,7 +90,7 @@ def test_int_pack_round_trip_and_bad_input():
         int_pack.dequantize(packed, scale, shape=(6, 200))
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False), (8, False)])
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False), (8, False), (2, True)])
 def test_int_pack_equals_compressed_tensors(bits, symmetric):
     """The packing, the scales and zero points, and the dequantized weight of compressed-tensors' own compressor."""
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")

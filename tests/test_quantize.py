@@ -11,6 +11,7 @@ import torch
 
 import moekit
 from moekit.cli.main import main
+from moekit.experts.mixed import MixedExperts
 from moekit.experts.quantized import QuantizedExperts
 from moekit.layers.quantized_linear import QuantizedLinear
 from moekit.quant.choices import check_one_method, parse_weights
@@ -29,11 +30,13 @@ def _dequantized_twin(source: Path, quantized: moekit.MoEDecoder) -> moekit.MoED
     """The float model of `source` with every weight the quantized model holds replaced by its dequantized value."""
     model = moekit.from_pretrained(source, dtype=torch.float32)
     for name, module in quantized.named_modules():
+        if "experts.groups" in name:  # a MixedExperts' formats: dequantized through it
+            continue
         twin = model.get_submodule(name)
         with torch.no_grad():
             if isinstance(module, QuantizedLinear):
                 twin.weight.copy_(module.dequantized("weight", torch.float32))
-            elif isinstance(module, QuantizedExperts):
+            elif isinstance(module, (QuantizedExperts, MixedExperts)):
                 for base in ("gate_up_proj", "down_proj"):
                     w = module.dequantized(base, torch.float32)
                     getattr(twin, base).copy_(w.transpose(1, 2) if twin.layout.transposed else w)
@@ -114,7 +117,7 @@ def test_quantize_shrinks_what_it_should_and_reports_it(tmp_path, capsys):
 @pytest.mark.parametrize(
     "weights, message",
     [
-        ("experts=q3", r"experts='q3' is invalid: allowed one of q8, q4, q4m, mxfp4, fp8"),
+        ("experts=q3", r"experts='q3' is invalid: allowed one of q8, q4, q4m, q2, mxfp4, fp8"),
         ("router=q8", r"item 'router=q8' is invalid"),
         ("embedding=q4", r"embedding=q4 is invalid: allowed bf16, fp32, keep"),
         ("experts=fp8,rest=q8", r"mixes fp8, q8"),

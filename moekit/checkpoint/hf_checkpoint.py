@@ -23,6 +23,7 @@ from moekit.checkpoint.quantized import PART_DTYPES, install, load_targets, quan
 from moekit.config.model import ModelConfig
 from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
+from moekit.experts.mixed import MixedExperts
 from moekit.families import FAMILIES, NATIVE, family_of, model_from_hf, tensor_names
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
@@ -106,6 +107,7 @@ def _fill(
     experts = keymap.experts
     targets = model.state_dict(keep_vars=True)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
+    mixed = {n: m for n, m in model.named_modules() if isinstance(m, MixedExperts)}
     filled: set[str] = set()
     pattern = experts.pattern() if experts.per_expert else None
     for name in files:
@@ -119,6 +121,9 @@ def _fill(
             layer, e, proj, part = m[1], int(m[2]), m[3], m[4]
             which = {experts.gate: "gate", experts.up: "up", experts.down: "down"}[proj]
             module = keymap.to_moekit(f"{layer}.mlp.experts.gate_up_proj").removesuffix(".gate_up_proj")
+            if module in mixed:  # the expert's own format's group, at its slot there
+                group, e = mixed[module].place_E[e] if e < mixed[module].num_experts else (0, e)
+                module = f"{module}.groups.{group}"
             target_name = f"{module}.{'down_proj' if which == 'down' else 'gate_up_proj'}{part}"
             if _derived(quantized, target_name, shards, name, files, piece=True):
                 continue
@@ -149,7 +154,7 @@ def _fill(
             continue
         m = _STACKED_EXPERTS.search(target_name) if pattern else None
         if m:
-            parts = ("down",) if m[1] == "down_proj" else ("gate", "up")
+            parts = ("down",) if m[2] == "down_proj" else ("gate", "up")
             lost = [f"{e}{p}" for e in range(tensor.shape[0]) for p in parts if f"{target_name}#{e}{p}" not in filled]
             if not lost:
                 continue
@@ -162,7 +167,8 @@ def _fill(
 
 
 # moekit's stacked expert tensors (and their quantized parts) that per-expert checkpoints fill expert by expert
-_STACKED_EXPERTS = re.compile(r"experts\.(gate_up_proj|down_proj)(|_(?!bias$)[a-z_]+)$")
+# (MixedExperts hold them per format: experts.groups.G.gate_up_proj...)
+_STACKED_EXPERTS = re.compile(r"experts\.(?:groups\.(\d+)\.)?(gate_up_proj|down_proj)(|_(?!bias$)[a-z_]+)$")
 
 
 def _derived(quantized: dict, target_name: str, shards, name: str, files: dict, piece: bool = False) -> bool:
@@ -306,15 +312,17 @@ def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str
             continue
         m = _STACKED_EXPERTS.search(name) if experts.per_expert else None
         if m:
-            hf_name = keymap.to_hf(name)
-            prefix = hf_name[: hf_name.index(".mlp.experts.")]
+            module = name[: m.start()] + "experts"
+            prefix = keymap.to_hf(f"{module}.{m[2]}")
+            prefix = prefix[: prefix.index(".mlp.experts.")]
+            ids = range(tensor.shape[0]) if m[1] is None else model.get_submodule(module).members[int(m[1])]
             half = tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                keys = {p: k + m[2] for p, k in experts.names(prefix, e).items()}
-                if m[1] == "gate_up_proj":
-                    out[keys["gate"]], out[keys["up"]] = tensor[e, :half], tensor[e, half:]
+            for slot, e in enumerate(ids):
+                keys = {p: k + m[3] for p, k in experts.names(prefix, e).items()}
+                if m[2] == "gate_up_proj":
+                    out[keys["gate"]], out[keys["up"]] = tensor[slot, :half], tensor[slot, half:]
                 else:
-                    out[keys["down"]] = tensor[e]
+                    out[keys["down"]] = tensor[slot]
             continue
         out[keymap.to_hf(name)] = tensor
     out.update(_derived_parts(model, keymap))
@@ -330,15 +338,18 @@ def _derived_parts(model: MoEDecoder, keymap: KeyMap) -> dict[str, torch.Tensor]
     for module_name, module in model.named_modules():
         if not isinstance(module, QuantizedModule):
             continue
-        per_expert = experts.per_expert and module_name.endswith(".experts")
+        group = re.match(r"(.*\.experts)\.groups\.(\d+)$", module_name)  # one format's experts of MixedExperts
+        owner = group[1] if group else module_name
+        per_expert = experts.per_expert and owner.endswith(".experts")
+        ids = model.get_submodule(owner).members[int(group[2])] if group else range(getattr(module, "num_experts", 0))
         for base in module.held_weights():
             for suffix, part in module.fmt.derived(module.piece_shape(base, per_expert)).items():
                 if not per_expert:
                     out[keymap.to_hf(f"{module_name}.{base}{suffix}")] = part
                     continue
-                hf_name = keymap.to_hf(f"{module_name}.{base}")
+                hf_name = keymap.to_hf(f"{owner}.{base}")
                 prefix = hf_name[: hf_name.index(".mlp.experts.")]
-                for e in range(module.num_experts):
+                for e in ids:
                     keys = experts.names(prefix, e)
                     for p in ("down",) if base == "down_proj" else ("gate", "up"):
                         out[keys[p] + suffix] = part

@@ -16,10 +16,11 @@ from torch import nn
 
 from moekit.checkpoint.files import DTYPES, Shards
 from moekit.checkpoint.keymap import KeyMap
+from moekit.experts.mixed import MixedExperts
 from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.weights import ExpertWeights
 from moekit.layers.quantized_linear import QuantizedLinear
-from moekit.quant.choices import CHOICES, FLOATS, module_class, parse_weights
+from moekit.quant.choices import AUTO, CHOICES, FLOATS, module_class, parse_weights
 from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4
 
 METHODS = ("mxfp4", "fp8", "compressed-tensors")
@@ -101,8 +102,8 @@ def _compressed_tensors(qc: dict, shards: Shards | None) -> Scheme:
     for key, group in groups.items():
         w = (group or {}).get("weights") or {}
         field = f"config_groups.{key}.weights"
-        if w.get("num_bits") not in (4, 8):
-            _fail(f"{field}.num_bits", w.get("num_bits"), "4 or 8")
+        if w.get("num_bits") not in (2, 4, 8):
+            _fail(f"{field}.num_bits", w.get("num_bits"), "2, 4 or 8")
         for k, value in {"type": "int", "strategy": "group"}.items():
             if w.get(k) != value:
                 _fail(f"{field}.{k}", w.get(k), repr(value))
@@ -150,6 +151,7 @@ class Target:
     kind: str  # "linear" | "experts"
     fmt: Format
     per_expert: bool = False
+    expert_formats: tuple[tuple[int, Format], ...] = ()  # (expert, format) where experts differ (MixedExperts)
 
 
 def quantized_targets(scheme: Scheme, names: Iterable[str], keymap: KeyMap) -> dict[str, Target]:
@@ -157,6 +159,7 @@ def quantized_targets(scheme: Scheme, names: Iterable[str], keymap: KeyMap) -> d
     experts = keymap.experts
     pattern = experts.pattern() if experts.per_expert else None
     out: dict[str, Target] = {}
+    by_expert: dict[str, dict[int, Format]] = {}  # per-expert files: each expert's format
     for name in names:
         marker = next((m for m in scheme.markers if name.endswith(m)), None)
         if marker is None:
@@ -166,7 +169,9 @@ def quantized_targets(scheme: Scheme, names: Iterable[str], keymap: KeyMap) -> d
         m = pattern.match(base) if pattern else None
         if m:
             module = keymap.to_moekit(f"{m[1]}.mlp.experts.gate_up_proj").removesuffix(".gate_up_proj")
-            _add(out, Target(module, "experts", fmt, per_expert=True), name)
+            known = by_expert.setdefault(module, {}).setdefault(int(m[2]), fmt)
+            if known != fmt:
+                raise ValueError(f"{name}: {fmt.name}, where the expert's other weights are {known.name}")
             continue
         moekit = keymap.to_moekit(base)
         if moekit is None:
@@ -176,6 +181,10 @@ def quantized_targets(scheme: Scheme, names: Iterable[str], keymap: KeyMap) -> d
         if kind is None:
             raise ValueError(f"{name}: a {fmt.name} part beside {base!r}, which is no weight moekit quantizes")
         _add(out, Target(module, kind, fmt), name)
+    for module, formats in by_expert.items():
+        distinct = set(formats.values())
+        mixed = tuple(sorted(formats.items())) if len(distinct) > 1 else ()
+        out[module] = Target(module, "experts", next(iter(distinct)), per_expert=True, expert_formats=mixed)
     return out
 
 
@@ -190,6 +199,8 @@ def load_targets(model: nn.Module, keymap: KeyMap, spec: str, shipped: dict[str,
     classes and formats): the float modules of each class given a format; modules the checkpoint ships quantized
     keep their format; modules filled from fused checkpoint tensors (DBRX's Wqkv) stay float."""
     choices = parse_weights(spec)
+    if choices["experts"] == AUTO:
+        raise ValueError("quantize: experts=auto calibrates on text: allowed in moekit quantize, not while loading")
     floats = sorted({c for c, v in choices.items() if v in FLOATS})
     if floats:
         raise ValueError(f"quantize: {floats[0]}={choices[floats[0]]} is a dtype: allowed formats (pass dtype=)")
@@ -219,10 +230,18 @@ def install(model: nn.Module, targets: dict[str, Target]) -> None:
             setattr(parent, child, QuantizedLinear.like(module, fmt))
         elif target.kind == "experts" and isinstance(module, ExpertWeights):
             pieces = 2 if target.per_expert and module.layout.gated else 1
+            formats = dict(target.expert_formats)
+            lacking = [e for e in range(module.num_experts) if formats and e not in formats]
+            if lacking:
+                raise ValueError(f"{target.module}: expert {lacking[0]} has no quantized weights, its neighbours do")
             try:
-                setattr(parent, child, QuantizedExperts.like(module, fmt, pieces))
+                if formats:
+                    held = MixedExperts.like(module, [formats[e] for e in range(module.num_experts)], pieces)
+                else:
+                    held = QuantizedExperts.like(module, fmt, pieces)
             except ValueError as e:
                 raise ValueError(f"{target.module}: {e} ({fmt.name} cannot hold these experts)") from None
+            setattr(parent, child, held)
         else:
             what = "a linear layer" if target.kind == "linear" else "routed experts"
             raise ValueError(f"{target.module}: the checkpoint holds {what} there in {fmt.name}; this model does not")

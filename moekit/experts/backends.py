@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.experts.layout import apply_activation
+from moekit.experts.mixed import MixedExperts
 from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.segment_mm import TILED_ROWS, segment_mm, torch_grouped_mm
 from moekit.experts.weights import ExpertWeights
@@ -18,6 +19,8 @@ from moekit.kernels.products import gather_gemv
 from moekit.kernels.quantized import quant_gemv
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+HELD = (QuantizedExperts, MixedExperts)  # experts held quantized: dequantized or read by the kernels
 
 
 class ExpertsBackend:
@@ -63,7 +66,7 @@ class LoopBackend(ExpertsBackend):
     def forward(self, x_SD, counts, experts):
         layout = experts.layout
         outs, start = [], 0
-        matrices = _expert_matrices(experts, x_SD.dtype)
+        matrices = expert_matrices(experts, x_SD.dtype)
         for e, c in enumerate(counts):
             if c == 0:
                 continue
@@ -78,9 +81,9 @@ class LoopBackend(ExpertsBackend):
         return torch.cat(outs)
 
 
-def _expert_matrices(experts, dtype: torch.dtype) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+def expert_matrices(experts, dtype: torch.dtype) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """e -> (gate_up [X, D], down [D, F]) of expert e, output-major; quantized experts dequantize that expert."""
-    if isinstance(experts, QuantizedExperts):
+    if isinstance(experts, HELD):
         pick = torch.tensor  # the one expert, as an index of the stacked parts
         return lambda e: tuple(experts.dequantized(b, dtype, pick([e]))[0] for b in ("gate_up_proj", "down_proj"))
     # unbind once: indexing the stacked tensor per expert would make autograd allocate a full-size gradient for
@@ -131,8 +134,8 @@ class GroupedBackend(ExpertsBackend):
 
     def unsupported(self, experts, x_SD):
         reason = super().unsupported(experts, x_SD)
-        if reason is None and self.matmul != "auto" and isinstance(experts, QuantizedExperts):
-            return f"{experts.fmt.name} experts with matmul={self.matmul!r} (quantized experts take matmul 'auto')"
+        if reason is None and self.matmul != "auto" and isinstance(experts, HELD):
+            return f"quantized experts with matmul={self.matmul!r} (they take matmul 'auto')"
         if reason is None and self.matmul == "torch_grouped_mm":
             if not hasattr(torch, "_grouped_mm"):
                 return f"torch {torch.__version__} (it has no grouped matmul)"
@@ -161,7 +164,7 @@ class GroupedBackend(ExpertsBackend):
         return weights_K1.t() @ y_KD
 
     def forward(self, x_SD, counts, experts):
-        if isinstance(experts, QuantizedExperts):  # many rows: each expert used dequantized once, fp32 products
+        if isinstance(experts, HELD):  # many rows: each expert used dequantized once, fp32 products
             return BACKENDS["loop"].forward(x_SD, counts, experts)
         layout = experts.layout
         if layout.bias:
@@ -181,17 +184,29 @@ class GroupedBackend(ExpertsBackend):
 def _products(experts, ids_K: torch.Tensor) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """(projection, x_KI) -> y_KO: each of the k experts' matrix times its own row (output-major weights); quantized
     experts through the kernel that reads their bytes, or dequantized where it does not take them."""
-    if not isinstance(experts, QuantizedExperts):
+    if isinstance(experts, QuantizedExperts):
+        return lambda base, x_KI: _quantized_product(experts, base, ids_K, x_KI)
+    if not isinstance(experts, MixedExperts):
         return lambda base, x_KI: gather_gemv(getattr(experts, base), ids_K, x_KI)
+    group_K, slot_K = experts.group_index(ids_K)
 
-    def product(base: str, x_KI: torch.Tensor) -> torch.Tensor:
-        y_KO = quant_gemv(experts, base, ids_K, x_KI)
-        if y_KO is not None:
-            return y_KO
-        _say_once(experts)
-        return torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
+    def product(base: str, x_KI: torch.Tensor) -> torch.Tensor:  # each format's experts through its own kernel
+        y_KO = x_KI.new_empty(ids_K.numel(), experts.groups[0].piece_shape(base)[1])
+        for g, group in enumerate(experts.groups):
+            rows = (group_K == g).nonzero().flatten()
+            if rows.numel():
+                y_KO[rows] = _quantized_product(group, base, slot_K[rows], x_KI[rows])
+        return y_KO
 
     return product
+
+
+def _quantized_product(experts: QuantizedExperts, base: str, ids_K: torch.Tensor, x_KI: torch.Tensor) -> torch.Tensor:
+    y_KO = quant_gemv(experts, base, ids_K, x_KI)
+    if y_KO is not None:
+        return y_KO
+    _say_once(experts)
+    return torch.bmm(experts.dequantized(base, x_KI.dtype, ids_K), x_KI.unsqueeze(-1)).squeeze(-1)
 
 
 _SAID: set[str] = set()

@@ -23,6 +23,7 @@ from torch import nn
 
 from moekit.experts.backends import is_default
 from moekit.experts.layout import ACTIVATIONS
+from moekit.experts.mixed import MixedExperts
 from moekit.experts.quantized import QuantizedExperts
 from moekit.kernels import kernel_taking
 from moekit.kernels.quantized import covers, quant_weights
@@ -274,6 +275,8 @@ def _block_covered(block: MoEBlock) -> bool:
     selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
     spec = block.router.spec
     experts = block.experts
+    if isinstance(experts, MixedExperts):  # the fused step reads one stack per projection
+        return False
     quantized = isinstance(experts, QuantizedExperts)  # routed experts the kernels read
     if quantized and not all(covers(experts, b) and experts.int8_activations for b in ("gate_up_proj", "down_proj")):
         return False

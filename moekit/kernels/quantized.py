@@ -46,7 +46,7 @@ def _code(module: QuantizedModule, base: str) -> int | None:
         return None
     if not fmt.symmetric and pieces > 1 and (shape[-2] // pieces) % (32 // fmt.bits):
         return None  # zero points packed per piece, not continuing across the pieces
-    return _INT8 if fmt.bits == 8 else _INT4
+    return {8: _INT8, 4: _INT4}.get(fmt.bits)
 
 
 def covers(module: QuantizedModule, base: str) -> bool:

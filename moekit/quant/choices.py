@@ -15,6 +15,7 @@ CHOICES: dict[str, Format | None] = {
     "q8": IntPacked(bits=8),
     "q4": IntPacked(bits=4),
     "q4m": IntPacked(bits=4, symmetric=False),
+    "q2": IntPacked(bits=2),  # for what is rarely used (experts=auto); no kernel reads it: dequantized per call
     "mxfp4": Mxfp4(),
     "fp8": Fp8Blocks(),
     "bf16": None,
@@ -22,6 +23,7 @@ CHOICES: dict[str, Format | None] = {
     "keep": None,
 }
 FLOATS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+AUTO = "auto"  # experts=auto: a format per expert (moekit.quant.mixed)
 
 
 def parse_weights(spec: str) -> dict[str, str]:
@@ -33,7 +35,7 @@ def parse_weights(spec: str) -> dict[str, str]:
             raise ValueError(
                 f"--weights item {item!r} is invalid: allowed CLASS=FORMAT, CLASS one of {', '.join(CLASSES)}, rest"
             )
-        if value not in CHOICES:
+        if value not in CHOICES and not (key == "experts" and value == AUTO):
             raise ValueError(f"--weights {key}={value!r} is invalid: allowed one of {', '.join(CHOICES)}")
         named[key] = value
     rest = named.pop("rest", "keep")
@@ -54,7 +56,7 @@ def parse_weights(spec: str) -> dict[str, str]:
 def check_one_method(choices: dict[str, str]) -> None:
     """A checkpoint declares one quant_method: mxfp4 and fp8 are each their own and hold one format."""
     special = {v for v in choices.values() if v in ("mxfp4", "fp8")}
-    ints = {v for v in choices.values() if isinstance(CHOICES[v], IntPacked)}
+    ints = {v for v in choices.values() if v == AUTO or isinstance(CHOICES[v], IntPacked)}
     if len(special) > 1 or (special and ints):
         raise ValueError(
             f"--weights mixes {', '.join(sorted(special | ints))}: mxfp4 and fp8 are each their own "

@@ -17,8 +17,8 @@ GROUP = 32
 
 
 def _per_word(bits: int) -> int:
-    if bits not in (4, 8):
-        raise ValueError(f"bits={bits} is invalid: allowed 4 or 8")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits} is invalid: allowed 2, 4 or 8")
     return 32 // bits
 
 

@@ -30,7 +30,8 @@ from moekit.config.published import load_hf_config
 from moekit.experts.weights import ExpertWeights
 from moekit.families import model_from_hf, tensor_names
 from moekit.model.meta import meta_model
-from moekit.quant.choices import CHOICES, CLASSES, FLOATS, check_one_method, module_class, parse_weights
+from moekit.quant import mixed
+from moekit.quant.choices import AUTO, CHOICES, CLASSES, FLOATS, check_one_method, module_class, parse_weights
 from moekit.quant.formats import Format, Fp8Blocks, Mxfp4, Parts
 
 MAX_SHARD_BYTES = 2 * 2**30
@@ -59,17 +60,38 @@ def _classify(meta: nn.Module, keymap: KeyMap, name: str) -> tuple[str | None, b
     return (cls, False) if cls is not None and (attr == "weight" or cls == "embedding") else (None, False)
 
 
-def _module_pattern(names: set[str]) -> str:
-    """One compressed-tensors target matching exactly these module names (layer and expert numbers generalised)."""
-    shapes = sorted({re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(n)) for n in names})
-    return "re:^(?:" + "|".join(shapes) + ")$"
+def _module_pattern(names: set[str], exact_experts: bool = False) -> str:
+    """One compressed-tensors target matching exactly these module names: layer numbers generalised, and expert
+    numbers too unless exact_experts (then each layer's experts of this format are listed)."""
+    shapes, experts = set(), {}
+    for n in names:
+        m = re.match(r"^(.*\.experts\.)(\d+)(\..*)$", n) if exact_experts else None
+        if m:
+            experts.setdefault((m[1], m[3]), []).append(int(m[2]))
+        else:
+            shapes.add(re.sub(r"\\\.\d+(?=\\\.|$)", r"\\.\\d+", re.escape(n)))
+    for (before, after), ids in experts.items():
+        shapes.add(re.escape(before) + "(?:" + "|".join(map(str, sorted(ids))) + ")" + re.escape(after))
+    return "re:^(?:" + "|".join(sorted(shapes)) + ")$"
 
 
 def quantize_checkpoint(
-    source: str | Path, out: str | Path, weights: str, progress: Callable[[int, int], None] | None = None
+    source: str | Path,
+    out: str | Path,
+    weights: str,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    target_bits: float | None = None,
+    target_gb: float | None = None,
+    calibration: str | None = None,
+    calibration_tokens: int = mixed.CALIBRATION_TOKENS,
+    candidates: tuple[str, ...] = mixed.CANDIDATES,
 ) -> dict:
     """Write the quantized checkpoint of `source` to `out` (which must not exist; written under a temporary name
-    and renamed into place). Returns a report: per class its choice, tensors, weights and bytes before and after."""
+    and renamed into place). Returns a report: per class its choice, tensors, weights and bytes before and after.
+    experts=auto: a format per routed expert (moekit.quant.mixed) within target_bits (bits per routed-expert
+    weight) or target_gb (the whole checkpoint), calibrated on `calibration` text (default: the standard library's);
+    the choice is saved beside the weights (expert_formats.json) and reported under "experts_auto"."""
     source = checkpoint_dir(source)
     hf = load_hf_config(source)
     if "quantization_config" in hf:
@@ -86,7 +108,61 @@ def quantize_checkpoint(
         except ValueError as e:
             raise ValueError(f"{files[name]}: {name}: {e}") from None
 
-    return _write(hf, names, lambda name: shards.read(name), quantized, out, weights, source, progress)
+    auto = None
+    if parse_weights(weights)["experts"] == AUTO:
+        auto = _auto(source, hf, names, weights, target_bits, target_gb, calibration, calibration_tokens, candidates)
+    elif target_bits is not None or target_gb is not None:
+        raise ValueError("target_bits / target_gb are for experts=auto: allowed only with it")
+    report = _write(hf, names, lambda name: shards.read(name), quantized, out, weights, source, progress, auto)
+    if auto is not None:
+        report["experts_auto"] = auto
+    return report
+
+
+def _auto(source, hf, names, weights, target_bits, target_gb, calibration, tokens, candidates) -> dict:
+    """Calibrate the float model and choose each routed expert's format within the budget (see moekit.quant.mixed);
+    the result as saved in expert_formats.json."""
+    from moekit.checkpoint.hf_checkpoint import load_pretrained
+
+    if (target_bits is None) == (target_gb is None):
+        raise ValueError("experts=auto needs one budget: allowed target_bits (per routed-expert weight) or target_gb")
+    cfg = model_from_hf(hf, name=source.name)
+    keymap = KeyMap(cfg, tensor_names(cfg.family))
+    if cfg.moe is None or not keymap.experts.per_expert:
+        raise ValueError(
+            f"experts=auto: {cfg.family} checkpoints stack each layer's experts in one tensor, which holds one "
+            "format: allowed families whose files hold a tensor per expert (DeepSeek, Qwen, Mixtral, OLMoE, ...)"
+        )
+    model = load_pretrained(source, torch.float32)
+    stats = mixed.calibrate(model, mixed.calibration_batches(source, cfg.vocab_size, calibration, tokens), candidates)
+    del model
+    weights_per_expert = {s.module: float(s.params_per_expert) for s in stats}
+    expert_weights = sum(w * len(s.tokens_E) for s, w in zip(stats, weights_per_expert.values(), strict=True))
+    if target_bits is not None:
+        budget = target_bits / 8 * expert_weights
+    else:
+        budget = target_gb * 1e9 - _bytes_without_experts(cfg, keymap, names, parse_weights(weights))
+    plan = mixed.choose(stats, budget, candidates)
+    return mixed.summary(stats, plan, candidates, budget, expert_weights)
+
+
+def _bytes_without_experts(cfg, keymap: KeyMap, names: dict, choices: dict[str, str]) -> float:
+    """The bytes every checkpoint tensor but the routed experts' takes under the choices."""
+    meta = meta_model(cfg)
+    float_dtype = next((FLOATS[v] for v in choices.values() if v in FLOATS), None)
+    total = 0.0
+    for name, (shape, dtype) in names.items():
+        cls, stacked = _classify(meta, keymap, name)
+        if cls == "experts":
+            continue
+        fmt = CHOICES[choices[cls]] if cls else None
+        if fmt is None:
+            size = (float_dtype or dtype).itemsize if dtype.is_floating_point else dtype.itemsize
+            total += math.prod(shape) * size
+            continue
+        parts = [*fmt.parts(shape).values(), *((t.shape, t.dtype) for t in fmt.derived(shape).values())]
+        total += sum(math.prod(s) * d.itemsize for s, d in parts)
+    return total
 
 
 def random_checkpoint(
@@ -138,9 +214,11 @@ def _write(
     weights: str,
     source: Path | None,
     progress: Callable[[int, int], None] | None,
+    auto: dict | None = None,
 ) -> dict:
     """Write checkpoint tensors `names` ({name: (shape, dtype)}) to `out` under the --weights choices: floats(name)
-    gives an unquantized tensor, quantized(name, format, shape, stacked and transposed) a quantized one's parts."""
+    gives an unquantized tensor, quantized(name, format, shape, stacked and transposed) a quantized one's parts;
+    auto: experts=auto's choice (each expert's format by module, written beside the weights)."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out}: exists: allowed a new directory (nothing is overwritten)")
@@ -175,7 +253,12 @@ def _write(
     try:
         for i, (name, (shape, dtype)) in enumerate(names.items()):
             cls, stacked = _classify(meta, keymap, name)
-            fmt = CHOICES[choices[cls]] if cls else None
+            choice = choices[cls] if cls else None
+            if choice == AUTO:
+                m = keymap.experts.pattern().match(name)
+                module = keymap.to_moekit(f"{m[1]}.mlp.experts.gate_up_proj").removesuffix(".gate_up_proj")
+                choice = auto["layers"][module]["formats"][int(m[2])]
+            fmt = CHOICES[choice] if choice else None
             entry = report[cls or "other"]
             entry["tensors"] += 1
             entry["weights"] += math.prod(shape)
@@ -188,7 +271,7 @@ def _write(
                 held = (shape[0], shape[2], shape[1]) if transposed else shape
                 parts = {name + s: p for s, p in quantized(name, fmt, shape, transposed).items()}
                 parts |= {name + s: p for s, p in fmt.derived(held).items()}
-                targets.setdefault(choices[cls], set()).add(name if stacked else name.removesuffix(".weight"))
+                targets.setdefault(choice, set()).add(name if stacked else name.removesuffix(".weight"))
             for key, part in parts.items():
                 part = part.contiguous()
                 pending[key] = part
@@ -200,16 +283,20 @@ def _write(
             if progress is not None:
                 progress(i + 1, len(names))
         flush()
-        _finish(tmp, out, source, hf, written, targets, float_dtype)
+        if auto is not None:
+            (tmp / mixed.CHOICE_FILE).write_text(json.dumps(auto, indent=2))
+        _finish(tmp, out, source, hf, written, targets, float_dtype, exact_experts=auto is not None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
 
 
-def _finish(tmp: Path, out: Path, source: Path | None, hf: dict, written, targets, float_dtype) -> None:
+def _finish(
+    tmp: Path, out: Path, source: Path | None, hf: dict, written, targets, float_dtype, exact_experts: bool = False
+) -> None:
     """Name the shards, write the index and config.json, copy the source's tokenizer and other files, rename into
-    place."""
+    place. exact_experts: experts differ in format, so targets name them one by one."""
     names = (
         [SINGLE]
         if len(written) == 1
@@ -225,14 +312,14 @@ def _finish(tmp: Path, out: Path, source: Path | None, hf: dict, written, target
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
     config = dict(hf)
     if targets:
-        groups = tuple((CHOICES[c], (_module_pattern(n),)) for c, n in sorted(targets.items()))
+        groups = tuple((CHOICES[c], (_module_pattern(n, exact_experts),)) for c, n in sorted(targets.items()))
         if isinstance(groups[0][0], (Mxfp4, Fp8Blocks)):
             groups = ((groups[0][0], ("Linear",)),)
         config["quantization_config"] = quantization_config(Scheme(groups))
     if float_dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(float_dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    skip = {"config.json", INDEX, SINGLE}
+    skip = {"config.json", INDEX, SINGLE, mixed.CHOICE_FILE}
     for f in source.iterdir() if source is not None else ():
         if f.is_file() and f.name not in skip and not f.name.endswith(".safetensors"):
             shutil.copy2(f, tmp / f.name)
