@@ -17,7 +17,7 @@ from moekit.plan.model_stats import model_stats
 from moekit.plan.roofline import distinct_experts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, tiny_config  # noqa: E402
+from hf_tiny import FAMILIES, hf_tiny_model, tiny_config  # noqa: E402
 
 # ../shared/model-configs/README.md: (name, published figure as written, which count it is)
 PUBLISHED = [
@@ -244,3 +244,40 @@ def test_python_api_equals_cli(capsys):
     cli = json.loads(capsys.readouterr().out)
     api = moekit.plan("olmoe-1b-7b-0924", hardware="l4")
     assert json.loads(json.dumps(api)) == cli
+
+
+def test_weights_default_to_what_the_checkpoint_stores(tmp_path):
+    """Without --weights the plan reads the precision from the quantization_config (a published name or config),
+    or measures it from a directory's files (any mix, experts=auto included); --weights still decides."""
+    from safetensors.torch import load_file
+
+    from moekit.config.published import load_hf_config
+    from moekit.quant.quantize import quantize_checkpoint
+
+    r = plan("gpt-oss-20b", hardware="h100-sxm")
+    assert r["weights"]["precision"] == "experts mxfp4, rest bf16"
+    assert 13.5e9 < r["weights"]["bytes"]["total"] < 14.0e9  # the MXFP4 release's 13.76 GB of files
+    kimi_like = load_hf_config("deepseek-v3") | {
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "g": {
+                    "targets": ["Linear"],
+                    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": True},
+                }
+            },
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*"],
+        }
+    }
+    assert plan(kimi_like, hardware="h200", gpus=8)["weights"]["precision"] == "experts q4, rest bf16"
+    assert plan("gpt-oss-20b", hardware="h100-sxm", weights="bf16")["weights"]["precision"] == "bf16"
+    assert plan("mixtral-8x7b", hardware="h200")["weights"]["precision"] == "bf16"
+    hf_tiny_model("qwen3_moe", tmp_path / "hf")
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", "experts=q4,rest=q8")
+    r = plan(str(tmp_path / "q"), hardware="h100-sxm")
+    files = sum(
+        t.numel() * t.element_size() for f in (tmp_path / "q").glob("*.safetensors") for t in load_file(f).values()
+    )
+    assert r["weights"]["precision"].startswith("as stored: experts 4.")
+    assert abs(r["weights"]["bytes"]["total"] - files) / files < 1e-9

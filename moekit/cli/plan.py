@@ -110,8 +110,8 @@ def add_parser(sub) -> None:
     pl.add_argument("--gpus", type=int, help="GPU count (default: the fewest that fit)")
     pl.add_argument(
         "--weights",
-        default="bf16",
-        help="PREC or experts=PREC,rest=PREC (bf16, fp8, int8, int4, mxfp4, q8_0, q4_k_m, q4_0, ...; default bf16)",
+        help="PREC or experts=PREC,rest=PREC (bf16, fp8, int8, int4, mxfp4, q8_0, q4_k_m, q4_0, q8, q4, ...; "
+        "default: what the checkpoint stores, measured from its files or read from its quantization_config, else bf16)",
     )
     pl.add_argument("--kv", default="bf16", help="KV-cache precision (default bf16)")
     pl.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")

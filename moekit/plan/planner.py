@@ -12,6 +12,7 @@ from moekit.plan.hardware import CATALOG, Hardware, get_hardware
 from moekit.plan.model_stats import ModelStats, model_stats
 from moekit.plan.precision import WeightPrecision, bits
 from moekit.plan.roofline import Deployment, decode_step, prefill, weight_bytes
+from moekit.plan.stored import stored_precision
 
 HOURS_PER_MONTH = 730
 GB = 1e9
@@ -32,7 +33,7 @@ def plan(
     model: str | Path | ModelConfig | dict,
     hardware: str | Hardware | None = None,
     gpus: int | None = None,
-    weights: str | WeightPrecision = "bf16",
+    weights: str | WeightPrecision | None = None,
     kv: str = "bf16",
     context: int = 4096,
     concurrency: int = 1,
@@ -45,7 +46,8 @@ def plan(
     reserve: float = 0.1,
 ) -> dict:
     """The plan of one deployment as a JSON-ready dict (see the README for its keys). hardware None: try every
-    catalog GPU with a price and recommend the cheapest per output token; gpus None: the fewest that fit."""
+    catalog GPU with a price and recommend the cheapest per output token; gpus None: the fewest that fit; weights
+    None: what the checkpoint stores (its files' bytes, or its quantization_config), else bf16."""
     check_int("context", context, 1)
     check_int("concurrency", concurrency, 1)
     check_float("utilisation", utilisation, 0.0, 1.0, lo_open=True)
@@ -59,10 +61,14 @@ def plan(
     if api_usd_per_mtok is not None:
         check_float("api_usd_per_mtok", api_usd_per_mtok, 0.0, lo_open=True)
     bits(kv, "kv")
-    weights = WeightPrecision.parse(weights)
     assumptions: list[str] = []
     cfg = resolve_model(model, assumptions)
     stats = model_stats(cfg)
+    stored = stored_precision(model, stats) if weights is None and not isinstance(model, ModelConfig) else None
+    if stored is not None:
+        weights = stored[0]
+        assumptions.append(f"weights {weights.describe()}, {stored[1]}")
+    weights = WeightPrecision.parse(weights or "bf16")
     args = dict(
         weights=weights,
         kv=kv,

@@ -19,6 +19,11 @@ BITS = {
     "q4_0": 4.5,
     "int4": 4.125,
     "mxfp4": 4.25,
+    # moekit quantize's formats (compressed-tensors pack-quantized, group 32, bf16 scales; q4m: 4-bit zero points)
+    "q8": 8.5,
+    "q4": 4.5,
+    "q4m": 4.625,
+    "q2": 2.5,
 }
 
 
@@ -35,16 +40,19 @@ class WeightPrecision:
 
     experts: str = "bf16"
     rest: str = "bf16"
+    measured: tuple[float, float] | None = None  # (experts, rest) bits per weight a checkpoint's files hold
 
     @property
     def expert_bits(self) -> float:
-        return bits(self.experts)
+        return self.measured[0] if self.measured else bits(self.experts)
 
     @property
     def rest_bits(self) -> float:
-        return bits(self.rest)
+        return self.measured[1] if self.measured else bits(self.rest)
 
     def describe(self) -> str:
+        if self.measured:
+            return f"as stored: experts {self.measured[0]:.2f} bits/weight, rest {self.measured[1]:.2f}"
         if self.experts == self.rest:
             return self.experts
         return f"experts {self.experts}, rest {self.rest}"
