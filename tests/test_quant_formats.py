@@ -90,7 +90,9 @@ def test_int_pack_round_trip_and_bad_input():
         int_pack.dequantize(packed, scale, shape=(6, 200))
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (4, False), (8, False), (2, True)])
+@pytest.mark.parametrize(
+    "bits, symmetric", [(4, True), (8, True), (4, False), (8, False), (2, True), (3, True), (3, False)]
+)
 def test_int_pack_equals_compressed_tensors(bits, symmetric):
     """The packing, the scales and zero points, and the dequantized weight of compressed-tensors' own compressor."""
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
@@ -111,3 +113,15 @@ def test_int_pack_equals_compressed_tensors(bits, symmetric):
     theirs = dequantize(q, their_scale, their_zp, args)
     ours = int_pack.dequantize(packed, scale, (12, 96), bits=bits, zero_point=zp)
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dense_packing_round_trips_at_every_width(bits):
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    gen = torch.Generator().manual_seed(bits)
+    for width in range(1, 70):
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (3, width), generator=gen)
+        packed = int_pack.pack(q, bits)
+        assert packed.shape[-1] == int_pack.words(width, bits)
+        assert torch.equal(packed, ct.pack_to_int32(q.to(torch.int8), bits))
+        assert torch.equal(int_pack.unpack(packed, bits, width), q.to(torch.int32))

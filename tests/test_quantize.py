@@ -117,7 +117,7 @@ def test_quantize_shrinks_what_it_should_and_reports_it(tmp_path, capsys):
 @pytest.mark.parametrize(
     "weights, message",
     [
-        ("experts=q3", r"experts='q3' is invalid: allowed one of q8, q4, q4m, q2, mxfp4, fp8"),
+        ("experts=q5", r"experts='q5' is invalid: allowed one of q8, q4, q4m, q3, q2, mxfp4, fp8"),
         ("router=q8", r"item 'router=q8' is invalid"),
         ("embedding=q4", r"embedding=q4 is invalid: allowed bf16, fp32, keep"),
         ("experts=fp8,rest=q8", r"mixes fp8, q8"),

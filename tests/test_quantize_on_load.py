@@ -54,7 +54,7 @@ def test_shipped_formats_stay_and_the_rest_is_quantized(tmp_path):
         assert torch.isfinite(model(torch.tensor([[3, 4, 5]]))).all()
 
 
-@pytest.mark.parametrize("choice", ["q8", "q4", "q4m", "q2", "mxfp4", "fp8"])
+@pytest.mark.parametrize("choice", ["q8", "q4", "q4m", "q3", "q2", "mxfp4", "fp8"])
 def test_store_a_slice_at_a_time_equals_all_at_once(choice, monkeypatch):
     w = torch.randn(300, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     whole = QuantizedLinear(256, 300, CHOICES[choice])
@@ -73,7 +73,7 @@ def test_requests_loading_cannot_honour_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="is a dtype"):
         moekit.from_pretrained(tmp_path / "hf", quantize="attention=bf16")
     with pytest.raises(ValueError, match="allowed one of"):
-        moekit.from_pretrained(tmp_path / "hf", quantize="attention=q3")
+        moekit.from_pretrained(tmp_path / "hf", quantize="attention=q5")
 
 
 def test_conversions_read_through_a_bounded_buffer(tmp_path, monkeypatch):

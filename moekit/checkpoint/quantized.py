@@ -102,8 +102,8 @@ def _compressed_tensors(qc: dict, shards: Shards | None) -> Scheme:
     for key, group in groups.items():
         w = (group or {}).get("weights") or {}
         field = f"config_groups.{key}.weights"
-        if w.get("num_bits") not in (2, 4, 8):
-            _fail(f"{field}.num_bits", w.get("num_bits"), "2, 4 or 8")
+        if w.get("num_bits") not in (2, 3, 4, 8):
+            _fail(f"{field}.num_bits", w.get("num_bits"), "2, 3, 4 or 8")
         for k, value in {"type": "int", "strategy": "group"}.items():
             if w.get(k) != value:
                 _fail(f"{field}.{k}", w.get(k), repr(value))

@@ -76,5 +76,5 @@ def _config_format(qc: dict, module: str, dtype: str) -> str:
     if isinstance(fmt, Fp8Blocks):
         return "fp8"
     if isinstance(fmt, IntPacked):
-        return {8: "q8", 4: "q4" if fmt.symmetric else "q4m", 2: "q2"}[fmt.bits]
+        return {8: "q8", 4: "q4" if fmt.symmetric else "q4m", 3: "q3", 2: "q2"}[fmt.bits]
     return dtype

@@ -15,7 +15,8 @@ CHOICES: dict[str, Format | None] = {
     "q8": IntPacked(bits=8),
     "q4": IntPacked(bits=4),
     "q4m": IntPacked(bits=4, symmetric=False),
-    "q2": IntPacked(bits=2),  # for what is rarely used (experts=auto); no kernel reads it: dequantized per call
+    "q3": IntPacked(bits=3),  # q3 / q2: for what is rarely used (experts=auto); no kernel reads them: dequantized
+    "q2": IntPacked(bits=2),
     "mxfp4": Mxfp4(),
     "fp8": Fp8Blocks(),
     "bf16": None,

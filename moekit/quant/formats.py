@@ -133,13 +133,12 @@ class IntPacked(Format):
 
     def parts(self, shape, pieces=1):
         *lead, out, width = shape
-        per_word = 32 // self.bits
-        words, groups = -(-width // per_word), -(-width // self.group)
+        words, groups = int_pack.words(width, self.bits), -(-width // self.group)
         held = {"_packed": ((*lead, out, words), torch.int32), "_scale": ((*lead, out, groups), self.scale_dtype)}
         if not self.symmetric:
             if out % pieces:
                 raise ValueError(f"{out} rows do not split into {pieces} pieces")
-            held["_zero_point"] = ((*lead, pieces * -(-(out // pieces) // per_word), groups), torch.int32)
+            held["_zero_point"] = ((*lead, pieces * int_pack.words(out // pieces, self.bits), groups), torch.int32)
         return held
 
     def dequantize(self, parts, shape, pieces=1, name="weight"):

@@ -16,28 +16,45 @@ from moekit.quant.checks import checked_scales
 GROUP = 32
 
 
-def _per_word(bits: int) -> int:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits={bits} is invalid: allowed 2, 4 or 8")
-    return 32 // bits
+BITS = (2, 3, 4, 8)
+
+
+def words(values: int, bits: int) -> int:
+    """int32 words that hold `values` codes of `bits` bits, packed densely (a code may straddle two words)."""
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is invalid: allowed {', '.join(map(str, BITS))}")
+    return -(-values * bits // 32)
 
 
 def unpack(packed_OW: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """The signed values [..., out, width] (int32) of packed words [..., out, words]."""
-    shifts = torch.arange(_per_word(bits), dtype=torch.int32, device=packed_OW.device) * bits
-    codes = (packed_OW.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift: the mask keeps the code
-    return codes.flatten(-2)[..., :width] - (1 << (bits - 1))
+    """The signed values [..., out, width] (int32) of packed words [..., out, words]: code i at bit i * bits of the
+    little-endian stream of words."""
+    words(width, bits)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # no code straddles two words
+        shifts = torch.arange(32 // bits, dtype=torch.int32, device=packed_OW.device) * bits
+        codes = (packed_OW.unsqueeze(-1) >> shifts) & mask  # arithmetic shift: the mask keeps the code
+        return codes.flatten(-2)[..., :width] - (1 << (bits - 1))
+    stream = torch.nn.functional.pad(packed_OW.long() & 0xFFFFFFFF, (0, 1))  # a zero word past the end
+    at = torch.arange(width, device=packed_OW.device) * bits
+    pairs = stream[..., at // 32] | (stream[..., at // 32 + 1] << 32)
+    return ((pairs >> (at % 32)) & mask).to(torch.int32) - (1 << (bits - 1))
 
 
 def pack(q_OI: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values [..., out, in] in [-2^(bits-1), 2^(bits-1)) packed into int32 words [..., out, words] (a ragged
-    last word padded with zeros)."""
-    per_word = _per_word(bits)
+    """Signed values [..., out, in] in [-2^(bits-1), 2^(bits-1)) packed densely into int32 words [..., out, words]
+    (code i at bit i * bits; the last word's unused bits zero), as compressed-tensors packs them."""
+    n = q_OI.shape[-1]
+    count = words(n, bits)
     codes = (q_OI.long() + (1 << (bits - 1))) & ((1 << bits) - 1)
-    codes = torch.nn.functional.pad(codes, (0, -q_OI.shape[-1] % per_word))  # code 0, as compressed-tensors pads
-    shifts = torch.arange(per_word, dtype=torch.int64, device=q_OI.device) * bits
-    words = (codes.unflatten(-1, (-1, per_word)) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the word's bits as int32
+    at = torch.arange(n, dtype=torch.int64, device=q_OI.device) * bits
+    shifted = codes << (at % 32)  # at most 39 bits: the part past 32 goes to the next word
+    stream = torch.zeros((*q_OI.shape[:-1], count + 1), dtype=torch.int64, device=q_OI.device)
+    index = (at // 32).expand_as(codes)
+    stream.scatter_add_(-1, index, shifted & 0xFFFFFFFF)
+    stream.scatter_add_(-1, index + 1, shifted >> 32)
+    stream = stream[..., :count]
+    return torch.where(stream >= 2**31, stream - 2**32, stream).to(torch.int32)  # the word's bits as int32
 
 
 def _zero_points(packed_zp: torch.Tensor, bits: int, out: int) -> torch.Tensor:
@@ -57,9 +74,8 @@ def dequantize(
     ValueError naming `name` where the packing, the scales or weight_shape (the last two sides) do not agree."""
     if packed_OW.dtype != torch.int32:
         raise ValueError(f"{name}: weight_packed must be int32, got {packed_OW.dtype}")
-    per_word = _per_word(bits)
-    out, width = packed_OW.shape[-2], packed_OW.shape[-1] * per_word
-    if shape is not None and (shape[0] != out or not 0 < shape[1] <= width or width - shape[1] >= per_word):
+    out, width = packed_OW.shape[-2], packed_OW.shape[-1] * 32 // bits
+    if shape is not None and (shape[0] != out or words(shape[1], bits) != packed_OW.shape[-1]):
         raise ValueError(f"{name}: weight_shape {list(shape)} does not fit weight_packed {list(packed_OW.shape)}")
     width = shape[1] if shape is not None else width
     lead = tuple(packed_OW.shape[:-2])
@@ -67,7 +83,7 @@ def dequantize(
     scale = checked_scales(name, "weight_scale", scale_OG, expected, (*lead, out, width), f"groups of {group}")
     q = unpack(packed_OW, bits, width)
     if zero_point is not None:
-        zp_shape = (*lead, -(-out // per_word), expected[-1])
+        zp_shape = (*lead, words(out, bits), expected[-1])
         if tuple(zero_point.shape) != zp_shape or zero_point.dtype != torch.int32:
             raise ValueError(
                 f"{name}: weight_zero_point {zero_point.dtype} {list(zero_point.shape)} does not fit: allowed int32 "

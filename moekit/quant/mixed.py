@@ -1,13 +1,16 @@
 """Expert-aware mixed precision (`moekit quantize --weights experts=auto`): a format for each routed expert, from
-how much its quantization would change the model's output on calibration text.
+how much its quantization would change the model's loss on calibration text.
 
-For every expert e and candidate format c the calibration measures the error the rounding adds to what the expert
-contributes: err[e, c] = sum over the tokens routed to e of (gate weight)^2 * |f_e(x) - f_e^c(x)|^2, the expert's
-output with its weights quantized to c against the float one. It is a sum over the tokens that reach the expert, so
-usage and sensitivity enter together: an expert few tokens use costs little in any format, a busy or fragile one
-much. The choice minimises the total error within a byte budget (a multiple-choice knapsack, solved greedily along
-each expert's lower convex hull of (bytes, error), the usual exchange argument; exact for convex hulls up to the
-last step). Experts are compared by their own error only: interactions between experts and layers are ignored."""
+For every expert e and candidate format c the calibration estimates the loss the rounding adds, to second order
+with the empirical Fisher: err[e, c] = sum over the tokens t routed to e of (g_t . w_t (f_e^c(x_t) - f_e(x_t)))^2,
+where f_e^c is the expert with its weights quantized to c, w_t the token's gate weight and g_t the gradient of the
+token's next-token loss with respect to the MoE block's output (one backward pass over the calibration text). It is
+a sum over the tokens that reach the expert, so usage and sensitivity enter together: an expert few tokens use
+costs little in any format, a busy one or one whose output the loss is sensitive to much; the gradient puts experts
+of different layers on one scale (an output error in a late layer is not worth the same as in an early one). The
+choice minimises the total within a byte budget (a multiple-choice knapsack, solved greedily along each expert's
+lower convex hull of (bytes, error), the usual exchange argument; optimal up to the last step). Experts are scored
+one at a time: interactions between experts' errors are ignored."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from moekit.quant.choices import CHOICES
 from moekit.quant.formats import IntPacked
 from moekit.train.data import load_corpus
 
-CANDIDATES = ("q2", "q4", "q4m", "q8")  # one quant_method (compressed-tensors) holds them all
+CANDIDATES = ("q2", "q3", "q4", "q4m", "q8")  # one quant_method (compressed-tensors) holds them all
 SAMPLES_PER_EXPERT = 512  # calibration rows kept per expert (the error is scaled up to all its tokens)
 CALIBRATION_TOKENS = 16384
 SEQ_LEN = 256
@@ -72,33 +75,61 @@ def calibration_batches(
     return list(windows.split(8))
 
 
-@torch.no_grad()
 def calibrate(model: nn.Module, batches: list[torch.Tensor], candidates=CANDIDATES) -> list[ExpertStats]:
-    """Run the float model over the batches ([B, T] token ids), collect each MoE layer's routed inputs, and measure
-    every expert's error in every candidate format."""
+    """Run the float model over the batches ([B, T] token ids) and back from their next-token loss, collect each
+    MoE layer's inputs and the loss gradient at its output, and score every expert in every candidate format."""
     for c in candidates:
         if not isinstance(CHOICES.get(c), IntPacked):
-            raise ValueError(f"experts=auto candidate {c!r} is invalid: allowed q8, q4, q4m, q2 (one quant_method)")
+            raise ValueError(f"experts=auto candidate {c!r} is invalid: allowed q8, q4, q4m, q3, q2 (one quant_method)")
     blocks = {
         n: m for n, m in model.named_modules() if isinstance(m, MoEBlock) and isinstance(m.experts, ExpertWeights)
     }
     if not blocks:
         raise ValueError("experts=auto: the model has no routed experts held in float")
     inputs: dict[str, list] = {n: [] for n in blocks}
+    outputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, list] = {n: [] for n in blocks}
+
+    def keep_output(n: str, y_BTD: torch.Tensor) -> None:
+        if y_BTD.requires_grad:
+            y_BTD.retain_grad()  # a later layer's output: its gradient is kept through the graph
+        else:
+            y_BTD.requires_grad_(True)  # the first: the graph starts here (no parameter takes a gradient)
+        outputs[n] = y_BTD
+
     hooks = [
-        block.register_forward_pre_hook(lambda _, args, n=n: inputs[n].append(args[0].reshape(-1, args[0].shape[-1])))
+        h
         for n, block in blocks.items()
+        for h in (
+            block.register_forward_pre_hook(lambda _, a, n=n: inputs[n].append(a[0].detach().flatten(0, -2))),
+            block.register_forward_hook(lambda _, a, out, n=n: keep_output(n, out[0])),
+        )
     ]
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         for ids_BT in batches:
-            model(ids_BT)
+            logits = model(ids_BT).float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), ids_BT[:, 1:].flatten(), reduction="sum"
+            )
+            loss.backward()
+            for n, y_BTD in outputs.items():
+                grads[n].append(y_BTD.grad.flatten(0, -2))
+            outputs.clear()
     finally:
         for h in hooks:
             h.remove()
-    return [_layer_stats(f"{n}.experts", blocks[n], torch.cat(inputs[n]), candidates) for n in blocks]
+        for p in frozen:
+            p.requires_grad_(True)
+    return [
+        _layer_stats(f"{n}.experts", blocks[n], torch.cat(inputs[n]), torch.cat(grads[n]), candidates) for n in blocks
+    ]
 
 
-def _layer_stats(module: str, block: MoEBlock, x_TD: torch.Tensor, candidates) -> ExpertStats:
+@torch.no_grad()
+def _layer_stats(module: str, block: MoEBlock, x_TD: torch.Tensor, g_TD: torch.Tensor, candidates) -> ExpertStats:
     experts = block.experts
     plan = block.router(x_TD)
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +141,8 @@ def _layer_stats(module: str, block: MoEBlock, x_TD: torch.Tensor, candidates) -
         if not mine.numel():
             continue
         sample = mine[torch.randperm(mine.numel(), generator=gen)[:SAMPLES_PER_EXPERT]]
-        x_SD, w_S = x_TD[plan.token_ids_N[sample]].float(), plan.weights_N[sample].float()
+        tokens_S = plan.token_ids_N[sample]
+        x_SD, g_SD, w_S = x_TD[tokens_S].float(), g_TD[tokens_S].float(), plan.weights_N[sample].float()
         up, down = matrices(e)
         b_up = experts.gate_up_proj_bias[e] if experts.layout.bias else None
         b_down = experts.down_proj_bias[e] if experts.layout.bias else None
@@ -124,8 +156,8 @@ def _layer_stats(module: str, block: MoEBlock, x_TD: torch.Tensor, candidates) -
             fmt = CHOICES[choice]
             q_up = fmt.dequantize(fmt.quantize(up.float()), tuple(up.shape))
             q_down = fmt.dequantize(fmt.quantize(down.float()), tuple(down.shape))
-            diff = (expert(q_up, q_down) - y_SD).pow(2).sum(-1)
-            err[e, c] = float((w_S.pow(2) * diff).sum()) * mine.numel() / sample.numel()
+            change_S = w_S * ((expert(q_up, q_down) - y_SD) * g_SD).sum(-1)  # first-order loss change per token
+            err[e, c] = float(change_S.pow(2).sum()) * mine.numel() / sample.numel()
     bytes_EC = torch.tensor([[expert_bytes(experts, c) for c in candidates]] * experts.num_experts, dtype=torch.float64)
     params = (3 if experts.layout.gated else 2) * experts.expert_hidden * experts.hidden_size
     return ExpertStats(module, params, tokens_E, err, bytes_EC)
