@@ -25,8 +25,8 @@ from moekit.quant.quantize import quantize_checkpoint
 from moekit.train.data import TokenStream, load_corpus
 from moekit.train.tokenizer import ByteTokenizer
 
-SPECS = ("rest=q8", "rest=q4", "rest=q4m", "experts=q2,rest=q8", "experts=q4,rest=q8", "experts=q4m,rest=q8")
-AUTO_BITS = (3.5, 4.5, 5.5)
+SPECS = ("rest=q8", "rest=q4", "rest=q4m") + tuple(f"experts={f},rest=q8" for f in ("q2", "q3", "q4", "q4m"))
+AUTO_BITS = (3.0, 3.5, 4.0, 4.5, 5.5)
 
 
 def held_bytes(directory: Path) -> int:
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--auto-bits", nargs="*", type=float, default=list(AUTO_BITS), help="experts=auto budgets")
     parser.add_argument("--batches", type=int, default=16, help="validation batches of 16 windows (16)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="draw perplexity against routed-expert bits (uniform and auto) to this PNG")
     args = parser.parse_args()
     run = json.loads((Path(args.run) / "run.json").read_text())["train"]
     if run.get("tokenizer", "byte") != "byte":
@@ -88,6 +89,32 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"run": args.run, "windows": 16 * args.batches, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.run, args.plot)
+
+
+def plot(rows: list[dict], run: str, path: str) -> None:
+    """Validation perplexity against bits per routed-expert weight: uniform expert formats and experts=auto (the
+    rest 8-bit in both)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, pick, style in (("uniform", "experts=q", "o-"), ("experts=auto", "experts=auto", "s-")):
+        points = sorted((r["expert_bits"], r["ppl"]) for r in rows if r["weights"].startswith(pick))
+        ax.plot(*zip(*points, strict=True), style, label=label)
+    for r in rows:
+        if r["weights"].startswith("experts=q"):
+            ax.annotate(r["weights"].split(",")[0].removeprefix("experts="), (r["expert_bits"], r["ppl"]), fontsize=8)
+    ax.axhline(rows[0]["ppl"], color="gray", linestyle=":", label="fp32")
+    ax.set_xlabel("bits per routed-expert weight (scales included; the rest 8-bit)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"Mixed precision per expert: {Path(run).name}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 moekit's own GGUF export of the same weights) at Q8_0, Q4_0, Q4_K_M and MXFP4, and both at fp32.
 
 The same random weights throughout: transformers makes the model, `moekit quantize` writes moekit's checkpoints
-(8-bit: every matrix q8, 4-bit: every matrix q4, MXFP4: the routed experts MXFP4 and the rest fp32, as gpt-oss
-ships it with bf16 widened), `moekit export-gguf` the llama.cpp files (f32, q8_0, q4_0, mxfp4: experts MXFP4, the
-rest Q8_0), llama.cpp's own quantizer Q4_K_M from the f32 file. Decode: a 16-token prompt then 64 new tokens,
-greedy, per-token time = (time for 64 - time for 1) / 63; llama.cpp by `eval` of each token and the argmax of its
-logits, nothing sampled in Python. Prefill: 512 tokens into an empty cache, the last token's logits. Floor of
-decode: the bytes one token reads at that format's bits (the planner's count: every weight but the routed experts
-and the embedding table, top-k experts per MoE layer, the KV cache) over the read bandwidth measured in the same
-run. Everything is measured in interleaved rounds and the medians are reported.
+(8-bit: every matrix q8, 4-bit: every matrix q4, MXFP4: the routed experts MXFP4, as gpt-oss ships them, the rest
+quantized to q8 while loading: llama.cpp's MXFP4 file's bits), `moekit export-gguf` the llama.cpp files (f32,
+q8_0, q4_0, mxfp4: experts MXFP4, the rest Q8_0), llama.cpp's own quantizer Q4_K_M from the f32 file. Decode: a
+16-token prompt then 64 new tokens, greedy, per-token time = (time for 64 - time for 1) / 63; llama.cpp by `eval` of
+each token and the argmax of its logits, nothing sampled in Python. Prefill: 512 tokens into an empty cache, the
+last token's logits. Floor of decode: the bytes one token reads at that format's bits (the planner's count: every
+weight but the routed experts and the embedding table, top-k experts per MoE layer, the KV cache) over the read
+bandwidth measured in the same run. Everything is measured in interleaved rounds and the medians are reported.
 
     python benchmarks/quantized.py [--models mixtral qwen3 gpt-oss] [--rounds 3] [--json results.json] [--markdown]
     python benchmarks/quantized.py --table benchmarks/results/quantized.json --markdown
@@ -57,12 +57,13 @@ GPT_OSS = (
     ),
 )
 ALL_MODELS = {**MODELS, "gpt-oss": GPT_OSS}
-# label: (moekit --weights, None = the fp32 model; (experts, rest) bits for the floor; llama.cpp types beside it)
+# label: (moekit quantize --weights, None = the fp32 model; from_pretrained's quantize; (experts, rest) bits for the
+# floor; llama.cpp types beside it)
 SETTINGS = {
-    "fp32": (None, ("fp32", "fp32"), ["f32"]),
-    "8-bit": ("rest=q8", ("q8_0", "q8_0"), ["q8_0"]),
-    "4-bit": ("rest=q4", ("q4_0", "q4_0"), ["q4_0", "q4_k_m"]),
-    "MXFP4": ("experts=mxfp4", ("mxfp4", "fp32"), ["mxfp4"]),
+    "fp32": (None, None, ("fp32", "fp32"), ["f32"]),
+    "8-bit": ("rest=q8", None, ("q8_0", "q8_0"), ["q8_0"]),
+    "4-bit": ("rest=q4", None, ("q4_0", "q4_0"), ["q4_0", "q4_k_m"]),
+    "MXFP4": ("experts=mxfp4", "rest=q8", ("mxfp4", "q8_0"), ["mxfp4"]),
 }
 LLAMA_BITS = {"f32": ("fp32", "fp32"), "q8_0": ("q8_0", "q8_0"), "q4_0": ("q4_0", "q4_0")}
 LLAMA_BITS |= {"q4_k_m": ("q4_k_m", "q4_k_m"), "mxfp4": ("mxfp4", "q8_0")}
@@ -134,12 +135,12 @@ def measure(name: str, directory: Path, rounds: int) -> dict:
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(directory / name)
     source = directory / name
     moekit_models, llamas = {}, {}
-    for label, (weights, _, types) in SETTINGS.items():
+    for label, (weights, on_load, _, types) in SETTINGS.items():
         path = source
         if weights is not None:
             path = directory / f"{name}-{label}"
             quantize_checkpoint(source, path, weights)
-        moekit_models[label] = moekit.from_pretrained(path, dtype=torch.float32)
+        moekit_models[label] = moekit.from_pretrained(path, dtype=torch.float32, quantize=on_load)
         for t in types:
             gguf = directory / f"{name}-{t}.gguf"
             if t == "q4_k_m":
@@ -164,7 +165,7 @@ def measure(name: str, directory: Path, rounds: int) -> dict:
                 runs.setdefault(f"moekit {label} decode", []).append(decode)
                 prefill = timeit(lambda m=model: m(long_prompt, cache=KVCache(), logits_to_keep=1), budget_s=2.0)
                 runs.setdefault(f"moekit {label} prefill", []).append(prefill)
-                for t in SETTINGS[label][2]:
+                for t in SETTINGS[label][3]:
                     runner = llamas[t]
                     decode = decode_time(lambda n, r=runner: r.generate(prompt[0].tolist(), n))
                     runs.setdefault(f"llama {t} decode", []).append(decode)
@@ -175,7 +176,7 @@ def measure(name: str, directory: Path, rounds: int) -> dict:
     context = PROMPT + NEW // 2
     reference = moekit_models["fp32"]
     rows = []
-    for label, (_, bits, types) in SETTINGS.items():
+    for label, (_, _, bits, types) in SETTINGS.items():
         for t in types:
             rows.append(
                 {
