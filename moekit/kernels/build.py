@@ -5,6 +5,7 @@ falls back to torch's ops and moekit says so once. MOEKIT_NO_KERNELS=1 turns the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import threading
@@ -94,7 +95,10 @@ def _environment_ninja():
 
 
 def _build_directory() -> Path:
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    # one directory per installed copy too: two checkouts sharing one would each rebuild the other's kernels, silently
+    # (torch's loader rebuilds when the sources' paths change), on every alternation
+    where = hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{where}".replace("+", "_")
     if os.environ.get("MOEKIT_KERNEL_DIR"):
         path = Path(os.environ["MOEKIT_KERNEL_DIR"]) / tag
     else:

@@ -1,5 +1,6 @@
 // Independent matrix products spread over torch's own OpenMP threads (see segment_mm.py).
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 
 #include <exception>
 
@@ -13,9 +14,13 @@ void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<
   TORCH_CHECK(a.size() == b.size() && b.size() == out.size(), "mm_tasks: a, b and out differ in length");
   const int64_t n_mm = static_cast<int64_t>(a.size()), n = n_mm + static_cast<int64_t>(zero.size());
   std::exception_ptr error;
+  // inference mode is per thread too: under the caller's, outputs made in it are inference tensors that only code
+  // in inference mode may write
+  const bool inference = c10::InferenceMode::is_enabled();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     try {
+      c10::InferenceMode inference_mode(inference);
       c10::NoGradGuard no_grad;  // grad mode is per thread: these out= products are not for autograd to record
       if (i < n_mm)
         at::mm_out(out[i], a[i], b[i]);
