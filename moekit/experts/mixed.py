@@ -34,9 +34,10 @@ class MixedExperts(nn.Module):
         self.layout = replace(layout, transposed=False)
         self.formats = list(dict.fromkeys(formats_E))  # each format once, in order of first use
         self.members = [[e for e, f in enumerate(formats_E) if f == fmt] for fmt in self.formats]
-        self.place_E = [
-            (self.formats.index(f), self.members[self.formats.index(f)].index(e)) for e, f in enumerate(formats_E)
-        ]
+        self.place_E = [(0, 0)] * self.num_experts  # (group, slot) of each expert
+        for g, members in enumerate(self.members):
+            for slot, e in enumerate(members):
+                self.place_E[e] = (g, slot)
         unbiased = replace(self.layout, bias=False)
         self.groups = nn.ModuleList(
             QuantizedExperts(len(m), hidden_size, expert_hidden, unbiased, fmt, gate_up_pieces, device=device)
@@ -73,8 +74,10 @@ class MixedExperts(nn.Module):
         return list(BASES)
 
     def group_index(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group, slot) of each expert id."""
-        place = torch.tensor(self.place_E, device=ids.device)
+        """(group, slot) of each expert id (the table made once per device: decode asks every token)."""
+        place = self.__dict__.get("_place")
+        if place is None or place.device != ids.device:  # not a buffer: materialising a meta model zeroes buffers
+            place = self.__dict__["_place"] = torch.tensor(self.place_E, device=ids.device)
         return place[ids, 0], place[ids, 1]
 
     def dequantized(self, base: str, dtype: torch.dtype, index: torch.Tensor | None = None) -> torch.Tensor:

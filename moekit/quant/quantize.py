@@ -3,10 +3,11 @@ format is one they know, transformers and vLLM) load. Each class of tensor takes
 and biases stay in full precision. It streams: one tensor is read, quantized and queued for its shard at a time,
 so quantizing costs about one shard of memory, not the model.
 
-Formats (CHOICES): q8 / q4 (symmetric, group 32) and q4m (4-bit with a per-group minimum: asymmetric, a zero point
-per group) as compressed-tensors pack-quantized, one config group per format, targeting the modules by name;
-mxfp4 (gpt-oss's) and fp8 (e4m3, 128 x 128 blocks, DeepSeek's) as their own quant_method, which holds one format;
-bf16 / fp32 / keep: not quantized."""
+Formats (quant/choices.py): q8 / q4 / q3 / q2 (symmetric, group 32) and q4m (4-bit with a per-group minimum:
+asymmetric, a zero point per group) as compressed-tensors pack-quantized, one config group per format, targeting
+the modules by name; mxfp4 (gpt-oss's) and fp8 (e4m3, 128 x 128 blocks, DeepSeek's) as their own quant_method,
+which holds one format; bf16 / fp32 / keep: not quantized; experts=auto: a format per routed expert
+(quant/mixed.py), each expert named in its format's group."""
 
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def quantize_checkpoint(
     weight) or target_gb (the whole checkpoint), calibrated on `calibration` text (default: the standard library's);
     the choice is saved beside the weights (expert_formats.json) and reported under "experts_auto"."""
     source = checkpoint_dir(source)
+    if Path(out).exists():  # before any calibration: nothing is overwritten
+        raise ValueError(f"{out}: exists: allowed a new directory (nothing is overwritten)")
     hf = load_hf_config(source)
     if "quantization_config" in hf:
         method = (hf["quantization_config"] or {}).get("quant_method")
