@@ -10,6 +10,7 @@ from moekit.cli.format import gb
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.quant.choices import AUTO, parse_weights
     from moekit.quant.mixed import CHOICE_FILE as EXPERT_FORMATS
     from moekit.quant.quantize import quantize_checkpoint
 
@@ -17,6 +18,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.json and sys.stderr.isatty():
             print(f"\rquantizing tensors {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
+    if parse_weights(args.weights)["experts"] == AUTO and not args.json:  # minutes on a large model: say what runs
+        print(
+            f"experts=auto: calibrating on {args.calibration_tokens} tokens (a forward and backward pass of the float "
+            "model, then each expert in each format)",
+            file=sys.stderr,
+            flush=True,
+        )
     report = quantize_checkpoint(
         args.model,
         args.out,
@@ -35,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{n} {c}" for c, n in auto["experts_per_format"].items() if n)
         uniform = ", ".join(f"{c} {e:.4g}" for c, e in auto["error_uniform"].items())
         print(
-            f"experts=auto: {counts} ({auto['bits_per_weight']:.2f} bits per routed-expert weight); predicted "
-            f"output error {auto['error']:.4g} (uniform: {uniform}); the choice: {args.out}/{EXPERT_FORMATS}"
+            f"experts=auto: {counts} ({auto['bits_per_weight']:.2f} bits per routed-expert weight); loss score "
+            f"{auto['error']:.4g} (uniform: {uniform}); the choice: {args.out}/{EXPERT_FORMATS}"
         )
         for module, layer in auto["layers"].items():
             print(f"  {module}: {' '.join(layer['formats'])}")
