@@ -145,3 +145,37 @@ def test_auto_refusals(family, kwargs, message, tmp_path):
         quantize_checkpoint(tmp_path / "hf", tmp_path / "q", "experts=q4", target_bits=4.0)
     with pytest.raises(ValueError, match="not while loading"):
         moekit.from_pretrained(tmp_path / "hf", quantize="experts=auto")
+
+
+def test_fused_decode_reads_each_experts_format(tmp_path):
+    """The one-call decode step takes a MixedExperts layer (each format's stack through its kernel): the same logits
+    as the modules' one-token path, which reads the same bytes with the same int8 activations."""
+    from moekit.infer.cache import KVCache
+    from moekit.infer.fast import prepare_inference
+
+    hf_tiny_model("qwen3_moe", tmp_path / "hf", moe_intermediate_size=32, hidden_size=64)
+    _tokenizer(tmp_path / "hf")
+    report = quantize_checkpoint(
+        tmp_path / "hf",
+        tmp_path / "q",
+        "experts=auto",
+        target_bits=6.0,
+        calibration=str(Path(json.__file__)),
+        calibration_tokens=1024,
+        candidates=("q4", "q8"),  # formats the kernels read
+    )
+    assert all(report["experts_auto"]["experts_per_format"].values())
+    model = moekit.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert any(isinstance(m, MixedExperts) for m in model.modules())
+    covered = prepare_inference(model)
+    assert covered["chain"] and covered["ffn"] == list(range(model.config.num_layers))
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    with torch.no_grad():
+        for fused in (True, False):
+            if not fused:
+                model.drop_fused()
+            cache = KVCache()
+            model(ids[:, :-1], cache=cache)
+            logits[fused] = model(ids[:, -1:], cache=cache)
+    assert float((logits[True] - logits[False]).abs().max() / logits[False].abs().max()) < 1e-5

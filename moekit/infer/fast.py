@@ -275,10 +275,8 @@ def _block_covered(block: MoEBlock) -> bool:
     selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
     spec = block.router.spec
     experts = block.experts
-    if isinstance(experts, MixedExperts):  # the fused step reads one stack per projection
-        return False
-    quantized = isinstance(experts, QuantizedExperts)  # routed experts the kernels read
-    if quantized and not all(covers(experts, b) and experts.int8_activations for b in ("gate_up_proj", "down_proj")):
+    stacks = _expert_stacks(experts)  # routed experts the kernels read: one stack, or one per format
+    if stacks and not all(covers(s, b) and s.int8_activations for s in stacks for b in ("gate_up_proj", "down_proj")):
         return False
     shared = block.shared_experts
     return (
@@ -290,6 +288,16 @@ def _block_covered(block: MoEBlock) -> bool:
         and block.router.cfg.capacity_factor is None
         and not (block.shared_experts is not None and block.experts.layout.bias)
     )
+
+
+def _expert_stacks(experts: nn.Module) -> list[QuantizedExperts]:
+    """The quantized stacks of a layer's routed experts (one per format for MixedExperts); [] where they are float."""
+    if isinstance(experts, MixedExperts):
+        return list(experts.groups)
+    return [experts] if isinstance(experts, QuantizedExperts) else []
+
+
+_NO_PLACE = torch.empty(0, dtype=torch.long)  # the experts are their stack's slots
 
 
 def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
@@ -344,16 +352,18 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         "gate_up_bias": _NONE,
         "down_bias": _NONE,
     }
-    quant: dict = {}
+    quant: dict = {"gate_up_quant": [], "down_quant": [], "expert_place": _NO_PLACE}
     if block is not None:
         spec, experts, router = block.router.spec, block.experts, block.router
-        quantized = isinstance(experts, QuantizedExperts)
+        stacks = _expert_stacks(experts)
+        quantized = bool(stacks)
         if quantized:
-            quant = {
-                b.removesuffix("_proj") + "_quant": quant_weights(experts, b) for b in ("gate_up_proj", "down_proj")
-            }
-            if any(q is None for q in quant.values()):
+            for b in ("gate_up_proj", "down_proj"):
+                quant[b.removesuffix("_proj") + "_quant"] = [quant_weights(s, b) for s in stacks]
+            if any(q is None for b in ("gate_up_quant", "down_quant") for q in quant[b]):
                 return None
+            if isinstance(experts, MixedExperts):
+                quant["expert_place"] = torch.tensor(experts.place_E, dtype=torch.long)
         routing.update(
             router_weight=router.weight,
             router_bias=_or_none(router.bias),

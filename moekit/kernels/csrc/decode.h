@@ -48,8 +48,9 @@ class FfnDecode {
             double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
             at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha,
             double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
-            at::Tensor shared_sigmoid_w, std::shared_ptr<QuantWeights> up_quant,
-            std::shared_ptr<QuantWeights> down_quant, std::vector<std::shared_ptr<QuantWeights>> shared_quant);
+            at::Tensor shared_sigmoid_w, std::vector<std::shared_ptr<QuantWeights>> up_quant,
+            std::vector<std::shared_ptr<QuantWeights>> down_quant, at::Tensor expert_place,
+            std::vector<std::shared_ptr<QuantWeights>> shared_quant);
   // x [D] -> (x + ffn [D] (or ffn alone), the chosen experts [k] in selection order, tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
   // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
@@ -63,10 +64,16 @@ class FfnDecode {
   void route(const float* h, int64_t* ids, float* weights) const;
   void add_router_bias(float* logits, int64_t tokens) const;
   void choose(const float* logits, int64_t* ids, float* weights) const;
+  // ys[j] = expert ids[j]'s matrix of `stacks` @ xs[j], each expert read from its format's stack at its slot
+  void expert_products(const std::vector<std::shared_ptr<QuantWeights>>& stacks, const int64_t* ids,
+                       const float* const* xs, float* const* ys, int64_t k, int64_t threads) const;
 
   at::Tensor norm_w_, router_w_, router_b_, selection_bias_, up_w_, down_w_, up_b_, down_b_;
   at::Tensor shared_gate_w_, shared_up_w_, shared_down_w_, shared_sigmoid_w_;
-  std::shared_ptr<QuantWeights> up_q_, down_q_;  // quantized routed experts (then up_w_ and down_w_ are empty)
+  // quantized routed experts (then up_w_ and down_w_ are empty): one stack, or one per format where experts differ
+  // in format (place_: each expert's stack and slot in it, [E, 2])
+  std::vector<std::shared_ptr<QuantWeights>> up_q_, down_q_;
+  std::vector<int64_t> place_;
   std::vector<std::shared_ptr<QuantWeights>> shared_q_;  // the shared / dense gate, up, down: quantized or null
   float eps_, normalize_eps_, scaling_, alpha_, limit_;
   bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_;

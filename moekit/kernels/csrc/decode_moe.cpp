@@ -23,7 +23,8 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                      at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
                      bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
                      at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
-                     std::shared_ptr<QuantWeights> up_quant, std::shared_ptr<QuantWeights> down_quant,
+                     std::vector<std::shared_ptr<QuantWeights>> up_quant,
+                     std::vector<std::shared_ptr<QuantWeights>> down_quant, at::Tensor expert_place,
                      std::vector<std::shared_ptr<QuantWeights>> shared_quant)
     : d(norm_w.numel() ? norm_w.numel() : (router_w.numel() ? router_w.size(1) : shared_up_w.size(-1))),
       experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
@@ -44,13 +45,31 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
   TORCH_CHECK(router_w.numel() || shared_up_w.numel() || suq, "moe_decode: neither experts nor a dense FFN");
   TORCH_CHECK(norm_w.numel() || router_w.numel() || !suq, "moe_decode: a quantized dense FFN needs its norm");
   x_rows_ = f_ = 0;
-  TORCH_CHECK(!up_q_ == !down_q_, "moe_decode: both expert projections quantized, or neither");
-  if (experts && up_q_) {  // quantized: output-major stacks [E, X, D] and [E, D, F]
+  TORCH_CHECK(up_q_.size() == down_q_.size(), "moe_decode: both expert projections quantized, or neither");
+  if (experts && !up_q_.empty()) {  // quantized: output-major stacks [E, X, D] and [E, D, F], or one per format
     TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
-    x_rows_ = up_q_->rows, f_ = down_q_->cols;
-    TORCH_CHECK(!transposed && up_q_->experts == experts && down_q_->experts == experts && up_q_->cols == d &&
-                    down_q_->rows == d && x_rows_ == (gated ? 2 * f_ : f_),
-                "moe_decode: quantized expert weights");
+    x_rows_ = up_q_[0]->rows, f_ = down_q_[0]->cols;
+    int64_t held = 0;
+    for (size_t g = 0; g < up_q_.size(); ++g) {
+      const auto &up = up_q_[g], &down = down_q_[g];
+      TORCH_CHECK(up && down && up->experts == down->experts && up->rows == x_rows_ && up->cols == d &&
+                      down->rows == d && down->cols == f_,
+                  "moe_decode: quantized expert weights");
+      held += up->experts;
+    }
+    TORCH_CHECK(!transposed && held == experts && x_rows_ == (gated ? 2 * f_ : f_), "moe_decode: quantized experts");
+    if (expert_place.numel()) {
+      TORCH_CHECK(expert_place.scalar_type() == at::kLong && expert_place.numel() == 2 * experts &&
+                      expert_place.is_contiguous(),
+                  "moe_decode: expert_place [E, 2] int64");
+      place_.assign(expert_place.data_ptr<int64_t>(), expert_place.data_ptr<int64_t>() + 2 * experts);
+      for (int64_t e = 0; e < experts; ++e)
+        TORCH_CHECK(0 <= place_[2 * e] && place_[2 * e] < static_cast<int64_t>(up_q_.size()) &&
+                        0 <= place_[2 * e + 1] && place_[2 * e + 1] < up_q_[place_[2 * e]]->experts,
+                    "moe_decode: expert_place out of range");
+    } else {
+      TORCH_CHECK(up_q_.size() == 1, "moe_decode: several expert stacks need expert_place");
+    }
   } else if (experts) {
     TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == d && router_w.is_contiguous(), "moe_decode: router");
     TORCH_CHECK(up_w.dim() == 3 && down_w.dim() == 3, "moe_decode: expert weights");
@@ -139,6 +158,25 @@ void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
     for (int64_t j = 0; j < top_k; ++j) w[j] *= scaling_;
 }
 
+void FfnDecode::expert_products(const std::vector<std::shared_ptr<QuantWeights>>& stacks, const int64_t* ids,
+                                const float* const* xs, float* const* ys, int64_t k, int64_t threads) const {
+  if (place_.empty()) {  // one stack: the ids are its slots
+    stacks[0]->products(ids, xs, ys, k, threads);
+    return;
+  }
+  std::vector<int64_t> slots;
+  std::vector<const float*> in;
+  std::vector<float*> out;
+  for (size_t g = 0; g < stacks.size(); ++g) {  // each format's experts in one call, in selection order
+    slots.clear(), in.clear(), out.clear();
+    for (int64_t j = 0; j < k; ++j)
+      if (place_[2 * ids[j]] == static_cast<int64_t>(g))
+        slots.push_back(place_[2 * ids[j] + 1]), in.push_back(xs[j]), out.push_back(ys[j]);
+    if (!slots.empty())
+      stacks[g]->products(slots.data(), in.data(), out.data(), static_cast<int64_t>(slots.size()), threads);
+  }
+}
+
 void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) const {
   const int64_t k = top_k, x_rows = x_rows_, f = f_, fs = fs_;
   std::vector<float> h(x, x + d), w(k);
@@ -157,7 +195,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
       for (int64_t i = 0; i < d; ++i) inputs[j * d + i] = h[i] * w[j];
       in = inputs.data() + j * d;
     }
-    if (up_q_) {
+    if (!up_q_.empty()) {
       q_in[j] = in, q_out[j] = up.data() + j * x_rows;
       continue;
     }
@@ -175,7 +213,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   }
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, d, threads);
-  if (up_q_ && k) up_q_->products(id, q_in.data(), q_out.data(), k, threads);
+  if (!up_q_.empty() && k) expert_products(up_q_, id, q_in.data(), q_out.data(), k, threads);
   if (fs && gated_ && shared_q_[0]) quant_row(*shared_q_[0], h.data(), shared_up, threads);
   if (fs && shared_q_[1]) quant_row(*shared_q_[1], h.data(), shared_up + (gated_ ? fs : 0), threads);
   const float* ub = data_or_null(up_b_);
@@ -191,7 +229,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   std::vector<float> down(k * d + (fs ? d : 0));
   tasks.clear(), input_major.clear();
   for (int64_t j = 0; j < k; ++j) {
-    if (down_q_) {
+    if (!down_q_.empty()) {
       q_in[j] = act_k.data() + j * f, q_out[j] = down.data() + j * d;
       continue;
     }
@@ -203,7 +241,7 @@ void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) cons
   }
   if (!input_major.empty()) run_input_major(input_major, threads);
   if (!tasks.empty()) run_tasks(tasks, f, threads);
-  if (down_q_ && k) down_q_->products(id, q_in.data(), q_out.data(), k, threads);
+  if (!down_q_.empty() && k) expert_products(down_q_, id, q_in.data(), q_out.data(), k, threads);
   if (fs && shared_q_[2])
     quant_row(*shared_q_[2], act_k.data() + k * f, down.data() + k * d, threads);
   else if (fs)

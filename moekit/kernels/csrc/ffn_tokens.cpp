@@ -61,7 +61,7 @@ struct Products {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward_tokens(at::Tensor x, int64_t threads) const {
-  TORCH_CHECK(!up_q_ && !shared_q_[0] && !shared_q_[1] && !shared_q_[2], "moe_decode: the batch step takes fp32 weights only");
+  TORCH_CHECK(up_q_.empty() && !shared_q_[0] && !shared_q_[1] && !shared_q_[2], "moe_decode: the batch step takes fp32 weights only");
   check_fp32(x, "moe_decode input");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == d && x.is_contiguous(), "ffn tokens: x");
   const int64_t t_len = x.size(0), k = top_k, s_len = t_len * k, x_rows = x_rows_, f = f_, fs = fs_;
