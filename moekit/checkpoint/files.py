@@ -112,10 +112,10 @@ class SafetensorsFile:
         if dst.dtype == dtype and dst.is_contiguous():
             self._read_bytes(name, begin, end, dst.view(-1))
             return
-        flat = dst.view(-1) if dst.is_contiguous() else None
-        if flat is None:
-            dst.copy_(self.read_rows(name, 0, shape[0]) if shape else self._scalar(name))
+        if not dst.is_contiguous():  # a view of a larger tensor (never 0-d): read whole, then copy
+            dst.copy_(self.read_rows(name, 0, shape[0]))
             return
+        flat = dst.view(-1)
         step = max(1, CONVERT_BYTES // dtype.itemsize)
         buffer = torch.empty(min(step, flat.numel()), dtype=dtype)
         for start in range(0, flat.numel(), step):
@@ -130,12 +130,6 @@ class SafetensorsFile:
         row = math.prod(shape[1:]) * dtype.itemsize
         out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
         self._read_bytes(name, begin + start * row, begin + stop * row, out.view(-1))
-        return out
-
-    def _scalar(self, name: str) -> torch.Tensor:
-        dtype, _, begin, end = self.entries[name]
-        out = torch.empty((), dtype=dtype)
-        self._read_bytes(name, begin, end, out.view(-1))
         return out
 
     def _read_bytes(self, name: str, begin: int, end: int, flat: torch.Tensor) -> None:

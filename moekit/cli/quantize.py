@@ -68,10 +68,10 @@ def add_parser(sub) -> None:
         help="rewrite a float checkpoint quantized (8/4-bit groups, MXFP4, FP8), a precision per class of tensor",
         description="Classes: experts (routed), shared (shared experts), attention, dense (dense FFN layers), "
         "embedding, head; 'rest' names the classes not given. Formats: q8, q4 (symmetric, group 32), q4m (4-bit "
-        "with a per-group minimum), q2, mxfp4, fp8 (e4m3, 128x128 blocks), bf16, fp32, keep; experts=auto: a "
-        "format (q2/q4/q4m/q8) per routed expert within --target-bits or --target-gb, from each expert's measured "
-        "output error on calibration text (usage and sensitivity together). Routers, norms and biases stay in full "
-        "precision. Output: a Hugging Face directory (compressed-tensors pack-quantized for q8/q4/q4m/q2, "
+        "with a per-group minimum), q3, q2, mxfp4, fp8 (e4m3, 128x128 blocks), bf16, fp32, keep; experts=auto: a "
+        "format (q2/q3/q4/q4m/q8) per routed expert within --target-bits or --target-gb, from the loss each "
+        "expert's rounding would add on calibration text (usage and sensitivity together). Routers, norms and biases "
+        "stay in full precision. Output: a Hugging Face directory (compressed-tensors pack-quantized for q8..q2, "
         "quant_method mxfp4 or fp8 otherwise).",
     )
     q.add_argument("model", help="model directory (config.json + safetensors) or a training run")

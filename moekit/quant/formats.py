@@ -44,6 +44,11 @@ class Format:
         """Parts a checkpoint stores that follow from the shape (written on save, checked on load, not held)."""
         return {}
 
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes a checkpoint stores for a weight of `shape`: its parts and the parts derived from the shape."""
+        parts = [*self.parts(shape).values(), *((t.shape, t.dtype) for t in self.derived(shape).values())]
+        return sum(math.prod(s) * d.itemsize for s, d in parts)
+
     def bits_per_weight(self, shape: tuple[int, ...]) -> float:
         held = sum(math.prod(s) * d.itemsize for s, d in self.parts(shape).values())
         return 8 * held / math.prod(shape)

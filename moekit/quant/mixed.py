@@ -14,7 +14,6 @@ one at a time: interactions between experts' errors are ignored."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,14 +51,9 @@ class ExpertStats:
 
 def expert_bytes(experts: ExpertWeights, choice: str) -> int:
     """Bytes one expert of the layer holds in format `choice` (its gate, up and down matrices, as files hold them)."""
-    fmt = CHOICES[choice]
     f, d = experts.expert_hidden, experts.hidden_size
     shapes = [(f, d), (d, f)] + ([(f, d)] if experts.layout.gated else [])
-    return sum(
-        math.prod(shape) * dtype.itemsize
-        for s in shapes
-        for shape, dtype in [*fmt.parts(s).values(), *((t.shape, t.dtype) for t in fmt.derived(s).values())]
-    )
+    return sum(CHOICES[choice].stored_bytes(s) for s in shapes)
 
 
 def calibration_batches(

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, fsync_path, weight_map
-from moekit.checkpoint.hf_checkpoint import checkpoint_tensors
+from moekit.checkpoint.hf_checkpoint import checkpoint_tensors, load_pretrained
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.quantized import Scheme, quantization_config
 from moekit.config.published import load_hf_config
@@ -125,8 +125,6 @@ def quantize_checkpoint(
 def _auto(source, hf, names, weights, target_bits, target_gb, calibration, tokens, candidates) -> dict:
     """Calibrate the float model and choose each routed expert's format within the budget (see moekit.quant.mixed);
     the result as saved in expert_formats.json."""
-    from moekit.checkpoint.hf_checkpoint import load_pretrained
-
     if (target_bits is None) == (target_gb is None):
         raise ValueError("experts=auto needs one budget: allowed target_bits (per routed-expert weight) or target_gb")
     cfg = model_from_hf(hf, name=source.name)
@@ -139,8 +137,7 @@ def _auto(source, hf, names, weights, target_bits, target_gb, calibration, token
     model = load_pretrained(source, torch.float32)
     stats = mixed.calibrate(model, mixed.calibration_batches(source, cfg.vocab_size, calibration, tokens), candidates)
     del model
-    weights_per_expert = {s.module: float(s.params_per_expert) for s in stats}
-    expert_weights = sum(w * len(s.tokens_E) for s, w in zip(stats, weights_per_expert.values(), strict=True))
+    expert_weights = sum(s.params_per_expert * len(s.tokens_E) for s in stats)
     if target_bits is not None:
         budget = target_bits / 8 * expert_weights
     else:
@@ -163,8 +160,7 @@ def _bytes_without_experts(cfg, keymap: KeyMap, names: dict, choices: dict[str, 
             size = (float_dtype or dtype).itemsize if dtype.is_floating_point else dtype.itemsize
             total += math.prod(shape) * size
             continue
-        parts = [*fmt.parts(shape).values(), *((t.shape, t.dtype) for t in fmt.derived(shape).values())]
-        total += sum(math.prod(s) * d.itemsize for s, d in parts)
+        total += fmt.stored_bytes(shape)
     return total
 
 
