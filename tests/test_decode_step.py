@@ -357,3 +357,23 @@ def test_chain_checks_the_token_and_declines_what_it_does_not_compute(tmp_path, 
         assert taken["chain"] == 1
     model(torch.tensor([[7]]), cache=cache)  # gradients wanted: the modules
     assert taken["chain"] == 1
+
+
+def test_chain_reports_each_layers_routing_as_the_modules_do(tmp_path):
+    """return_routing keeps the one-call step (a server's telemetry at batch 1) and gives the experts the modules
+    choose."""
+    hf_tiny_model("qwen2_moe", tmp_path)
+    model = moekit.from_pretrained(tmp_path).eval()
+    prompt = torch.tensor([[5, 9, 13, 4]])
+    outs = []
+    for fused in (True, False):
+        prepare_inference(model) if fused else model.drop_fused()
+        cache = KVCache()
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            outs.append(model(torch.tensor([[7]]), cache=cache, return_routing=True))
+    assert sorted(outs[0].moe) == sorted(outs[1].moe) and outs[0].moe
+    for i in outs[0].moe:
+        assert outs[0].moe[i].topk_ids_TK.sort().values.tolist() == outs[1].moe[i].topk_ids_TK.sort().values.tolist()
+        assert torch.equal(outs[0].moe[i].tokens_per_expert_E, outs[1].moe[i].tokens_per_expert_E)
+    assert _rel(outs[0].logits, outs[1].logits) < 1e-5

@@ -48,6 +48,12 @@ class KVCache:
             buf = self._buffers[layer][i] = _with_room(buf.narrow(d, 0, self.length), d, needed)
         return buf
 
+    ragged = False  # every row holds the same tokens' positions (see SlotView for rows that do not)
+
+    def advance(self, t: int) -> None:
+        """Count t more tokens as cached (after every layer wrote them)."""
+        self.length += t
+
     def truncate(self, length: int) -> None:
         """Forget every token from position `length` on (rejected speculative tokens)."""
         if not 0 <= length <= self.length:

@@ -190,15 +190,20 @@ class _ChainStep(_Installed):
     def __init__(self, model: nn.Module, chain):
         self.model, self.chain = model, chain
         self.cached_layers = [layer.self_attn.layer for layer in model.layers]
+        blocks = model.moe_blocks()
+        self.moe = {i: (b.router.spec.top_k, b.cfg.num_experts) for i, b in blocks.items() if i < len(model.layers)}
+        self.width = max((k for k, _ in self.moe.values()), default=1)
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
-        """The logits [1, 1, V] of one decode step, or None where this step does not apply."""
+    def __call__(self, input_ids: torch.Tensor, cache, routing: bool = False):
+        """(logits [1, 1, V], with routing each MoE layer's MoEInfo by index else None) of one decode step, or None
+        where this step does not apply."""
         model = self.model
         if (
             input_ids.shape != (1, 1)
             or input_ids.dtype != torch.long
             or torch.is_grad_enabled()
             or cache.length == 0  # a prompt: the modules
+            or cache.ragged
             or input_ids.device.type != "cpu"
             or not all(_inference(layer.mlp) for layer in model.layers)
             or not all(cache.has(i) for i in self.cached_layers)
@@ -208,9 +213,16 @@ class _ChainStep(_Installed):
         inv_freq, factor = model.rotary.frequencies(cache.length + 1)
         threads = torch.get_num_threads()
         keys, values = [k for k, _ in rooms], [v for _, v in rooms]
-        logits = self.chain.step(input_ids, cache.length, inv_freq, factor, keys, values, threads)
-        cache.length += 1
-        return logits
+        routed_LK = torch.empty(len(self.cached_layers) if routing else 0, self.width, dtype=torch.long)
+        logits = self.chain.step(input_ids, cache.length, inv_freq, factor, keys, values, routed_LK, threads)
+        cache.advance(1)
+        if not routing:
+            return logits, None
+        infos = {}
+        for i, (k, experts) in self.moe.items():
+            ids_1K = routed_LK[i : i + 1, :k]
+            infos[i] = _routed_info(torch.bincount(ids_1K[0], minlength=experts), ids_1K)
+        return logits, infos
 
 
 def _run_one_token(step, ffn: nn.Module, x_BTD: torch.Tensor):

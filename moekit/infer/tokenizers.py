@@ -10,7 +10,7 @@ from moekit.train.tokenizer import ByteTokenizer
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -24,8 +24,12 @@ class HFTokenizer:
         except Exception as e:  # the library raises its own exception types for malformed files
             raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for text that holds them already (a rendered chat template)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -41,16 +45,19 @@ def load_tokenizer(directory: str | Path, vocab_size: int) -> Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text as they come: decodes the whole continuation each time and emits what is new,
-    holding back while the tail is an incomplete character."""
+    """Turns token ids into text as they come, holding back while the tail is an incomplete character. Decodes a
+    short window (from a few tokens back) each time, as text-generation servers do, so a long continuation costs
+    O(1) per token: a token's text can depend on the tokens just before it (byte pieces, word-boundary spaces)."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix, self.read = 0, 0  # the window starts at ids[prefix]; ids[:read] are already emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(seen):
             return ""
-        new, self.emitted = text[len(self.emitted) :], text
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(seen) :]

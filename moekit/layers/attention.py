@@ -23,21 +23,26 @@ def causal_mask(
     device,
     window: int | None = None,
     chunk: int | None = None,
+    query_keys_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean [B or 1, 1, T, S] mask (T queries, S keys), True where a query may attend; the queries are the last T
-    positions. window: only the last `window` keys (the query's own included); chunk: only keys in the query's chunk.
-    Padded queries keep their own position open so softmax never sees an all-masked row."""
-    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device).unsqueeze(1)
-    k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
+    positions, or where query_keys_BT puts them in each row (rows of a ragged cache: keys past a row's query are
+    another row's room and stay masked). window: only the last `window` keys (the query's own included); chunk:
+    only keys in the query's chunk. Padded queries keep their own position open so softmax never sees an
+    all-masked row."""
+    if query_keys_BT is None:
+        query_keys_BT = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+    q_pos = query_keys_BT[:, :, None]
+    k_pos = torch.arange(num_keys, device=device)[None, None, :]
     allowed_TS = k_pos <= q_pos
     if window is not None:
         allowed_TS = allowed_TS & (k_pos > q_pos - window)
     if chunk is not None:
         allowed_TS = allowed_TS & (k_pos // chunk == q_pos // chunk)
     if attention_mask_BT is None:
-        return allowed_TS[None, None]
+        return allowed_TS[:, None]
     keys_B1S = attention_mask_BT.bool()[:, None, :]
-    allowed_BTS = allowed_TS[None] & keys_B1S
+    allowed_BTS = allowed_TS & keys_B1S
     allowed_BTS = allowed_BTS | torch.eye(num_keys, device=device, dtype=torch.bool)[-num_queries:][None]
     return allowed_BTS[:, None]
 
@@ -46,11 +51,12 @@ def causal_mask(
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
     layer type (see causal_mask; None: plain causal, the queries being the last of the keys), the index of each
-    query in the sequence [T] (NoPE temperature tuning), and the KV cache when generating (None otherwise)."""
+    query in its sequence [B or 1, T] (NoPE temperature tuning), and the KV cache when generating (None
+    otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     masks: dict[str, torch.Tensor | None]
-    query_index_T: torch.Tensor
+    query_index_BT: torch.Tensor
     cache: KVCache | None = None
 
 
@@ -123,8 +129,8 @@ class Attention(nn.Module):
                 q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
         if self.temperature is not None:
             attn_scale, floor_scale = self.temperature
-            pos = inputs.query_index_T.float()
-            q = q * (torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0).view(1, 1, t, 1)
+            pos_B1T1 = inputs.query_index_BT.float()[:, None, :, None]
+            q = q * (torch.log1p(torch.floor((pos_B1T1 + 1.0) / floor_scale)) * attn_scale + 1.0)
         if inputs.cache is not None:
             k, v = inputs.cache.extend(self.layer, (2, 2), k, v)
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)

@@ -1,20 +1,30 @@
-"""nn.Linear whose one-row products at inference (decode) go through moekit's gemv kernel."""
+"""nn.Linear whose one-row and few-row products at inference (decode, at batch 1 or a few sequences) go through
+moekit's kernels."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from moekit.kernels.products import linear_gemv
+from moekit.kernels.limits import LINEAR_ROWS
+from moekit.kernels.products import linear_gemv, segment_gemm
 
 
 class Linear(nn.Linear):
-    """Same parameters and state-dict keys as nn.Linear. A single input row under no_grad uses the gemv kernel
-    (MKL's one-row gemm reaches about half the bandwidth); the kernel itself declines products too small to stream."""
+    """Same parameters and state-dict keys as nn.Linear. Under no_grad a single input row uses the gemv kernel
+    (MKL's one-row gemm reaches about half the bandwidth), up to LINEAR_ROWS rows the segment kernel (each weight
+    row read once for all of them); the kernels decline products too small to stream."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
             return _row_products((self,), x)[0]
+        rows = x.numel() // max(x.shape[-1], 1)
+        if 1 < rows <= LINEAR_ROWS and not torch.is_grad_enabled():
+            x_RI = x.reshape(rows, -1).contiguous()
+            y_RO = x_RI.new_empty(rows, self.out_features)
+            if segment_gemm(self.weight[None], x_RI, [(0, 0, rows)], y_RO):
+                y_RO = y_RO if self.bias is None else y_RO + self.bias
+                return y_RO.view(*x.shape[:-1], -1)
         return super().forward(x)
 
 

@@ -92,8 +92,14 @@ class RotaryEmbedding(nn.Module):
             return self.inv_freq_long, self.attention_factor_long
         return self.inv_freq, self.attention_factor
 
-    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}])."""
+    def forward(
+        self, positions_BT: torch.Tensor, dtype: torch.dtype, per_row: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, T, dim] (each frequency twice: [f0..f_{n-1}, f0..f_{n-1}]). per_row: longrope picks
+        each row's factors by that row's own length (independent sequences batched together), not the batch's."""
+        if per_row and self.longrope and positions_BT.shape[0] > 1:
+            rows = [self(row_1T, dtype) for row_1T in positions_BT.split(1)]
+            return torch.cat([cos for cos, _ in rows]), torch.cat([sin for _, sin in rows])
         length = int(positions_BT.max()) + 1 if self.longrope and positions_BT.numel() else 0  # no sync otherwise
         inv_freq, factor = self.frequencies(length)
         freqs_BTH = positions_BT.float().unsqueeze(-1) * inv_freq.float()

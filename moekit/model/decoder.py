@@ -40,7 +40,9 @@ class MoEDecoder(nn.Module):
     from outside (`fused` here, on the layers and the MoE blocks); drop_fused() removes them, and changing the
     backend, the dtype or device (`to`, `float`, ...) or loading a state dict does so too."""
 
-    fused = None  # the whole decode step, installed from outside: (input_ids, cache) -> logits, or None
+    # the whole decode step, installed from outside: (input_ids, cache, routing) -> (logits, routing by layer or
+    # None), or None where it does not apply
+    fused = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -86,22 +88,34 @@ class MoEDecoder(nn.Module):
         return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock)}
 
     def attention_inputs(
-        self, positions_BT: torch.Tensor, attention_mask, num_queries: int, num_keys: int, dtype, cache=None
+        self,
+        positions_BT: torch.Tensor,
+        attention_mask,
+        num_queries: int,
+        num_keys: int,
+        dtype,
+        cache=None,
+        query_keys_BT: torch.Tensor | None = None,
     ) -> AttentionInputs:
-        """Rotary cos/sin, one mask per layer type in use and the KV cache, shared by all layers of a pass."""
+        """Rotary cos/sin, one mask per layer type in use and the KV cache, shared by all layers of a pass.
+        query_keys_BT: each query's own key index per row, where rows differ (a ragged cache); else the queries
+        are the last num_queries keys."""
         a, device = self.config.attention, positions_BT.device
         kinds = set(a.layer_types or ()) | {"full"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
         # plain causal (training, an uncached prompt, a decode step): no mask, attention takes SDPA's own path
-        plain = attention_mask is None and num_queries in (1, num_keys)
+        plain = attention_mask is None and query_keys_BT is None and num_queries in (1, num_keys)
         masks = {
             kind: None
             if kind == "full" and plain
-            else causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind])
+            else causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind], query_keys_BT=query_keys_BT)
             for kind in kinds
         }
-        index_T = torch.arange(num_keys - num_queries, num_keys, device=device)
-        return AttentionInputs(self.rotary(positions_BT, dtype), masks, index_T, cache)
+        ragged = query_keys_BT is not None
+        if query_keys_BT is None:
+            query_keys_BT = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+        rope = self.rotary(positions_BT, dtype, per_row=ragged)
+        return AttentionInputs(rope, masks, query_keys_BT, cache)
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
@@ -141,11 +155,13 @@ class MoEDecoder(nn.Module):
         logits_to_keep: only the last n positions' logits (0: all), as in transformers; a prompt's prefill needs
         one, and the output head is a large share of its work."""
         check_int("logits_to_keep", logits_to_keep, 0)
-        plain = attention_mask is None and not (return_routing or return_mtp)
-        if self.fused is not None and cache is not None and plain:  # the whole decode step, where installed
-            logits = self.fused(input_ids, cache)
-            if logits is not None:
-                return logits
+        if self.fused is not None and cache is not None and attention_mask is None and not return_mtp:
+            out = self.fused(input_ids, cache, return_routing)  # the whole decode step, where installed
+            if out is not None:
+                logits, infos = out
+                if infos is None:
+                    return logits
+                return DecoderOutput(logits, logits.new_zeros((), dtype=torch.float32), infos)
         x_BTD, infos, positions_BT, token_mask_BT = self._trunk(input_ids, attention_mask, cache)
         logits = self.head(x_BTD[:, -logits_to_keep:] if logits_to_keep else x_BTD)
         if not (return_routing or return_mtp):
@@ -180,7 +196,7 @@ class MoEDecoder(nn.Module):
         inputs = self.attention_inputs(positions_BT, None, t, past + t, h_BTD.dtype, cache)
         out = self.mtp[depth](h_BTD, self.embed_tokens(next_ids_BT), inputs, next_ids_BT, token_mask_BT)
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         return out
 
     def _trunk(self, input_ids, attention_mask, cache):
@@ -193,23 +209,30 @@ class MoEDecoder(nn.Module):
         past = cache.length if cache is not None else 0
         token_mask_BT = None
         if attention_mask is not None:
+            if cache is not None and cache.ragged:
+                raise ValueError("attention_mask is not supported with a ragged cache: allowed None")
             if attention_mask.shape != (b, past + t):
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} is invalid: allowed {(b, past + t)}"
                 )
             positions_BT = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
             token_mask_BT = attention_mask[:, past:]
+        elif cache is not None and cache.ragged:  # rows at different positions (a server's batch): masks per row
+            positions_BT = cache.positions_BT(t, input_ids.device)
         else:
             positions_BT = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
-        inputs = self.attention_inputs(positions_BT, attention_mask, t, past + t, x_BTD.dtype, cache)
+        ragged = cache is not None and cache.ragged
+        inputs = self.attention_inputs(
+            positions_BT, attention_mask, t, past + t, x_BTD.dtype, cache, positions_BT if ragged else None
+        )
         infos: dict[int, MoEInfo] = {}
         for i, layer in enumerate(self.layers):
             x_BTD, info = layer(x_BTD, inputs, input_ids, token_mask_BT)
             if info is not None:
                 infos[i] = info
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         return x_BTD, infos, positions_BT, token_mask_BT
 
     def _mtp(self, h_BTD, input_ids, positions_BT, token_mask_BT, infos: dict) -> list[torch.Tensor]:

@@ -90,9 +90,11 @@ class DecodeChain {
               std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers, at::Tensor norm_w,
               double eps, at::Tensor head_w, at::Tensor head_b, std::shared_ptr<QuantWeights> head_quant);
   // token [1, 1] int64 at position pos; rotary angles pos * inv_freq (cos, sin times rope_factor; inv_freq of
-  // rope_dim / 2); the caches of every layer. Returns the logits [1, 1, V].
+  // rope_dim / 2); the caches of every layer; routed: empty, or int64 [layers, k] that receives each MoE layer's
+  // chosen experts in its first top_k entries. Returns the logits [1, 1, V].
   at::Tensor step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
-                  std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t threads) const;
+                  std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, at::Tensor routed,
+                  int64_t threads) const;
 
  private:
   at::Tensor embed_w_, norm_w_, head_w_, head_b_;

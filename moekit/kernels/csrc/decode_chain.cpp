@@ -32,7 +32,7 @@ DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<Attenti
 
 at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
                              std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
-                             int64_t threads) const {
+                             at::Tensor routed, int64_t threads) const {
   const int64_t d = norm_w_.numel(), vocab = embed_w_.size(0), layers = ffn_.size();
   TORCH_CHECK(token.numel() == 1 && token.scalar_type() == at::kLong, "decode_chain: one int64 token");
   const int64_t id = *token.data_ptr<int64_t>();
@@ -40,6 +40,13 @@ at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq,
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == layers && static_cast<int64_t>(v_caches.size()) == layers,
               "decode_chain: one key and one value cache per layer");
   for (int64_t i = 0; i < layers; ++i) attention_[i]->check_caches(k_caches[i], v_caches[i], pos);
+  const bool keep_routes = routed.numel() > 0;
+  if (keep_routes) {
+    TORCH_CHECK(routed.scalar_type() == at::kLong && routed.dim() == 2 && routed.size(0) == layers &&
+                    routed.is_contiguous(),
+                "decode_chain: routed must be int64 [layers, k]");
+    for (int64_t i = 0; i < layers; ++i) TORCH_CHECK(ffn_[i]->top_k <= routed.size(1), "decode_chain: routed width");
+  }
 
   // rotary angles of this position, each frequency twice as RotaryEmbedding lays them out: [f0..fn-1, f0..fn-1]
   const int64_t half = inv_freq.numel();
@@ -61,6 +68,7 @@ at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq,
     attention.run(x.data(), x.data(), cos.data(), sin.data(), r, k_caches[i], v_caches[i], pos, threads);
     ids.resize(ffn_[i]->top_k);
     ffn_[i]->run(x.data(), x.data(), ids.data(), threads);
+    if (keep_routes) std::copy(ids.begin(), ids.end(), routed.data_ptr<int64_t>() + i * routed.size(1));
   }
 
   std::vector<float> h(d);
