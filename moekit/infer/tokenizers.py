@@ -61,3 +61,10 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(seen) :]
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the end of a continuation), as the decoder gives it."""
+        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(seen) :]
