@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.serve.model import serve_directory
 
     path = checkpoint_dir(args.checkpoint)
-    name = args.served_model_name or path.name
+    name = args.served_model_name or Path(args.checkpoint).resolve().name  # a run's name, not its final/
 
     def load():
         model = moekit.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
