@@ -65,12 +65,14 @@ class Server:
 
     def __init__(self, command: list[str], port: int, ready_path: str, log: Path):
         self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.log = log.open("w")
+        self.log, self.log_path = log.open("w"), log
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{command[:3]} exited with {self.proc.returncode}: see {log}")
+                self.log.close()
+                tail = log.read_text().strip().splitlines()[-3:]
+                raise RuntimeError(f"{Path(command[0]).name} exited with {self.proc.returncode}: {' / '.join(tail)}")
             try:
                 if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
                     return
@@ -114,7 +116,8 @@ async def closed_loop(url: str, model: str, concurrency: int, requests: int, ext
     rng = random.Random(concurrency)
     todo = [[rng.randrange(vocab) for _ in range(PROMPT)] for _ in range(requests)]
     results = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    # a new connection per request: llama-server closes idle keep-alive connections under the client
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)) as client:
 
         async def worker():
             while todo:
@@ -129,7 +132,8 @@ async def closed_loop(url: str, model: str, concurrency: int, requests: int, ext
 
 async def open_loop(url: str, model: str, rate: float, duration: float, extra: dict, vocab: int) -> dict:
     rng = random.Random(0)
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)) as client:
+    # a new connection per request: llama-server closes idle keep-alive connections under the client
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=0)) as client:
         tasks, start = [], time.perf_counter()
         while time.perf_counter() - start < duration:
             prompt = [rng.randrange(vocab) for _ in range(PROMPT)]
@@ -191,7 +195,7 @@ def start(kind: str, directory: Path, port: int, max_batch: int, tmp: Path) -> t
         command += ["-c", str(max_batch * 2 * (PROMPT + OUTPUT)), "--cont-batching", "-b", "512", "--no-warmup"]
         return Server(command, port, "/health", tmp / "llama-server.log"), {"ignore_eos": True}
     if kind == "transformers":
-        command = ["transformers", "serve", str(directory), "--port", str(port), "--continuous-batching"]
+        command = [str(Path(python).parent / "transformers"), "serve", str(directory), "--port", str(port), "--continuous-batching"]
         return Server(command, port, "/health", tmp / "transformers.log"), {}
     raise ValueError(kind)
 
@@ -208,9 +212,14 @@ def _gguf(directory: Path, tmp: Path) -> Path:
 def measure(kind: str, name: str, directory: Path, args, tmp: Path) -> dict:
     port = 8100 + hash(kind) % 500
     vocab = COMMON["vocab_size"]
-    server, extra = start(kind, directory, port, max(args.concurrency), tmp)
-    url = f"{server.url}/v1/completions"
     out: dict = {"closed": {}}
+    try:
+        server, extra = start(kind, directory, port, max(args.concurrency), tmp)
+    except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as e:
+        out["error"] = str(e)[:500]
+        print(f"  {kind} {name}: {out['error']}", file=sys.stderr)
+        return out
+    url = f"{server.url}/v1/completions"
     try:
         asyncio.run(closed_loop(url, "m", 1, 2, extra, vocab))  # warm-up: kernels, caches
         for c in args.concurrency:
@@ -231,7 +240,8 @@ def measure(kind: str, name: str, directory: Path, args, tmp: Path) -> dict:
         if args.rate:
             out["open"] = asyncio.run(open_loop(url, "m", args.rate, args.duration, extra, vocab))
     except Exception as e:  # a peer that does not run here is reported, not fatal
-        out["error"] = f"{type(e).__name__}: {e}"[:500]
+        log_tail = " / ".join(server.log_path.read_text().strip().splitlines()[-3:])
+        out["error"] = f"{type(e).__name__}: {e} (log: {log_tail})"[:800]
         print(f"  {kind} {name}: {out['error']}", file=sys.stderr)
     finally:
         server.stop()

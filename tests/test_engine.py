@@ -148,3 +148,35 @@ def test_slot_cache_moves_and_bounds():
         cache.rows(1, 1).extend(0, (2,), torch.randn(1, 2, 5, 5))
     with pytest.raises(ValueError, match="slots 2..3 are invalid"):
         cache.rows(2, 2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "olmoe", "qwen2_moe"])
+def test_fused_rows_step_equals_the_modules(family, tmp_path_factory, monkeypatch):
+    """A ragged decode batch through the fused steps' rows form (attention and FFN blocks, one call each per
+    layer) gives the modules' logits."""
+    from moekit.infer import fast
+    from moekit.infer.fast import prepare_inference
+
+    taken = []
+    rows = fast._AttentionStep._rows
+
+    def counted(self, *args):
+        out = rows(self, *args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast._AttentionStep, "_rows", counted)
+
+    model = _model(family, tmp_path_factory)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (1, n), generator=g) for n in (7, 3, 12)]
+    logits = []
+    for fused in (True, False):
+        prepare_inference(model) if fused else model.drop_fused()
+        cache = SlotKVCache(3, 32)
+        with torch.no_grad():
+            for i, p in enumerate(prompts):
+                model(p, cache=cache.rows(i, 1))
+            logits.append(model(torch.tensor([[4], [5], [6]]), cache=cache.rows(0, 3)))
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-5
+    assert taken == [True] * model.config.num_layers

@@ -119,7 +119,7 @@ def _add_tokenizer(writer, directory: Path, vocab_size: int) -> str:
             writer.add_tokenizer_pre("default")
             writer.add_token_list(tokens)
             writer.add_token_types(types)
-            writer.add_token_merges(merges)
+            writer.add_token_merges(merges or [INERT_MERGE])  # a merge-less BPE: its pieces are its tokens
             writer.add_add_bos_token(False)
             return "bpe"
     if vocab_size == ByteTokenizer.vocab_size and not path.is_file():

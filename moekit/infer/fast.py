@@ -25,6 +25,7 @@ from moekit.experts.backends import is_default
 from moekit.experts.layout import ACTIVATIONS
 from moekit.experts.mixed import MixedExperts
 from moekit.experts.quantized import QuantizedExperts
+from moekit.infer.slots import SlotView
 from moekit.kernels import kernel_taking
 from moekit.kernels.quantized import covers, quant_weights
 from moekit.layers.attention import Attention, AttentionInputs
@@ -119,38 +120,57 @@ def _linears_covered(*linears: nn.Module | None) -> bool:
 
 
 class _AttentionStep(_Installed):
-    """x + attn(norm(x)) for one token (x [1, 1, D]) with a cache, or None where this step does not apply."""
+    """x + attn(norm(x)) for one token (x [1, 1, D]) with a cache, or one token of each row of a server's batch
+    (fp32 weights), or None where this step does not apply."""
 
-    def __init__(self, attn: Attention, step):
-        self.attn, self.step = attn, step
+    def __init__(self, attn: Attention, step, rows: bool):
+        self.attn, self.step, self.rows = attn, step, rows
 
     def __call__(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
         cache, attn = inputs.cache, self.attn
-        if (
-            cache is None
-            or not _one_token_fp32(x_BTD)
-            or torch.is_grad_enabled()
-            or inputs.masks["full"] is not None  # padding: the modules build the mask
-            or not cache.has(attn.layer)
-        ):
+        if cache is None or torch.is_grad_enabled() or not cache.has(attn.layer):
+            return None
+        if isinstance(cache, SlotView) and x_BTD.shape[0] > 1:  # a server's batch, each row at its own position
+            return self._rows(x_BTD, inputs, cache)
+        if not _one_token_fp32(x_BTD) or inputs.masks["full"] is not None:  # padding: the modules build the mask
             return None
         cos, sin = (r.view(-1) for r in inputs.rope) if attn.use_rope else (_NONE, _NONE)
         k_cache, v_cache = cache.room(attn.layer, 1)
         y_D = self.step(x_BTD.view(-1), cos, sin, k_cache, v_cache, cache.length, torch.get_num_threads())
         return y_D.view(1, 1, -1)
 
+    def _rows(self, x_BTD: torch.Tensor, inputs: AttentionInputs, cache: SlotView) -> torch.Tensor | None:
+        """One token of each row (B rows, fp32 weights): the step's rows form, each row's key and value written at
+        that row's own length, its attention over its own keys (what the per-row causal mask allows)."""
+        b, t, _ = x_BTD.shape
+        if t != 1 or x_BTD.dtype != torch.float32 or not x_BTD.is_cpu or not self.rows:
+            return None
+        cos, sin = (r.reshape(b, -1).contiguous() for r in inputs.rope) if self.attn.use_rope else (_NONE, _NONE)
+        k_rows, v_rows = cache.room(self.attn.layer, 1)
+        positions_B = torch.tensor(cache.lengths, dtype=torch.long)
+        y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, k_rows, v_rows, positions_B, torch.get_num_threads())
+        return y_BD.view(b, 1, -1)
+
 
 class _FfnStep(_Installed):
-    """(x + ffn(norm(x)), its MoEInfo or None for a dense FFN) for one token (x [1, 1, D]), or None where this step
-    does not apply (training, gradients wanted, another backend chosen)."""
+    """(x + ffn(norm(x)), its MoEInfo or None for a dense FFN) for one token (x [1, 1, D]) or, with fp32 weights,
+    one token of each of B rows (a server's decode batch: each touched expert read once for all of them), or None
+    where this step does not apply (training, gradients wanted, another backend chosen)."""
 
-    def __init__(self, ffn: nn.Module, step):
-        self.ffn, self.step = ffn, step
+    def __init__(self, ffn: nn.Module, step, rows: bool):
+        self.ffn, self.step, self.rows = ffn, step, rows
 
     def __call__(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEInfo | None] | None:
-        if not _one_token_fp32(x_BTD) or torch.is_grad_enabled() or not _inference(self.ffn):
+        if torch.is_grad_enabled() or not _inference(self.ffn):
             return None
-        return _run_one_token(self.step, self.ffn, x_BTD)
+        if _one_token_fp32(x_BTD):
+            return _run_one_token(self.step, self.ffn, x_BTD)
+        b, t, _ = x_BTD.shape
+        if not self.rows or t != 1 or x_BTD.dtype != torch.float32 or not x_BTD.is_cpu:
+            return None
+        y_BD, ids_BK, counts_E = self.step.tokens(x_BTD.view(b, -1).contiguous(), torch.get_num_threads())
+        info = _routed_info(counts_E, ids_BK) if isinstance(self.ffn, MoEBlock) else None
+        return y_BD.view(b, 1, -1), info
 
 
 class _LayerSteps(_Installed):
@@ -279,7 +299,7 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
         qkv_quant=list(quant[:3]),
         o_quant=quant[3],
     )
-    return _AttentionStep(attn, step)
+    return _AttentionStep(attn, step, rows=not any(quant))
 
 
 def _block_covered(block: MoEBlock) -> bool:
@@ -323,7 +343,7 @@ def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
         step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
     else:
         step = _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate) if _block_covered(ffn) else None
-    return _FfnStep(ffn, step) if step is not None else None
+    return _FfnStep(ffn, step, rows=not is_quantized(ffn)) if step is not None else None  # rows: fp32 only
 
 
 def block_step(block: MoEBlock) -> _BlockStep | None:

@@ -116,9 +116,10 @@ class SlotView:
         return tuple(out)
 
     def room(self, layer: int, count: int) -> list[torch.Tensor]:
-        """A single row's whole buffers, for a kernel that writes the new tokens itself at index `length`."""
-        if self.count != 1 or not self.has(layer):
-            raise ValueError("room() needs one row that cached earlier tokens")
+        """The rows' whole buffers [rows, ...] (each row's slot), for a kernel that writes the new tokens itself
+        at each row's length."""
+        if not self.has(layer):
+            raise ValueError(f"layer {layer} has no cache: allowed a layer that cached earlier tokens")
         if self.length + count > self.cache.context:
             raise ValueError(f"{self.length + count} tokens do not fit a slot: allowed context={self.cache.context}")
-        return [buf.narrow(0, self.start, 1) for buf in self.cache._buffers[layer]]
+        return [buf.narrow(0, self.start, self.count) for buf in self.cache._buffers[layer]]

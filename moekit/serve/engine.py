@@ -220,14 +220,19 @@ class Engine:
             for req in rows:
                 self._fail(req, e)
             return 0, {}
+        logits_BV = out.logits[:, -1]
+        greedy = [b for b, req in enumerate(rows) if req.params.temperature == 0]
+        chosen = dict(zip(greedy, logits_BV[greedy].argmax(-1).tolist(), strict=True)) if greedy else {}
         for b, req in enumerate(rows):
-            self._emit(req, out.logits[b : b + 1, -1])
+            self._emit(req, logits_BV[b : b + 1], chosen.get(b))
         routed = {i: info.topk_ids_TK for i, info in out.moe.items() if info.topk_ids_TK is not None}
         return self.running, routed
 
-    def _emit(self, req: Request, logits_1V: torch.Tensor) -> None:
+    def _emit(self, req: Request, logits_1V: torch.Tensor, token: int | None = None) -> None:
+        """Sample the request's next token from its logits (token: its argmax, taken for the batch at once)."""
         p = req.params
-        token = int(sample(logits_1V, p.temperature, p.top_k, p.top_p, req.generator)[0])
+        if token is None:
+            token = int(sample(logits_1V, p.temperature, p.top_k, p.top_p, req.generator)[0])
         req.generated.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()

@@ -35,7 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("head_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("full_qk_norm"),
            py::arg("qk_norm_eps"), py::arg("clip_qkv"), py::arg("window"), py::arg("scale"), py::arg("sinks"),
            py::arg("o_weight"), py::arg("o_bias"), py::arg("qkv_quant") = QuantList{}, py::arg("o_quant") = py::none())
-      .def("__call__", &AttentionDecode::forward);
+      .def("__call__", &AttentionDecode::forward)
+      .def("rows", &AttentionDecode::forward_rows);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,

@@ -25,10 +25,21 @@ class AttentionDecode {
            const at::Tensor& v_cache, int64_t pos, int64_t threads) const;
   // The caches fit this block and have room at pos.
   void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const;
+  // B independent rows (fp32 weights): x [B, D]; cos, sin [B, r] or empty; caches [B, Hkv, capacity, hd] (row b's
+  // slot); positions [B] int64, where each row's new key and value go. Returns x + attention [B, D].
+  at::Tensor forward_rows(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_rows, at::Tensor v_rows,
+                          at::Tensor positions, int64_t threads) const;
 
   int64_t head_dim, d, heads, kv_heads;
 
  private:
+  int64_t qkv_width() const { return rows_[0] + 2 * rows_[1]; }
+  int64_t window_start(int64_t pos) const { return window_ > 0 ? std::max<int64_t>(0, pos + 1 - window_) : 0; }
+  void attend_row(float* qkv, const float* cos, const float* sin, int64_t r, float* kc, float* vc, int64_t capacity,
+                  int64_t pos, float* attn, int64_t threads) const;
+  void attend_head(int64_t hh, const float* q, const float* kc, const float* vc, int64_t capacity, int64_t pos,
+                   float* attn) const;
+
   at::Tensor norm_w_, q_norm_w_, k_norm_w_, sinks_, o_w_, o_b_;
   std::vector<at::Tensor> qkv_w_, qkv_b_;
   std::vector<std::shared_ptr<QuantWeights>> qkv_q_;  // per projection: quantized (its weight empty) or null

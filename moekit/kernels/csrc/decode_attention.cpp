@@ -114,7 +114,7 @@ void AttentionDecode::run(const float* x, float* y, const float* cos, const floa
   const int64_t capacity = k_cache.size(-2);
 
   // norm, then q, k and v in one pass over their weights
-  std::vector<float> h(d), qkv(rows_[0] + 2 * rows_[1]);
+  std::vector<float> h(d), qkv(qkv_width());
   rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
   float* out[3] = {qkv.data(), qkv.data() + rows_[0], qkv.data() + rows_[0] + rows_[1]};
   std::vector<Task> tasks;
@@ -123,54 +123,9 @@ void AttentionDecode::run(const float* x, float* y, const float* cos, const floa
   if (!tasks.empty()) run_tasks(tasks, d, threads);
   for (int i = 0; i < 3; ++i)
     if (qkv_q_[i]) quant_row(*qkv_q_[i], h.data(), out[i], threads);
-  for (int i = 0; i < 3; ++i) {
-    if (qkv_b_[i].numel() == 0) continue;
-    const float* b = qkv_b_[i].data_ptr<float>();
-    for (int64_t n = 0; n < rows_[i]; ++n) out[i][n] += b[n];
-  }
-  if (full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
-  if (clip_ > 0)
-    for (float& v : qkv) v = std::min(std::max(v, -clip_), clip_);
-  if (!full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
-  if (r) {
-    rope(out[0], heads, head_dim, cos, sin, r);
-    rope(out[1], kv_heads, head_dim, cos, sin, r);
-  }
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  for (int64_t g = 0; g < kv_heads; ++g) {
-    std::copy(out[1] + g * head_dim, out[1] + (g + 1) * head_dim, kc + (g * capacity + pos) * head_dim);
-    std::copy(out[2] + g * head_dim, out[2] + (g + 1) * head_dim, vc + (g * capacity + pos) * head_dim);
-  }
-
-  // the one query of each head over keys [start, pos]
-  const int64_t start = window_ > 0 ? std::max<int64_t>(0, pos + 1 - window_) : 0, n_keys = pos + 1 - start;
-  const int64_t group = heads / kv_heads;
-  const float* sinks = data_or_null(sinks_);
-  std::vector<float> attn(rows_[0]), scores(heads * n_keys);
-#pragma omp parallel for num_threads(threads) if (heads * n_keys * head_dim > (1 << 16))
-  for (int64_t hh = 0; hh < heads; ++hh) {
-    const int64_t g = hh / group;
-    const float* q = out[0] + hh * head_dim;
-    const float* keys = kc + (g * capacity + start) * head_dim;
-    const float* values = vc + (g * capacity + start) * head_dim;
-    float* s = scores.data() + hh * n_keys;
-    const float sink = sinks ? sinks[hh] : -INFINITY;
-    float top = sink;
-    for (int64_t j = 0; j < n_keys; ++j) {
-      s[j] = dot(q, keys + j * head_dim, head_dim) * scale_;
-      top = std::max(top, s[j]);
-    }
-    float total = sinks ? std::exp(sink - top) : 0.f;
-    for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
-    float* o = attn.data() + hh * head_dim;
-    std::fill(o, o + head_dim, 0.f);
-    for (int64_t j = 0; j < n_keys; ++j) {
-      const float p = s[j] / total;
-      const float* v = values + j * head_dim;
-      for (int64_t i = 0; i < head_dim; ++i) o[i] += p * v[i];
-    }
-  }
+  std::vector<float> attn(rows_[0]);
+  attend_row(qkv.data(), cos, sin, r, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), capacity, pos,
+             attn.data(), threads);
 
   // output projection and residual (into a row of its own: y may be x)
   std::vector<float> projected(d);
@@ -180,4 +135,111 @@ void AttentionDecode::run(const float* x, float* y, const float* cos, const floa
     run_tasks({{o_w_.data_ptr<float>(), d, attn.data(), 0, 1, projected.data(), 0}}, rows_[0], threads);
   const float* ob = data_or_null(o_b_);
   for (int64_t n = 0; n < d; ++n) y[n] = x[n] + (ob ? projected[n] + ob[n] : projected[n]);
+}
+
+// After the projections, for one row: biases, QK-norm, clip, rotary embedding, the new key and value written at pos
+// of this row's caches ([Hkv, capacity, hd] at kc, vc), and the row's query of each head over keys [start, pos].
+void AttentionDecode::attend_row(float* qkv, const float* cos, const float* sin, int64_t r, float* kc, float* vc,
+                                 int64_t capacity, int64_t pos, float* attn, int64_t threads) const {
+  float* out[3] = {qkv, qkv + rows_[0], qkv + rows_[0] + rows_[1]};
+  for (int i = 0; i < 3; ++i) {
+    if (qkv_b_[i].numel() == 0) continue;
+    const float* b = qkv_b_[i].data_ptr<float>();
+    for (int64_t n = 0; n < rows_[i]; ++n) out[i][n] += b[n];
+  }
+  if (full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
+  if (clip_ > 0)
+    for (int64_t i = 0; i < qkv_width(); ++i) qkv[i] = std::min(std::max(qkv[i], -clip_), clip_);
+  if (!full_qk_norm_) group_norm(out[0], rows_[0], q_norm_w_, qk_eps_), group_norm(out[1], rows_[1], k_norm_w_, qk_eps_);
+  if (r) {
+    rope(out[0], heads, head_dim, cos, sin, r);
+    rope(out[1], kv_heads, head_dim, cos, sin, r);
+  }
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    std::copy(out[1] + g * head_dim, out[1] + (g + 1) * head_dim, kc + (g * capacity + pos) * head_dim);
+    std::copy(out[2] + g * head_dim, out[2] + (g + 1) * head_dim, vc + (g * capacity + pos) * head_dim);
+  }
+  if (!attn) return;
+  const int64_t n_keys = pos + 1 - window_start(pos);
+#pragma omp parallel for num_threads(threads) if (heads * n_keys * head_dim > (1 << 16))
+  for (int64_t hh = 0; hh < heads; ++hh) attend_head(hh, out[0] + hh * head_dim, kc, vc, capacity, pos, attn);
+}
+
+// The query q of head hh over its key-value head's keys [window_start(pos), pos], into attn's head hh.
+void AttentionDecode::attend_head(int64_t hh, const float* q, const float* kc, const float* vc, int64_t capacity,
+                                  int64_t pos, float* attn) const {
+  const int64_t start = window_start(pos), n_keys = pos + 1 - start, g = hh / (heads / kv_heads);
+  const float* keys = kc + (g * capacity + start) * head_dim;
+  const float* values = vc + (g * capacity + start) * head_dim;
+  std::vector<float> s(n_keys);
+  const float* sinks = data_or_null(sinks_);
+  const float sink = sinks ? sinks[hh] : -INFINITY;
+  float top = sink;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    s[j] = dot(q, keys + j * head_dim, head_dim) * scale_;
+    top = std::max(top, s[j]);
+  }
+  float total = sinks ? std::exp(sink - top) : 0.f;
+  for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
+  float* o = attn + hh * head_dim;
+  std::fill(o, o + head_dim, 0.f);
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const float p = s[j] / total;
+    const float* v = values + j * head_dim;
+    for (int64_t i = 0; i < head_dim; ++i) o[i] += p * v[i];
+  }
+}
+
+// B rows, each its own sequence at its own position (a server's decode batch): the projections read each weight
+// once for all rows (the few-row product of segment_gemm.cpp), the rest runs per row, the rows' heads in parallel.
+at::Tensor AttentionDecode::forward_rows(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_rows,
+                                         at::Tensor v_rows, at::Tensor positions, int64_t threads) const {
+  TORCH_CHECK(!qkv_q_[0] && !qkv_q_[1] && !qkv_q_[2] && !o_q_, "attention_decode: rows take fp32 weights only");
+  check_fp32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d && x.is_contiguous(), "attention_decode: x rows");
+  const int64_t b_len = x.size(0), r = cos.numel() / std::max<int64_t>(b_len, 1);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == b_len && positions.is_contiguous(),
+              "attention_decode: one int64 position per row");
+  check_fp32(k_rows, "key cache"), check_fp32(v_rows, "value cache");
+  TORCH_CHECK(k_rows.dim() == 4 && k_rows.size(0) == b_len && k_rows.is_contiguous() && v_rows.is_contiguous() &&
+                  v_rows.sizes() == k_rows.sizes() && k_rows.size(1) == kv_heads && k_rows.size(3) == head_dim,
+              "attention_decode: caches [B, Hkv, capacity, hd]");
+  const int64_t capacity = k_rows.size(2);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < b_len; ++b) TORCH_CHECK(0 <= pos[b] && pos[b] < capacity, "attention_decode: no room");
+  TORCH_CHECK(r % 2 == 0 && r <= head_dim && cos.numel() == b_len * r && sin.numel() == cos.numel(),
+              "attention_decode: rotary width");
+  if (r) check_fp32(cos, "cos"), check_fp32(sin, "sin");
+  TORCH_CHECK(!r || (cos.is_contiguous() && sin.is_contiguous()), "attention_decode: cos, sin");
+
+  const int64_t width = qkv_width();
+  std::vector<float> h(b_len * d), qkv(b_len * width), attn(b_len * rows_[0]), projected(b_len * d);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t b = 0; b < b_len; ++b) rms_norm(xp + b * d, norm_w_.data_ptr<float>(), h.data() + b * d, d, eps_);
+  std::vector<Product> products;
+  for (int64_t i = 0, offset = 0; i < 3; offset += rows_[i], ++i)
+    products.push_back({qkv_w_[i].data_ptr<float>(), rows_[i], d, h.data(), d, b_len, qkv.data() + offset, width});
+  run_products(products, threads);
+
+  float* kc = k_rows.data_ptr<float>();
+  float* vc = v_rows.data_ptr<float>();
+  const int64_t row_cache = kv_heads * capacity * head_dim;
+  const float* cp = r ? cos.data_ptr<float>() : nullptr;
+  const float* sp = r ? sin.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < b_len; ++b)  // all but the attention, which runs below over every row's heads at once
+    attend_row(qkv.data() + b * width, cp ? cp + b * r : nullptr, sp ? sp + b * r : nullptr, r, kc + b * row_cache,
+               vc + b * row_cache, capacity, pos[b], nullptr, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < b_len * heads; ++task) {
+    const int64_t b = task / heads, hh = task % heads;
+    attend_head(hh, qkv.data() + b * width + hh * head_dim, kc + b * row_cache, vc + b * row_cache, capacity, pos[b],
+                attn.data() + b * rows_[0]);
+  }
+  run_products({{o_w_.data_ptr<float>(), d, rows_[0], attn.data(), rows_[0], b_len, projected.data(), d}}, threads);
+  at::Tensor y = at::empty_like(x);
+  float* yp = y.data_ptr<float>();
+  const float* ob = data_or_null(o_b_);
+  for (int64_t b = 0; b < b_len; ++b)
+    for (int64_t n = 0; n < d; ++n) yp[b * d + n] = xp[b * d + n] + projected[b * d + n] + (ob ? ob[n] : 0.f);
+  return y;
 }
