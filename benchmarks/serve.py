@@ -44,18 +44,19 @@ LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "llama-server")  # llama.cpp's ser
 
 
 def make_model(name: str, directory: Path) -> Path:
-    """The random transformers model, saved with a tokenizer.json whose every token is one distinct piece."""
+    """The random transformers model, saved with a tokenizer.json whose every token is one word."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     _, family, kw = MODELS[name]
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(family, **COMMON, **kw)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     hf.save_pretrained(directory)
-    tokenizer = Tokenizer(models.BPE(vocab={f"<{i}>": i for i in range(cfg.vocab_size)}, merges=[]))
-    tokenizer.decoder = decoders.Fuse()
+    # a word per token ("w0" .. "w31999", split at spaces): a text prompt is exactly its ids for every server
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
 
@@ -109,15 +110,23 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 
 def request_body(model: str, prompt: list[int], extra: dict) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": OUTPUT, "temperature": 0, "stream": True, **extra}
+    """A streamed greedy completion; the prompt as token ids, or as its text where a server takes text only."""
+    extra = dict(extra)
+    text = extra.pop("text_prompt", False)
+    prompt_field = " ".join(f"w{i}" for i in prompt) if text else prompt
+    return {"model": model, "prompt": prompt_field, "max_tokens": OUTPUT, "temperature": 0, "stream": True, **extra}
+
+
+def _client(connections: int) -> httpx.AsyncClient:
+    # a new connection per request: llama-server closes idle keep-alive connections under the client
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=connections, max_keepalive_connections=0))
 
 
 async def closed_loop(url: str, model: str, concurrency: int, requests: int, extra: dict, vocab: int) -> dict:
     rng = random.Random(concurrency)
     todo = [[rng.randrange(vocab) for _ in range(PROMPT)] for _ in range(requests)]
     results = []
-    # a new connection per request: llama-server closes idle keep-alive connections under the client
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)) as client:
+    async with _client(concurrency + 4) as client:
 
         async def worker():
             while todo:
@@ -133,7 +142,7 @@ async def closed_loop(url: str, model: str, concurrency: int, requests: int, ext
 async def open_loop(url: str, model: str, rate: float, duration: float, extra: dict, vocab: int) -> dict:
     rng = random.Random(0)
     # a new connection per request: llama-server closes idle keep-alive connections under the client
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=0)) as client:
+    async with _client(1000) as client:
         tasks, start = [], time.perf_counter()
         while time.perf_counter() - start < duration:
             prompt = [rng.randrange(vocab) for _ in range(PROMPT)]
@@ -195,8 +204,9 @@ def start(kind: str, directory: Path, port: int, max_batch: int, tmp: Path) -> t
         command += ["-c", str(max_batch * 2 * (PROMPT + OUTPUT)), "--cont-batching", "-b", "512", "--no-warmup"]
         return Server(command, port, "/health", tmp / "llama-server.log"), {"ignore_eos": True}
     if kind == "transformers":
-        command = [str(Path(python).parent / "transformers"), "serve", str(directory), "--port", str(port), "--continuous-batching"]
-        return Server(command, port, "/health", tmp / "transformers.log"), {}
+        command = [str(Path(python).parent / "transformers"), "serve", str(directory), "--port", str(port)]
+        command += ["--continuous-batching"]
+        return Server(command, port, "/health", tmp / "transformers.log"), {"text_prompt": True}
     raise ValueError(kind)
 
 

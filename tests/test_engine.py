@@ -180,3 +180,21 @@ def test_fused_rows_step_equals_the_modules(family, tmp_path_factory, monkeypatc
             logits.append(model(torch.tensor([[4], [5], [6]]), cache=cache.rows(0, 3)))
     assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-5
     assert taken == [True] * model.config.num_layers
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_prompts_prefilled_together_equal_each_alone(family, tmp_path_factory):
+    """Prompts of different lengths that fit one step's budget are prefilled as one right-padded batch: all four
+    decode from the first step on, and each gets its own tokens."""
+    model = _model(family, tmp_path_factory)
+    prompts, params = _requests(4, seed=9)
+    alone = [_alone(model, p, sp) for p, sp in zip(prompts, params, strict=True)]
+    engine = Engine(model, max_batch=4, context=64, prefill_chunk=sum(len(p) for p in prompts))
+    outs = [[] for _ in prompts]
+    for p, sp, out in zip(prompts, params, outs, strict=True):
+        engine.add(Request(p, sp, lambda ev, out=out: out.append(ev.token)))
+    stats = engine.step()
+    assert stats.prefill_tokens == sum(len(p) for p in prompts) and stats.first_tokens == 4
+    while engine.has_work():
+        engine.step()
+    assert outs == alone

@@ -3,8 +3,9 @@ scheduling, as Orca and vLLM). It knows token ids only, nothing of HTTP or text,
 does one iteration; moekit.serve.runner drives it from a thread for the server.
 
 One step: finished and cancelled sequences leave (their slots are compacted so the running ones stay in slots
-0..n-1); the next waiting request takes a free slot; one chunk of at most `prefill_chunk` prompt tokens is
-prefilled (so a long prompt never stalls the running decodes for more than one chunk); then every running
+0..n-1); waiting requests take free slots and are prefilled one after another, `prefill_chunk` prompt tokens in
+all per step (so a long prompt never stalls the running decodes for more than one chunk, and many short ones
+join in one step); then every running
 sequence decodes one token, all in one batch through the model, so each expert is read once per step for all the
 sequences that chose it. Each sequence has its own slot of the KV cache (`context` tokens); a request waits while
 every slot is taken."""
@@ -153,12 +154,23 @@ class Engine:
     def step(self) -> StepStats:
         start = time.perf_counter()
         self._leave()
-        self._admit()
-        prefilling = self.prefilling
-        prefill_tokens = self._prefill()
-        first = int(prefilling is not None and bool(prefilling.generated))
+        prefill_tokens = first_tokens = 0
+        while prefill_tokens < self.prefill_chunk:  # prompts within the step's token budget
+            left = self.prefill_chunk - prefill_tokens
+            if self.prefilling is None:
+                n, sampled = self._prefill_together(left)  # whole prompts that fit, as one batch
+                if n:
+                    prefill_tokens, first_tokens = prefill_tokens + n, first_tokens + sampled
+                    continue
+                self._admit()  # the next prompt is longer than what is left: a chunk of it
+                if self.prefilling is None:
+                    break
+            n, sampled = self._prefill(self.prefilling, left)
+            prefill_tokens, first_tokens = prefill_tokens + n, first_tokens + sampled
+            if n == 0:
+                break
         decode_tokens, routed = self._decode()
-        stats = StepStats(decode_tokens, prefill_tokens, first, time.perf_counter() - start, routed)
+        stats = StepStats(decode_tokens, prefill_tokens, first_tokens, time.perf_counter() - start, routed)
         if self.on_step is not None:
             self.on_step(stats)
         return stats
@@ -191,22 +203,64 @@ class Engine:
             req.admitted = time.monotonic()
             self.cache.clear(self.running)
 
-    def _prefill(self) -> int:
-        req = self.prefilling
-        if req is None:
-            return 0
-        chunk = req.prompt[req.prefilled : req.prefilled + self.prefill_chunk]
+    def _prefill(self, req: Request, budget: int) -> tuple[int, int]:
+        """Prefill up to `budget` more of req's prompt (in slot `running`): (tokens prefilled, 1 where that ended
+        the prompt and sampled its first token). A request done at its first token frees its slot at once."""
+        chunk = req.prompt[req.prefilled : req.prefilled + budget]
         try:
             logits = self.model(torch.tensor([chunk]), cache=self.cache.rows(self.running, 1), logits_to_keep=1)
         except Exception as e:  # a request the model cannot take must not stop the others
             self._fail(req, e)
-            return 0
-        req.prefilled += len(chunk)
-        if req.prefilled == len(req.prompt):
+        else:
+            req.prefilled += len(chunk)
+            if req.prefilled < len(req.prompt):
+                return len(chunk), 0
             self._emit(req, logits[:, -1])
-            if not req.finished:  # its first token is sampled: it decodes from now on (a finished one leaves)
-                self.running += 1
-        return len(chunk)
+        if req.finished:
+            self.slots[self.running] = None
+            self.cache.clear(self.running)
+        else:  # its first token is sampled: it decodes from now on
+            self.running += 1
+        return (len(chunk), 1) if req.generated else (0, 0)
+
+    def _prefill_together(self, budget: int) -> tuple[int, int]:
+        """The waiting requests whose whole prompts fit `budget` together, prefilled as one batch (right-padded:
+        causal attention keeps a row's real tokens from seeing its padding) into the free slots from `running` on;
+        each samples its first token and decodes from now on. (tokens prefilled, first tokens sampled)."""
+        group, total = [], 0
+        while self.waiting and self.running + len(group) < self.max_batch:
+            req = self.waiting[0]
+            if not req.cancelled and total + len(req.prompt) > budget:
+                break
+            self.waiting.popleft()
+            if not req.cancelled:
+                group.append(req)
+                total += len(req.prompt)
+        if len(group) < 2:
+            for req in group:  # one alone: the single-row path
+                self.waiting.appendleft(req)
+            return 0, 0
+        first = self.running
+        for i, req in enumerate(group):
+            self.slots[first + i], req.admitted = req, time.monotonic()
+            self.cache.clear(first + i)
+        width = max(len(req.prompt) for req in group)
+        ids_BT = torch.tensor([req.prompt + req.prompt[-1:] * (width - len(req.prompt)) for req in group])
+        try:
+            h_BTD = self.model.hidden_states(ids_BT, cache=self.cache.rows(first, len(group)))
+        except Exception as e:  # a batch the model cannot take must not stop the others
+            for req in group:
+                self._fail(req, e)
+            self._leave()
+            return 0, 0
+        last_B = torch.tensor([len(req.prompt) - 1 for req in group])
+        logits_B1V = self.model.head(h_BTD[torch.arange(len(group)), last_B][:, None])
+        for i, req in enumerate(group):
+            self.cache.lengths[first + i] = req.prefilled = len(req.prompt)  # not the padding
+            self._emit(req, logits_B1V[i, -1:])
+        self.running += len(group)
+        self._leave()  # a request done at its first token leaves
+        return total, len(group)
 
     def _decode(self) -> tuple[int, dict[int, torch.Tensor]]:
         """One token for every running sequence, in one batch (slots 0..running-1)."""

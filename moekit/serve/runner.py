@@ -18,6 +18,10 @@ class EngineRunner:
         self.engine = engine
         self._wake = threading.Event()
         self._stopping = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        # a step's tokens for every request, handed to the event loop at once after the step: one wake-up (a
+        # syscall, costly right after streaming weights) per step instead of one per request
+        self._outbox: list[tuple[asyncio.Queue, TokenEvent | BaseException]] = []
         self._thread = threading.Thread(target=self._loop, name="moekit-engine", daemon=True)
 
     def start(self) -> None:
@@ -42,15 +46,23 @@ class EngineRunner:
                     if req is not None and not req.finished:
                         req.finished = True
                         req.on_event(e)
+            if self._outbox:
+                batch, self._outbox = self._outbox, []
+                self._event_loop.call_soon_threadsafe(_deliver, batch)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
         """Queue a generation (ValueError, QueueFull as Engine.add); call from the event loop."""
-        loop = asyncio.get_running_loop()
+        self._event_loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        request = Request(prompt, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        request = Request(prompt, params, lambda event: self._outbox.append((queue, event)))
         self.engine.add(request)
         self._wake.set()
         return Generation(self.engine, request, queue)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, TokenEvent | BaseException]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
 
 
 class Generation:

@@ -7,12 +7,15 @@
 using QuantList = std::vector<std::shared_ptr<QuantWeights>>;  // per projection: quantized or None
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("segment_gemm", &segment_gemm);
+  // The inference kernels run without the GIL, as torch's own operators do: a server's event loop (another
+  // thread) keeps serving while a step streams weights, instead of waiting for it or making it wait.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("segment_gemm", &segment_gemm, nogil);
   m.def("segment_gemm_input_major", &segment_gemm_input_major);
   m.def("segment_grad_weight", &segment_grad_weight);
-  m.def("gather_gemv", &gather_gemv);
-  m.def("linear_gemv", &linear_gemv);
-  m.def("quant_gemv", &quant_gemv);
+  m.def("gather_gemv", &gather_gemv, nogil);
+  m.def("linear_gemv", &linear_gemv, nogil);
+  m.def("quant_gemv", &quant_gemv, nogil);
   m.def("quant_dequantize", &quant_dequantize);
   py::class_<QuantWeights, std::shared_ptr<QuantWeights>>(m, "QuantWeights")
       .def(py::init<int64_t, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t>(), py::kw_only(),
@@ -35,8 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("head_dim"), py::arg("q_norm_weight"), py::arg("k_norm_weight"), py::arg("full_qk_norm"),
            py::arg("qk_norm_eps"), py::arg("clip_qkv"), py::arg("window"), py::arg("scale"), py::arg("sinks"),
            py::arg("o_weight"), py::arg("o_bias"), py::arg("qkv_quant") = QuantList{}, py::arg("o_quant") = py::none())
-      .def("__call__", &AttentionDecode::forward)
-      .def("rows", &AttentionDecode::forward_rows);
+      .def("__call__", &AttentionDecode::forward, nogil)
+      .def("rows", &AttentionDecode::forward_rows, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
@@ -49,13 +52,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("swiglu_alpha"), py::arg("swiglu_limit"), py::arg("shared_gate_weight"), py::arg("shared_up_weight"),
            py::arg("shared_down_weight"), py::arg("shared_sigmoid_weight"), py::arg("gate_up_quant"),
            py::arg("down_quant"), py::arg("expert_place"), py::arg("shared_quant") = QuantList{})
-      .def("__call__", &FfnDecode::forward)
-      .def("tokens", &FfnDecode::forward_tokens);
+      .def("__call__", &FfnDecode::forward, nogil)
+      .def("tokens", &FfnDecode::forward_tokens, nogil);
   py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
       .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
                     std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor, std::shared_ptr<QuantWeights>>(),
            py::kw_only(), py::arg("embed_weight"), py::arg("attention"), py::arg("ffn"), py::arg("rope_layers"),
            py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"),
            py::arg("head_quant") = py::none())
-      .def("step", &DecodeChain::step);
+      .def("step", &DecodeChain::step, nogil);
 }
