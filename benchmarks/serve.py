@@ -44,20 +44,23 @@ LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "llama-server")  # llama.cpp's ser
 
 
 def make_model(name: str, directory: Path) -> Path:
-    """The random transformers model, saved with a tokenizer.json whose every token is one word."""
+    """The random transformers model, saved with a tokenizer.json whose every token is one distinct piece."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     _, family, kw = MODELS[name]
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(family, **COMMON, **kw)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     hf.save_pretrained(directory)
-    # a word per token ("w0" .. "w31999", split at spaces): a text prompt is exactly its ids for every server
-    tokenizer = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # a piece per token ("<0>" .. "<31999>", each a whole word): a text prompt is exactly its ids for every server
+    vocab = {f"<{i}>": i for i in range(cfg.vocab_size)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\d+>"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
     tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     return directory
 
 
@@ -112,8 +115,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 def request_body(model: str, prompt: list[int], extra: dict) -> dict:
     """A streamed greedy completion; the prompt as token ids, or as its text where a server takes text only."""
     extra = dict(extra)
-    text = extra.pop("text_prompt", False)
-    prompt_field = " ".join(f"w{i}" for i in prompt) if text else prompt
+    text, model = extra.pop("text_prompt", False), extra.pop("model", model)
+    prompt_field = "".join(f"<{i}>" for i in prompt) if text else prompt
     return {"model": model, "prompt": prompt_field, "max_tokens": OUTPUT, "temperature": 0, "stream": True, **extra}
 
 
@@ -122,8 +125,10 @@ def _client(connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=connections, max_keepalive_connections=0))
 
 
-async def closed_loop(url: str, model: str, concurrency: int, requests: int, extra: dict, vocab: int) -> dict:
-    rng = random.Random(concurrency)
+async def closed_loop(
+    url: str, model: str, concurrency: int, requests: int, extra: dict, vocab: int, seed: int = 0
+) -> dict:
+    rng = random.Random(1000 * seed + concurrency)  # prompts no level repeats (servers cache prompt prefixes)
     todo = [[rng.randrange(vocab) for _ in range(PROMPT)] for _ in range(requests)]
     results = []
     async with _client(concurrency + 4) as client:
@@ -206,7 +211,8 @@ def start(kind: str, directory: Path, port: int, max_batch: int, tmp: Path) -> t
     if kind == "transformers":
         command = [str(Path(python).parent / "transformers"), "serve", str(directory), "--port", str(port)]
         command += ["--continuous-batching"]
-        return Server(command, port, "/health", tmp / "transformers.log"), {"text_prompt": True}
+        extra = {"text_prompt": True, "model": str(directory)}  # it serves the directory under its path
+        return Server(command, port, "/health", tmp / "transformers.log"), extra
     raise ValueError(kind)
 
 
@@ -231,7 +237,7 @@ def measure(kind: str, name: str, directory: Path, args, tmp: Path) -> dict:
         return out
     url = f"{server.url}/v1/completions"
     try:
-        asyncio.run(closed_loop(url, "m", 1, 2, extra, vocab))  # warm-up: kernels, caches
+        asyncio.run(closed_loop(url, "m", 1, 2, extra, vocab, seed=1))  # warm-up: kernels, caches
         for c in args.concurrency:
             before = expert_counters(server.url) if kind == "moekit" else None
             level = closed_loop(url, "m", c, max(2 * c, args.min_requests), extra, vocab)

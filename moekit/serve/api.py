@@ -8,7 +8,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
 
@@ -152,13 +152,18 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
             raise ApiError(400, f"tokens hold ids outside the vocabulary: allowed [0, {vocab - 1}]", "tokens")
         return {"prompt": state.served.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    def begin(body: CompletionRequest | ChatCompletionRequest) -> Completions:
+        """What every completion request goes through first."""
         c = ready()
         check_model(body.model)
         log_ignored(body)
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+        return c
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        c = begin(body)
         prompts = c.prompts(body)
         params = []
         for ids in prompts:
@@ -183,25 +188,17 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
 
         if body.stream:
 
-            async def stream():
-                try:
-                    for choice, echo in zip(choices, echoes, strict=True):
-                        if echo:
-                            yield sse({**head, "choices": [_text_choice(choice.index, echo, None, None)]})
-                    async with aclosing(c.events(choices)) as events:
-                        async for choice, text in events:
-                            if text or choice.finish_reason:
-                                lp = logprobs(choice, choice.logprobs[-1:])
-                                chunk = _text_choice(choice.index, text, lp, choice.finish_reason)
-                                yield sse({**head, "choices": [chunk]})
-                    if body.stream_options is not None and body.stream_options.include_usage:
-                        yield sse({**head, "choices": [], "usage": c.usage(choices, prompt_tokens)})
-                except Exception as e:  # after the 200: the error goes as a chunk, as OpenAI's clients expect
-                    log.exception("generation failed")
-                    yield sse(ApiError(500, f"generation failed: {e}").body())
-                yield sse("[DONE]")
+            async def chunks():
+                for choice, echo in zip(choices, echoes, strict=True):
+                    if echo:
+                        yield [_text_choice(choice.index, echo, None, None)]
+                async with aclosing(c.events(choices)) as events:
+                    async for choice, text in events:
+                        if text or choice.finish_reason:
+                            lp = logprobs(choice, choice.logprobs[-1:])
+                            yield [_text_choice(choice.index, text, lp, choice.finish_reason)]
 
-            return _sse_response(stream())
+            return _sse_response(_event_stream(chunks(), head, body, lambda: c.usage(choices, prompt_tokens)))
 
         texts = await _unless_disconnected(request, _texts(c, choices))
         out = [
@@ -212,11 +209,7 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        c = ready()
-        check_model(body.model)
-        log_ignored(body)
-        if body.stream_options is not None and not body.stream:
-            raise ApiError(400, "stream_options is only allowed with stream=true", "stream_options")
+        c = begin(body)
         prompt = c.chat_prompt(body.messages, body.chat_template_kwargs)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -236,28 +229,20 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
 
         if body.stream:
 
-            async def stream():
-                try:
-                    for choice in choices:
-                        delta = {"role": "assistant", "content": ""}
-                        yield sse({**head, "choices": [_delta(choice.index, delta, None, None)]})
-                    async with aclosing(c.events(choices)) as events:
-                        async for choice, text in events:
-                            if text:
-                                lp = None
-                                if body.logprobs:
-                                    lp = {"content": [token_logprob(e) for e in choice.logprobs[-1:]]}
-                                yield sse({**head, "choices": [_delta(choice.index, {"content": text}, lp, None)]})
-                            if choice.finish_reason is not None:
-                                yield sse({**head, "choices": [_delta(choice.index, {}, None, choice.finish_reason)]})
-                    if body.stream_options is not None and body.stream_options.include_usage:
-                        yield sse({**head, "choices": [], "usage": c.usage(choices, len(prompt))})
-                except Exception as e:
-                    log.exception("generation failed")
-                    yield sse(ApiError(500, f"generation failed: {e}").body())
-                yield sse("[DONE]")
+            async def chunks():
+                for choice in choices:
+                    yield [_delta(choice.index, {"role": "assistant", "content": ""}, None, None)]
+                async with aclosing(c.events(choices)) as events:
+                    async for choice, text in events:
+                        if text:
+                            lp = None
+                            if body.logprobs:
+                                lp = {"content": [token_logprob(e) for e in choice.logprobs[-1:]]}
+                            yield [_delta(choice.index, {"content": text}, lp, None)]
+                        if choice.finish_reason is not None:
+                            yield [_delta(choice.index, {}, None, choice.finish_reason)]
 
-            return _sse_response(stream())
+            return _sse_response(_event_stream(chunks(), head, body, lambda: c.usage(choices, len(prompt))))
 
         texts = await _unless_disconnected(request, _texts(c, choices))
         out = []
@@ -268,6 +253,20 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
         return {**head, "object": "chat.completion", "choices": out, "usage": c.usage(choices, len(prompt))}
 
     return app, state
+
+
+async def _event_stream(chunks, head: dict, body, usage) -> AsyncIterator[str]:
+    """Server-Sent Events as OpenAI sends them: each chunk's choices under the response's head, the usage chunk
+    when asked for, an error after the 200 as an {"error": ...} chunk, then [DONE]."""
+    try:
+        async for choices in chunks:
+            yield sse({**head, "choices": choices})
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": usage()})
+    except Exception as e:  # after the 200: the error goes as a chunk, as OpenAI's clients expect
+        log.exception("generation failed")
+        yield sse(ApiError(500, f"generation failed: {e}").body())
+    yield sse("[DONE]")
 
 
 async def _texts(c: Completions, choices: list[Choice]) -> dict[int, str]:
