@@ -308,3 +308,12 @@ def test_sigterm_drains_running_requests_then_exits_0(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
+    directory = tiny_model_dir(tmp_path)
+    (directory / "model.safetensors").write_bytes(b"not safetensors")
+    command = [sys.executable, "-m", "moekit", "serve", str(directory), "--port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "moekit serve: error: loading the model failed" in done.stderr.splitlines()[-1]

@@ -39,6 +39,8 @@ class ServerState:
 
     def __init__(self):
         self.status = "loading"
+        self.error: BaseException | None = None  # why loading failed
+        self.on_failed = None  # called when loading fails (the server stops: nothing could ever be served)
         self.served: ServedModel | None = None
         self.runner: EngineRunner | None = None
         self.metrics: ServerMetrics | None = None
@@ -326,5 +328,7 @@ async def _unless_disconnected(request: Request, work):
 
 
 def _load_failed(future, state: ServerState) -> None:
-    state.status = "failed"
-    log.error("loading the model failed: %s", future.exception())
+    state.status, state.error = "failed", future.exception()
+    log.error("loading the model failed: %s", state.error)
+    if state.on_failed is not None:
+        state.on_failed()

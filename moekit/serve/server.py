@@ -1,5 +1,5 @@
 """Running the app under uvicorn: SIGTERM (or Ctrl-C) stops accepting, flips /health to 503, lets running requests
-finish within the drain timeout, then exits 0."""
+finish within the drain timeout, then exits 0. A model that fails to load stops the server with its reason."""
 
 from __future__ import annotations
 
@@ -26,4 +26,8 @@ def run_server(load, host: str, port: int, api_key: str | None, drain_timeout: f
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False
     )
-    _DrainingServer(config, state).run()
+    server = _DrainingServer(config, state)
+    state.on_failed = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.error is not None:  # the model did not load: say why, in one line, as every moekit command does
+        raise ValueError(f"loading the model failed: {state.error}")
