@@ -42,15 +42,6 @@ class SlotKVCache:
     def used_tokens(self) -> int:
         return sum(self.lengths)
 
-    def nbytes(self) -> int:
-        """Bytes of the cached tokens (not of the free room)."""
-        per_token = sum(
-            buf.numel() // (buf.shape[0] * buf.shape[d]) * buf.element_size()
-            for layer, buffers in self._buffers.items()
-            for buf, d in zip(buffers, self._dims[layer], strict=True)
-        )
-        return per_token * self.used_tokens()
-
     def _buffers_of(self, layer: int, dims: tuple[int, ...], new: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if layer not in self._buffers:
             bufs = []
@@ -99,20 +90,20 @@ class SlotView:
         return views [rows, ..., length + T, ...] of the cached tensors (beyond a shorter row's own tokens: stale
         entries its causal mask hides)."""
         lengths, t = self.lengths, new[0].shape[dims[0]]
-        if max(lengths) + t > self.cache.context:
-            raise ValueError(f"{max(lengths) + t} tokens do not fit a slot: allowed context={self.cache.context}")
-        bufs = self.cache._buffers_of(layer, dims, new)
+        end = max(lengths) + t
+        if end > self.cache.context:
+            raise ValueError(f"{end} tokens do not fit a slot: allowed context={self.cache.context}")
+        positions_BT = self.positions_BT(t, new[0].device) if self.ragged else None
         out = []
-        for buf, x, d in zip(bufs, new, dims, strict=True):
+        for buf, x, d in zip(self.cache._buffers_of(layer, dims, new), new, dims, strict=True):
             rows = buf.narrow(0, self.start, self.count)
-            if not self.ragged:
+            if positions_BT is None:
                 rows.narrow(d, lengths[0], t).copy_(x)
             else:
                 shape = [1] * x.dim()
                 shape[0], shape[d] = self.count, t
-                index = self.positions_BT(t, x.device).view(shape).expand_as(x)
-                rows.scatter_(d, index, x)
-            out.append(rows.narrow(d, 0, max(lengths) + t))
+                rows.scatter_(d, positions_BT.view(shape).expand_as(x), x)
+            out.append(rows.narrow(d, 0, end))
         return tuple(out)
 
     def room(self, layer: int, count: int) -> list[torch.Tensor]:

@@ -28,9 +28,6 @@ class HFTokenizer:
         """add_special_tokens=False for text that holds them already (a rendered chat template)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
@@ -55,8 +52,7 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix :])
+        seen, text = self._window()
         if text.endswith("\ufffd") or len(text) <= len(seen):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -64,7 +60,10 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """What is still held back (an incomplete character at the end of a continuation), as the decoder gives it."""
-        seen = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix :])
+        seen, text = self._window()
         self.prefix = self.read = len(self.ids)
         return text[len(seen) :]
+
+    def _window(self) -> tuple[str, str]:
+        """The window's text already emitted, and all of it."""
+        return self.tokenizer.decode(self.ids[self.prefix : self.read]), self.tokenizer.decode(self.ids[self.prefix :])

@@ -10,7 +10,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -167,11 +166,8 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
     async def completions(body: CompletionRequest, request: Request):
         c = begin(body)
         prompts = c.prompts(body)
-        params = []
-        for ids in prompts:
-            p = c.params(body, len(ids), body.max_tokens, body.logprobs, "prompt")
-            params += [_with_seed(p, j) for j in range(body.n)]
-        choices = c.start([ids for ids in prompts for _ in range(body.n)], params, body.stops())
+        params = [c.params(body, len(ids), body.max_tokens, body.logprobs, "prompt") for ids in prompts]
+        choices = c.start(prompts, params, body.n, body.stops())
         prompt_tokens = sum(len(ids) for ids in prompts)
         rid, created = new_id("cmpl"), int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": state.served.name}
@@ -216,7 +212,7 @@ def build_app(load: Callable[[], ServedModel], api_key: str | None = None) -> tu
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         p = c.params(body, len(prompt), max_tokens, top, "messages")
-        choices = c.start([prompt] * body.n, [_with_seed(p, j) for j in range(body.n)], body.stops())
+        choices = c.start([prompt], [p], body.n, body.stops())
         rid, created = new_id("chatcmpl"), int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.served.name}
 
@@ -278,10 +274,6 @@ async def _texts(c: Completions, choices: list[Choice]) -> dict[int, str]:
         async for choice, text in events:
             texts[choice.index] += text
     return texts
-
-
-def _with_seed(p, j: int):
-    return replace(p, seed=p.seed + j) if p.seed is not None and j else p
 
 
 def _text_choice(index: int, text: str, logprobs, finish_reason) -> dict:

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moekit.serve.chat_template import TemplateError
 from moekit.serve.engine import QueueFull, SamplingParams, TokenEvent
@@ -67,10 +67,9 @@ class Completions:
             texts = [p]
         else:
             texts = list(p)
-        out = []
+        out, vocab = [], self.served.engine.model.config.vocab_size
         for item in texts:
             ids = item if isinstance(item, list) else self.served.tokenizer.encode(item)
-            vocab = self.served.engine.model.config.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(
                     400, f"prompt holds token ids outside the vocabulary: allowed [0, {vocab - 1}]", "prompt"
@@ -110,14 +109,16 @@ class Completions:
             stop_token_ids=() if body.ignore_eos else self.served.stop_token_ids,
         )
 
-    def start(self, prompts: list[list[int]], params: list[SamplingParams], stops: list[str]) -> list[Choice]:
-        """Queue every choice (n per prompt, seeds seed, seed + 1, ... so they differ and each repeats); none when
-        the queue is full (429/503 for the client, who retries)."""
+    def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int, stops: list[str]) -> list[Choice]:
+        """Queue every choice: n per prompt (seeds seed, seed + 1, ... so they differ and each repeats), choice
+        index i * n + j; none when the queue is full (503 for the client, who retries)."""
         choices: list[Choice] = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                generation = self.runner.submit(prompt, p)
-                choices.append(Choice(len(choices), len(prompt), generation, ChoiceText(self.served.tokenizer, stops)))
+            for prompt, p0 in zip(prompts, params, strict=True):
+                for j in range(n):
+                    p = replace(p0, seed=p0.seed + j) if p0.seed is not None and j else p0
+                    text = ChoiceText(self.served.tokenizer, stops)
+                    choices.append(Choice(len(choices), len(prompt), self.runner.submit(prompt, p), text))
         except (QueueFull, ValueError) as e:
             for c in choices:
                 c.generation.cancel()

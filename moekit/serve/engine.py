@@ -3,12 +3,11 @@ scheduling, as Orca and vLLM). It knows token ids only, nothing of HTTP or text,
 does one iteration; moekit.serve.runner drives it from a thread for the server.
 
 One step: finished and cancelled sequences leave (their slots are compacted so the running ones stay in slots
-0..n-1); waiting requests take free slots and are prefilled one after another, `prefill_chunk` prompt tokens in
-all per step (so a long prompt never stalls the running decodes for more than one chunk, and many short ones
-join in one step); then every running
-sequence decodes one token, all in one batch through the model, so each expert is read once per step for all the
-sequences that chose it. Each sequence has its own slot of the KV cache (`context` tokens); a request waits while
-every slot is taken."""
+0..n-1); waiting requests take free slots and are prefilled, `prefill_chunk` prompt tokens in all per step (whole
+prompts that fit together as one batch, a longer one in chunks: a long prompt never stalls the running decodes for
+more than one chunk); then every running sequence decodes one token, all in one batch through the model, so each
+expert is read once per step for all the sequences that chose it. Each sequence has its own slot of the KV cache
+(`context` tokens); a request waits while every slot is taken."""
 
 from __future__ import annotations
 
@@ -199,9 +198,12 @@ class Engine:
 
     def _admit(self) -> None:
         if self.prefilling is None and self.running < self.max_batch and self.waiting:
-            req = self.slots[self.running] = self.waiting.popleft()
-            req.admitted = time.monotonic()
-            self.cache.clear(self.running)
+            self._seat(self.waiting.popleft(), self.running)
+
+    def _seat(self, req: Request, slot: int) -> None:
+        """A waiting request takes a free slot."""
+        self.slots[slot], req.admitted = req, time.monotonic()
+        self.cache.clear(slot)
 
     def _prefill(self, req: Request, budget: int) -> tuple[int, int]:
         """Prefill up to `budget` more of req's prompt (in slot `running`): (tokens prefilled, 1 where that ended
@@ -242,8 +244,7 @@ class Engine:
             return 0, 0
         first = self.running
         for i, req in enumerate(group):
-            self.slots[first + i], req.admitted = req, time.monotonic()
-            self.cache.clear(first + i)
+            self._seat(req, first + i)
         width = max(len(req.prompt) for req in group)
         ids_BT = torch.tensor([req.prompt + req.prompt[-1:] * (width - len(req.prompt)) for req in group])
         try:
@@ -304,6 +305,12 @@ class Engine:
             event.finish_reason = "length"
         req.finished = event.finish_reason is not None
         req.on_event(event)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every unfinished request, running or waiting, with this error."""
+        for req in [*self.slots, *self.waiting]:
+            if req is not None and not req.finished:
+                self._fail(req, error)
 
     def _fail(self, req: Request, error: BaseException) -> None:
         req.finished = True

@@ -42,10 +42,7 @@ class EngineRunner:
                 self.engine.step()
             except Exception as e:  # a bug must not kill the thread silently: fail what runs, keep serving
                 log.exception("engine step failed")
-                for req in [*self.engine.slots, *self.engine.waiting]:
-                    if req is not None and not req.finished:
-                        req.finished = True
-                        req.on_event(e)
+                self.engine.fail_all(e)
             if self._outbox:
                 batch, self._outbox = self._outbox, []
                 self._event_loop.call_soon_threadsafe(_deliver, batch)
