@@ -38,6 +38,10 @@ def causal_mask(
     if window is not None:
         allowed_TS = allowed_TS & (k_pos > q_pos - window)
     if chunk is not None:
+        if attention_mask_BT is not None:  # positions skip the padding
+            k_pos = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
+            q_pos = k_pos.gather(1, query_keys_BT.expand(k_pos.shape[0], -1))[:, :, None]
+            k_pos = k_pos[:, None, :]
         allowed_TS = allowed_TS & (k_pos // chunk == q_pos // chunk)
     if attention_mask_BT is None:
         return allowed_TS[:, None]
@@ -50,8 +54,8 @@ def causal_mask(
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
-    layer type (see causal_mask; None: plain causal, the queries being the last of the keys), the index of each
-    query in its sequence [B or 1, T] (NoPE temperature tuning), and the KV cache when generating (None
+    layer type (see causal_mask; None: plain causal, the queries being the last of the keys), the position of each
+    query in its sequence [B or 1, T] (NoPE temperature tuning; padding not counted), and the KV cache when generating (None
     otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]

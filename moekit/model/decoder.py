@@ -111,11 +111,8 @@ class MoEDecoder(nn.Module):
             else causal_mask(attention_mask, num_queries, num_keys, device, **limits[kind], query_keys_BT=query_keys_BT)
             for kind in kinds
         }
-        ragged = query_keys_BT is not None
-        if query_keys_BT is None:
-            query_keys_BT = torch.arange(num_keys - num_queries, num_keys, device=device)[None]
-        rope = self.rotary(positions_BT, dtype, per_row=ragged)
-        return AttentionInputs(rope, masks, query_keys_BT, cache)
+        rope = self.rotary(positions_BT, dtype, per_row=query_keys_BT is not None)
+        return AttentionInputs(rope, masks, positions_BT, cache)
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
