@@ -55,8 +55,8 @@ def causal_mask(
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
     layer type (see causal_mask; None: plain causal, the queries being the last of the keys), the position of each
-    query in its sequence [B or 1, T] (NoPE temperature tuning; padding not counted), and the KV cache when generating (None
-    otherwise)."""
+    query in its sequence [B or 1, T] (NoPE temperature tuning; padding not counted), and the KV cache when
+    generating (None otherwise)."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     masks: dict[str, torch.Tensor | None]
