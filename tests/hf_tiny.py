@@ -135,9 +135,32 @@ def _dbrx(**overrides) -> dict:
     }
 
 
+# Multimodal wrappers whose language model is another family's: moekit reads the text model.
+WRAPPED = {"kimi_k25": "deepseek_v3"}
+TINY_VISION = {
+    "kimi_k25": dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        pos_emb_height=4,
+        pos_emb_width=4,
+    )
+}
+
+
 def tiny_config(family: str, **overrides):
     import transformers
 
+    if family in WRAPPED:  # Kimi K2.5's text config names its model_type kimi_k2
+        text = {**tiny_config(WRAPPED[family], **overrides).to_dict(), "model_type": "kimi_k2"}
+        return transformers.AutoConfig.for_model(
+            family,
+            text_config=text,
+            vision_config=TINY_VISION[family],
+            projection_hidden_size=16,
+            tie_word_embeddings=text["tie_word_embeddings"],
+        )
     if family == "dbrx":
         return transformers.AutoConfig.for_model("dbrx", **_dbrx(**overrides))
     return transformers.AutoConfig.for_model(family, **{**TINY, **EXTRA[family], **overrides})
@@ -153,7 +176,8 @@ def hf_tiny_model(family: str, directory, **overrides):
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    auto = transformers.AutoModelForImageTextToText if family in WRAPPED else transformers.AutoModelForCausalLM
+    hf = auto.from_config(tiny_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name or "sinks" in name or "bias" in name:

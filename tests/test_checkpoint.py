@@ -19,7 +19,7 @@ import moekit
 from moekit.checkpoint.files import SafetensorsFile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, SHARDED, hf_tiny_model  # noqa: E402
+from hf_tiny import FAMILIES, SHARDED, WRAPPED, hf_tiny_model  # noqa: E402
 from peak_memory import loading_growth  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -65,6 +65,44 @@ def test_load_generate_save_round_trip(family, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, ref)
     assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("wrapper", WRAPPED)
+def test_wrapped_language_model_loads_and_saves_alone(wrapper, tmp_path):
+    """Kimi K2.5's files (a vision tower beside a DeepSeek-V3 language model, as transformers writes them): moekit
+    runs the language model with transformers' logits and tokens, says what it left out, and saves the language
+    model alone, which transformers loads as its text family with the same logits; `kimi_k2` alone reads too."""
+    hf = hf_tiny_model(wrapper, tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert model.config.family == WRAPPED[wrapper]
+    assert "mm_projector, vision_tower: not loaded" in model.load_notes[0]
+    ids = torch.randint(3, 96, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        assert float((model(ids, mask)[real] - ref[real]).norm() / ref[real].norm()) < 1e-6
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(ids[:1, :9], max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert model.generate(ids[:1, :9], 16).tolist() == expected.tolist()
+
+    moekit.save_pretrained(model, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == WRAPPED[wrapper] and "vision_config" not in saved
+    language = {
+        k.removeprefix("language_model.").replace(".blocks.", ".layers."): v
+        for k, v in _tensors(tmp_path / "hf").items()
+        if k.startswith("language_model.")
+    }
+    assert _tensors(tmp_path / "out") == language
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, ref)
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**saved, "model_type": "kimi_k2"}))
+    alone = moekit.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(alone(ids, mask), model(ids, mask))
 
 
 def test_dtype_on_load_and_checkpoint_default(tmp_path):

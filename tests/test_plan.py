@@ -17,7 +17,7 @@ from moekit.plan.model_stats import model_stats
 from moekit.plan.roofline import distinct_experts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, hf_tiny_model, tiny_config  # noqa: E402
+from hf_tiny import FAMILIES, WRAPPED, hf_tiny_model, tiny_config  # noqa: E402
 
 # ../shared/model-configs/README.md: (name, published figure as written, which count it is)
 PUBLISHED = [
@@ -39,7 +39,11 @@ PUBLISHED = [
     ("gpt-oss-20b", "3.6", "active_without_input_embedding"),
     ("llama-4-scout-17b-16e", "107.8", "total"),
     ("llama-4-scout-17b-16e", "17", "active"),
+    ("kimi-k2.5", "32", "active_truncated"),
 ]
+# ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
+# published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
+TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)
@@ -58,6 +62,11 @@ def test_published_parameter_counts(name, figure, key):
     assert abs(count - float(figure)) <= tolerance, (name, key, count)
 
 
+@pytest.mark.parametrize("name,billions", TRANSFORMERS_COUNTS)
+def test_counts_equal_transformers_count_of_published_configs(name, billions):
+    assert round(model_stats(load_model_config(name)).params["total"] / 1e9, 2) == billions
+
+
 def test_qwen_non_embedding_figure_is_truncated():
     """Qwen publishes 2.0B non-embedding active; the exact count is 2.07B (their figure truncates, not rounds)."""
     count = model_stats(load_model_config("qwen1.5-moe-a2.7b")).params["active_without_embeddings"] / 1e9
@@ -69,15 +78,20 @@ def test_published_kv_bytes_per_token(name, expected):
     assert plan(name, hardware="h200", gpus=16)["kv_cache"]["bytes_per_token"] == expected
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + list(WRAPPED))
 def test_counts_equal_transformers_model(family):
-    """One counting path, checked against the oracle: the parameters of transformers' own model of the config."""
+    """One counting path, checked against the oracle: the parameters of transformers' own model of the config (of
+    its language model and head, for a multimodal wrapper)."""
     import transformers
 
     cfg = tiny_config(family)
-    hf_model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if family in WRAPPED:
+        wrapper = transformers.AutoModelForImageTextToText.from_config(cfg)
+        params = [*wrapper.model.language_model.parameters(), *wrapper.lm_head.parameters()]
+    else:
+        params = list(transformers.AutoModelForCausalLM.from_config(cfg).parameters())
     stats = model_stats(model_from_hf(cfg.to_dict()))
-    assert stats.params["total"] == sum(p.numel() for p in hf_model.parameters())
+    assert stats.params["total"] == sum(p.numel() for p in params)
 
 
 def test_meta_count_equals_real_model():

@@ -140,26 +140,31 @@ class SafetensorsFile:
 
 
 class Shards:
-    """The files of a checkpoint: shape, dtype and read_into by tensor name."""
+    """The files of a checkpoint: shape, dtype and read_into by tensor name. stored: {name: the name in the file}
+    where the two differ (a multimodal wrapper's language model read under the text model's names)."""
 
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], stored: dict[str, str] | None = None):
         self.files = files
+        self._stored = stored or {}
         self._handles = {file: SafetensorsFile(file) for file in sorted(set(files.values()))}
         for name, file in files.items():
-            if name not in self._handles[file].entries:
-                raise ValueError(f"{file}: lacks tensor {name!r} that {INDEX} places there")
+            if self._entry(name) not in self._handles[file].entries:
+                raise ValueError(f"{file}: lacks tensor {self._entry(name)!r} that {INDEX} places there")
+
+    def _entry(self, name: str) -> str:
+        return self._stored.get(name, name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._handles[self.files[name]].entries[name][1]
+        return self._handles[self.files[name]].entries[self._entry(name)][1]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._handles[self.files[name]].entries[name][0]
+        return self._handles[self.files[name]].entries[self._entry(name)][0]
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
-        self._handles[self.files[name]].read_into(name, dst)
+        self._handles[self.files[name]].read_into(self._entry(name), dst)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._handles[self.files[name]].read_rows(name, start, stop)
+        return self._handles[self.files[name]].read_rows(self._entry(name), start, stop)
 
     def read(self, name: str) -> torch.Tensor:
         t = torch.empty(self.shape(name), dtype=self.dtype(name))

@@ -41,20 +41,15 @@ def load_pretrained(
     are read (never all held in float); what the files hold quantized stays as it is. model.load_notes lists what
     the loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
     path = checkpoint_dir(path)
-    hf = load_hf_config(path)
-    if hf.get("model_type") != NATIVE:
-        family_of(hf)  # a family moekit can run, or a ValueError listing them
+    hf, files, shards, notes = open_checkpoint(path)
     cfg = model_from_hf(hf, name=path.name)
     if hf.get("model_type") != NATIVE:  # saved again as the same family; moekit's own format is rewritten
         cfg = replace(cfg, extra={**cfg.extra, "hf_config": hf})
-    files = weight_map(path)
-    notes = []
     if cfg.mtp_layers and not any(re.match(rf"model\.layers\.{cfg.num_layers}\.", n) for n in files):
         notes.append(f"config announces {cfg.mtp_layers} multi-token-prediction layer(s) the files do not hold")
         cfg = replace(cfg, mtp_layers=0)
     elif cfg.mtp_layers:
         notes.append(f"loaded {cfg.mtp_layers} multi-token-prediction layer(s) (used by training and speculation)")
-    shards = Shards(files)
     scheme = scheme_of(hf, shards)
     floats = [n for n in files if scheme is None or not scheme.is_part(n)]  # a bf16 scale says nothing of the rest
     model = meta_model(cfg, _resolve_dtype(dtype, shards, floats))
@@ -77,6 +72,26 @@ def load_pretrained(
         _check_quantized(model, keymap, path)
     model.load_notes = notes
     return model.eval()
+
+
+def open_checkpoint(path: Path) -> tuple[dict, dict[str, Path], Shards, list[str]]:
+    """(config.json of the language model, {tensor name: file}, the files, notes) of a model directory. A
+    multimodal wrapper (Kimi K2.5) gives its language model's config and tensors under that family's names; the
+    tensors of other parts are left out, and a note says so."""
+    hf = load_hf_config(path)
+    if hf.get("model_type") == NATIVE:
+        files = weight_map(path)
+        return hf, files, Shards(files), []
+    family = family_of(hf)  # a family moekit can run, or a ValueError listing them
+    files = weight_map(path)
+    ours = {stored: family.tensor_name(hf, stored) for stored in files}
+    left = [stored.removeprefix("model.") for stored, name in ours.items() if name is None]
+    parts = ", ".join(sorted({n.split(".")[0] for n in left}))
+    notes = [f"{len(left)} tensors of {parts}: not loaded (moekit runs the language model)"] if left else []
+    stored = {name: s for s, name in ours.items() if name is not None}
+    renamed = {name: s for name, s in stored.items() if name != s}
+    files = {name: files[s] for name, s in stored.items()}
+    return family.language_model(hf), files, Shards(files, renamed), notes
 
 
 def _resolve_dtype(dtype, shards: Shards, names) -> torch.dtype:

@@ -45,7 +45,10 @@ def tensor_names(model_type: str) -> TensorNames:
 
 
 def model_type_of(hf: dict) -> str | None:
-    """The language model's model_type (inside text_config for multimodal wrappers)."""
+    """The model_type whose family reads hf: the wrapper's own where moekit knows it (Kimi K2.5), else the language
+    model's (inside text_config for multimodal wrappers)."""
+    if hf.get("model_type") in _BY_ALIAS:
+        return hf["model_type"]
     text = hf.get("text_config")
     return (text.get("model_type") if isinstance(text, dict) else None) or hf.get("model_type")
 

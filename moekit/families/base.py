@@ -85,6 +85,16 @@ class Family:
         """The language model's fields under the common names (multimodal configs keep them in text_config)."""
         return hf["text_config"] if isinstance(hf.get("text_config"), dict) else hf
 
+    def language_model(self, hf: dict) -> dict:
+        """The config.json of the language model alone, as the family that computes it reads it (a multimodal
+        wrapper's text model; default: hf itself)."""
+        return hf
+
+    def tensor_name(self, hf: dict, stored: str) -> str | None:
+        """The language model's checkpoint name of a tensor as the files of config hf store it (default: the same);
+        None for a tensor of another part (a vision tower), which moekit does not load."""
+        return stored
+
     def moe(self, c: dict) -> tuple[MoEConfig, tuple[int, ...], int | None]:
         """(MoEConfig, MoE layer indices, dense FFN width) of the language model's fields c."""
         raise NotImplementedError
