@@ -112,6 +112,15 @@ EXTRA = {
     },
 }
 
+EXTRA["minimax_m2"] = {"rotary_dim": 4}
+EXTRA["dots1"] = {
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.0,
+    "sliding_window": 4,
+    "max_window_layers": 2,
+}
 EXTRA["dbrx"] = {}  # DBRX names its fields its own way: see _dbrx
 FAMILIES = list(EXTRA)
 

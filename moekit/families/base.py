@@ -63,6 +63,15 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return out
 
 
+def partial_rotary(c: dict, default: float = 1.0) -> float:
+    """The rotating fraction of each head, under any of the names the families use (rotary_dim in heads' units)."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    found = c.get("partial_rotary_factor") or rope.get("partial_rotary_factor")
+    if found is None and c.get("rotary_dim"):
+        found = c["rotary_dim"] / need(c, "head_dim")
+    return float(found or default)
+
+
 class Family:
     """One published family. Subclasses set the class attributes and implement moe() and attention(); families
     that transformers can load moekit's models as also implement write() (and set write_rank)."""

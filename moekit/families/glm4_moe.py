@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig
+from moekit.families.base import partial_rotary
 from moekit.families.deepseek_v3 import DeepseekV3
 
 
@@ -16,11 +17,10 @@ class Glm4Moe(DeepseekV3):
     fused_steps = frozenset({"attention"})  # its group-limited routing (n_group > 1) is not in the FFN step
 
     def attention(self, c):
-        rotary = c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")
         return AttentionConfig(
             qkv_bias=bool(c.get("attention_bias", False)),
             qk_norm="head" if c.get("use_qk_norm") else "none",
-            partial_rotary=float(rotary or 0.5),
+            partial_rotary=partial_rotary(c, 0.5),
         )
 
     def write(self, cfg: ModelConfig) -> dict:
