@@ -112,6 +112,22 @@ EXTRA = {
     },
 }
 
+EXTRA["mistral4"] = {
+    **MLA,
+    "qk_nope_head_dim": 4,  # the rotary half of each head: transformers' rope width is head_dim x this fraction
+    "head_dim": 8,
+    "q_lora_rank": 12,
+    "routed_scaling_factor": 1.5,
+    "rope_parameters": {
+        **YARN,
+        "rope_type": "yarn",
+        "original_max_position_embeddings": 8,  # queries past position 8 are scaled up
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.5,
+        "partial_rotary_factor": 0.5,
+    },
+}
 EXTRA["minimax_m2"] = {"rotary_dim": 4}
 EXTRA["dots1"] = {
     "n_shared_experts": 1,
@@ -175,6 +191,23 @@ def tiny_config(family: str, **overrides):
     return transformers.AutoConfig.for_model(family, **{**TINY, **EXTRA[family], **overrides})
 
 
+def hf_class(family: str):
+    """transformers' class (or auto class) of a family's model with its head."""
+    import transformers
+
+    if family in WRAPPED:
+        return transformers.AutoModelForImageTextToText
+    if family == "mistral4":  # transformers 5.25 leaves it out of AutoModelForCausalLM
+        return transformers.Mistral4ForCausalLM
+    return transformers.AutoModelForCausalLM
+
+
+def hf_build(family: str, config):
+    """transformers' random model of a family's config."""
+    cls = hf_class(family)
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
 SHARDED = ("mixtral", "deepseek_v3")  # saved in several shards
 
 
@@ -182,11 +215,9 @@ def hf_tiny_model(family: str, directory, **overrides):
     """A seeded tiny transformers model of `family`, saved to `directory` (sharded for SHARDED families). Norms,
     biases, sinks and selection biases are 1/0 at init: they are perturbed so that they are tested."""
     import torch
-    import transformers
 
     torch.manual_seed(0)
-    auto = transformers.AutoModelForImageTextToText if family in WRAPPED else transformers.AutoModelForCausalLM
-    hf = auto.from_config(tiny_config(family, **overrides)).eval()
+    hf = hf_build(family, tiny_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name or "sinks" in name or "bias" in name:

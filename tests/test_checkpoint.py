@@ -19,7 +19,7 @@ import moekit
 from moekit.checkpoint.files import SafetensorsFile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, SHARDED, WRAPPED, hf_tiny_model  # noqa: E402
+from hf_tiny import FAMILIES, SHARDED, WRAPPED, hf_class, hf_tiny_model  # noqa: E402
 from peak_memory import loading_growth  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +61,7 @@ def test_load_generate_save_round_trip(family, tmp_path):
 
     moekit.save_pretrained(model, tmp_path / "out", max_shard_bytes=60_000 if family in SHARDED else 5 * 2**30)
     assert _tensors(tmp_path / "out") == _tensors(tmp_path / "hf")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    again = hf_class(family).from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, ref)
     assert not list((tmp_path / "out").glob(".*.tmp"))

@@ -42,6 +42,7 @@ FUSED = {
     "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
     "deepseek_v2": {"ffn"},  # its dense first layer (MLA attention, group-limited routing: the modules)
     "deepseek_v3": {"ffn"},
+    "mistral4": {"ffn"},  # its dense first layer (MLA with position-scaled queries, grouped softmax: the modules)
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
 }

@@ -17,7 +17,7 @@ from moekit.plan.model_stats import model_stats
 from moekit.plan.roofline import distinct_experts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import FAMILIES, WRAPPED, hf_tiny_model, tiny_config  # noqa: E402
+from hf_tiny import FAMILIES, WRAPPED, hf_build, hf_tiny_model, tiny_config  # noqa: E402
 
 # ../shared/model-configs/README.md: (name, published figure as written, which count it is)
 PUBLISHED = [
@@ -40,10 +40,12 @@ PUBLISHED = [
     ("llama-4-scout-17b-16e", "107.8", "total"),
     ("llama-4-scout-17b-16e", "17", "active"),
     ("kimi-k2.5", "32", "active_truncated"),
+    ("mistral-small-4-119b", "119", "total"),
+    ("mistral-small-4-119b", "6", "active_without_input_embedding"),
 ]
 # ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
 # published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
-TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41)]
+TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)
@@ -73,7 +75,11 @@ def test_qwen_non_embedding_figure_is_truncated():
     assert math.floor(count * 10) / 10 == 2.0
 
 
-@pytest.mark.parametrize("name,expected", [("deepseek-v3", 70272), ("mixtral-8x7b", 131072), ("qwen3-30b-a3b", 98304)])
+# MLA caches the latent and the rope key per layer: Mistral Small 4 (256 + 64) x 36 layers x 2 bytes
+KV_BYTES = [("deepseek-v3", 70272), ("mixtral-8x7b", 131072), ("qwen3-30b-a3b", 98304), ("mistral-small-4-119b", 23040)]
+
+
+@pytest.mark.parametrize("name,expected", KV_BYTES)
 def test_published_kv_bytes_per_token(name, expected):
     assert plan(name, hardware="h200", gpus=16)["kv_cache"]["bytes_per_token"] == expected
 
@@ -82,14 +88,12 @@ def test_published_kv_bytes_per_token(name, expected):
 def test_counts_equal_transformers_model(family):
     """One counting path, checked against the oracle: the parameters of transformers' own model of the config (of
     its language model and head, for a multimodal wrapper)."""
-    import transformers
-
     cfg = tiny_config(family)
+    model = hf_build(family, cfg)
     if family in WRAPPED:
-        wrapper = transformers.AutoModelForImageTextToText.from_config(cfg)
-        params = [*wrapper.model.language_model.parameters(), *wrapper.lm_head.parameters()]
+        params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     else:
-        params = list(transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+        params = list(model.parameters())
     stats = model_stats(model_from_hf(cfg.to_dict()))
     assert stats.params["total"] == sum(p.numel() for p in params)
 

@@ -95,6 +95,8 @@ class AttentionConfig:
     layer_types     per layer full / sliding (window sliding_window) / chunked (chunk_size); None: all full.
     nope_layers     layers without rotary embedding (Llama 4); temperature_tuning scales their queries by
                     1 + attn_scale·log(1 + floor((pos + 1) / floor_scale)).
+    query_scale_beta  queries of every layer scaled by 1 + beta·log(1 + floor(pos / query_scale_length)) (Mistral
+                    Small 4's llama_4_scaling_beta over the original context); 0: none.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection)."""
@@ -112,6 +114,8 @@ class AttentionConfig:
     temperature_tuning: bool = False
     attn_scale: float = 0.1
     floor_scale: float = 8192.0
+    query_scale_beta: float = 0.0
+    query_scale_length: int = 1
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -135,6 +139,8 @@ class AttentionConfig:
                 check_int("attention.chunk_size", self.chunk_size, 1)
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
         check_float("attention.partial_rotary", self.partial_rotary, 0.0, 1.0, lo_open=True)
+        check_float("attention.query_scale_beta", self.query_scale_beta, 0.0)
+        check_int("attention.query_scale_length", self.query_scale_length, 1)
         if self.kind == "mla":
             check_int("attention.kv_lora_rank", self.kv_lora_rank, 1)
             check_int("attention.qk_nope_head_dim", self.qk_nope_head_dim, 0)
@@ -174,4 +180,6 @@ class AttentionConfig:
             extras.append(f"{self.layer_types.count('chunked')} chunked layers ({self.chunk_size})")
         if self.nope_layers:
             extras.append(f"{len(self.nope_layers)} NoPE layers")
+        if self.query_scale_beta:
+            extras.append(f"queries scaled by position (beta {self.query_scale_beta:g} per {self.query_scale_length})")
         return text + (f", {', '.join(extras)}" if extras else "")

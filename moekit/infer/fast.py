@@ -258,13 +258,15 @@ def _routed_info(counts_E: torch.Tensor, ids_TK: torch.Tensor) -> MoEInfo:
 
 def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
     """What the attention step computes: grouped-query attention behind an RMSNorm, QK-norm none / per head / over
-    the projection, split-half rope or none, full or sliding-window layers, no NoPE temperature tuning."""
+    the projection, split-half rope or none, full or sliding-window layers, no NoPE temperature tuning or
+    position-scaled queries."""
     return (
         isinstance(attn, Attention)
         and isinstance(norm, RMSNorm)
         and _linears_covered(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         and attn.qk_norm in ("none", "head", "full")
         and attn.temperature is None
+        and attn.query_scale is None
         and not (attn.use_rope and attn.interleave)
         and attn.layer_type in ("full", "sliding")
     )

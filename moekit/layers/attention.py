@@ -51,6 +51,12 @@ def causal_mask(
     return allowed_BTS[:, None]
 
 
+def position_query_scale(query_index_BT: torch.Tensor, beta: float, length: int) -> torch.Tensor:
+    """[B or 1, 1, T, 1] factors 1 + beta·log(1 + floor(pos / length)) of each query (Mistral Small 4)."""
+    pos_B1T1 = query_index_BT.float()[:, None, :, None]
+    return 1.0 + beta * torch.log1p(torch.floor(pos_B1T1 / length))
+
+
 @dataclass
 class AttentionInputs:
     """What every attention layer of one forward pass shares: rotary cos/sin [B, T, rope_dim], the mask of each
@@ -102,6 +108,7 @@ class Attention(nn.Module):
         self.layer, self.layer_type, self.use_rope = layer, a.layer_type(layer), layer not in a.nope_layers
         self.qk_norm, self.clip_qkv, self.interleave = a.qk_norm, a.clip_qkv, a.rope_interleave
         self.temperature = (a.attn_scale, a.floor_scale) if a.temperature_tuning and not self.use_rope else None
+        self.query_scale = (a.query_scale_beta, a.query_scale_length) if a.query_scale_beta else None
         self.norm_eps = cfg.norm_eps
         self.q_proj = Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
         self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
@@ -135,6 +142,8 @@ class Attention(nn.Module):
             attn_scale, floor_scale = self.temperature
             pos_B1T1 = inputs.query_index_BT.float()[:, None, :, None]
             q = q * (torch.log1p(torch.floor((pos_B1T1 + 1.0) / floor_scale)) * attn_scale + 1.0)
+        if self.query_scale is not None:
+            q = q * position_query_scale(inputs.query_index_BT, *self.query_scale).to(q.dtype)
         if inputs.cache is not None:
             k, v = inputs.cache.extend(self.layer, (2, 2), k, v)
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moekit.config.model import ModelConfig
-from moekit.layers.attention import AttentionInputs, attend
+from moekit.layers.attention import AttentionInputs, attend, position_query_scale
 from moekit.layers.linear import Linear
 from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope, softmax_scale
@@ -37,6 +37,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = Linear(self.kv_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(h * self.v_dim, d, bias=a.out_bias)
         self.scale = softmax_scale(qk_dim, cfg.rope_scaling)
+        self.query_scale = (a.query_scale_beta, a.query_scale_length) if a.query_scale_beta else None
 
     def queries(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -54,6 +55,8 @@ class LatentAttention(nn.Module):
         q = self.queries(x_BTD).view(b, t, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q = torch.cat((q_nope, apply_rope(q_rope, *inputs.rope, self.interleave)), dim=-1)
+        if self.query_scale is not None:
+            q = q * position_query_scale(inputs.query_index_BT, *self.query_scale).to(q.dtype)
         latent_BTC, k_rope_BTR = self.latents(x_BTD, inputs)
         if inputs.cache is not None:  # the cache holds latents: keys and values are re-expanded from them
             latent_BTC, k_rope_BTR = inputs.cache.extend(self.layer, (1, 1), latent_BTC, k_rope_BTR)
