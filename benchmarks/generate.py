@@ -59,6 +59,29 @@ MODELS = {
             norm_topk_prob=True,
         ),
     ),
+    "deepseek_v3": (
+        "deepseek-v3-like (8 layers, D=1024, 16 MLA heads: q rank 384, latent 256 + rope 32, 64 experts top-6 in "
+        "4 of 8 groups, 1 shared, F=384, 1 dense layer)",
+        "deepseek_v3",
+        dict(
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            q_lora_rank=384,
+            kv_lora_rank=256,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_group=8,
+            topk_group=4,
+            n_shared_experts=1,
+            moe_intermediate_size=384,
+            intermediate_size=2816,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+        ),
+    ),
 }
 PROMPT, NEW, PREFILL = 16, 64, 512
 

@@ -35,6 +35,7 @@ MLA = {
     "n_group": 4,
     "topk_group": 2,
     "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,  # the latent norms keep 1e-6 (as Kimi K2's and GLM-5's files expect)
 }
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1}
 
@@ -112,6 +113,17 @@ EXTRA = {
     },
 }
 
+# DeepSeek Sparse Attention: prompts longer than index_topk keys, and enough indexer heads that scores rarely tie
+DSA = {
+    **MLA,
+    "q_lora_rank": 12,
+    "index_topk": 5,
+    "index_n_heads": 16,
+    "index_head_dim": 8,
+    "routed_scaling_factor": 2.5,
+}
+EXTRA["deepseek_v32"] = {**DSA, "rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}
+EXTRA["glm_moe_dsa"] = {**DSA, "indexer_types": ["full", "full", "shared", "full"]}
 EXTRA["mistral4"] = {
     **MLA,
     "qk_nope_head_dim": 4,  # the rotary half of each head: transformers' rope width is head_dim x this fraction
@@ -126,6 +138,17 @@ EXTRA["mistral4"] = {
         "mscale_all_dim": 1.0,
         "llama_4_scaling_beta": 0.5,
         "partial_rotary_factor": 0.5,
+    },
+}
+EXTRA["mimo_v2_flash"] = {
+    "head_dim": 24,  # rope on int(24 x 0.334) = 8 of them
+    "v_head_dim": 16,
+    "sliding_window": 4,
+    "attention_value_scale": 0.707,
+    "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 50_000.0, "partial_rotary_factor": 0.334},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.334},
     },
 }
 EXTRA["minimax_m2"] = {"rotary_dim": 4}

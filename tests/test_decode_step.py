@@ -42,7 +42,10 @@ FUSED = {
     "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
     "deepseek_v2": {"ffn"},  # its dense first layer (MLA attention, group-limited routing: the modules)
     "deepseek_v3": {"ffn"},
+    "deepseek_v32": {"ffn"},  # its dense first layer (DSA: the modules)
+    "glm_moe_dsa": {"ffn"},
     "mistral4": {"ffn"},  # its dense first layer (MLA with position-scaled queries, grouped softmax: the modules)
+    "mimo_v2_flash": {"ffn"},  # narrow scaled values, sinks on sliding layers, two rope thetas: the modules
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
 }

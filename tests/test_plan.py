@@ -42,10 +42,17 @@ PUBLISHED = [
     ("kimi-k2.5", "32", "active_truncated"),
     ("mistral-small-4-119b", "119", "total"),
     ("mistral-small-4-119b", "6", "active_without_input_embedding"),
+    ("mimo-v2-flash", "309", "total"),
+    ("mimo-v2-flash", "15", "active"),
+    ("deepseek-v3.2", "671", "total"),
+    ("deepseek-v3.2", "37", "active_without_input_embedding_truncated"),
+    ("glm-5", "744", "total"),
+    ("glm-5", "40", "active_without_embeddings"),
 ]
 # ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
 # published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
-TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97)]
+TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97), ("mimo-v2-flash", 308.78)]
+TRANSFORMERS_COUNTS += [("deepseek-v3.2", 671.88), ("glm-5", 743.91)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)
@@ -69,14 +76,28 @@ def test_counts_equal_transformers_count_of_published_configs(name, billions):
     assert round(model_stats(load_model_config(name)).params["total"] / 1e9, 2) == billions
 
 
+def test_sliding_layers_keep_their_window():
+    """MiMo-V2-Flash at 4096 tokens: its 39 sliding layers keep 129 tokens (the query and 128 before it)."""
+    kv = plan("mimo-v2-flash", hardware="h200", gpus=8, context=4096)["kv_cache"]
+    assert kv["bytes_per_sequence"] == (9 * 4 * 320 * 4096 + 39 * 8 * 320 * 129) * 2
+
+
 def test_qwen_non_embedding_figure_is_truncated():
     """Qwen publishes 2.0B non-embedding active; the exact count is 2.07B (their figure truncates, not rounds)."""
     count = model_stats(load_model_config("qwen1.5-moe-a2.7b")).params["active_without_embeddings"] / 1e9
     assert math.floor(count * 10) / 10 == 2.0
 
 
-# MLA caches the latent and the rope key per layer: Mistral Small 4 (256 + 64) x 36 layers x 2 bytes
-KV_BYTES = [("deepseek-v3", 70272), ("mixtral-8x7b", 131072), ("qwen3-30b-a3b", 98304), ("mistral-small-4-119b", 23040)]
+# MLA caches the latent and the rope key per layer: Mistral Small 4 (256 + 64) x 36 layers x 2 bytes. MiMo-V2-Flash:
+# 9 full layers x 4 KV heads and 39 sliding layers x 8, each head a 192-wide key and a 128-wide value, x 2 bytes.
+KV_BYTES = [
+    ("deepseek-v3", 70272),
+    ("mixtral-8x7b", 131072),
+    ("qwen3-30b-a3b", 98304),
+    ("mistral-small-4-119b", 23040),
+    ("mimo-v2-flash", 222720),
+    ("deepseek-v3.2", 85888),  # (512 + 64 + the indexer's 128-wide key) x 61 layers x 2 bytes
+]
 
 
 @pytest.mark.parametrize("name,expected", KV_BYTES)

@@ -91,15 +91,24 @@ class AttentionConfig:
     qk_norm         none, head (RMSNorm per head: Qwen3), full (RMSNorm over the whole q / k projection: OLMoE),
                     l2 (weightless L2 norm after rope, on rope layers: Llama 4).
     clip_qkv        clamp q, k, v to ±clip_qkv (OLMoE).
-    sinks           a learned per-head logit that absorbs attention mass (GPT-OSS).
+    sinks           a learned per-head logit that absorbs attention mass (GPT-OSS); sink_layers: on all layers or on
+                    the sliding-window ones only (MiMo-V2-Flash).
     layer_types     per layer full / sliding (window sliding_window) / chunked (chunk_size); None: all full.
+    sliding_kv_heads, sliding_rope_theta  the key/value heads and the rope theta of sliding layers where they
+                    differ from the full layers' (MiMo-V2-Flash); None: the same.
+    value_scale     values multiplied by a constant before attention (MiMo-V2-Flash); v_head_dim, for GQA, a
+                    value head width other than the query/key head's (0: the same).
     nope_layers     layers without rotary embedding (Llama 4); temperature_tuning scales their queries by
                     1 + attn_scale·log(1 + floor((pos + 1) / floor_scale)).
     query_scale_beta  queries of every layer scaled by 1 + beta·log(1 + floor(pos / query_scale_length)) (Mistral
                     Small 4's llama_4_scaling_beta over the original context); 0: none.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
-    q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection)."""
+    q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
+    index_topk      DeepSeek Sparse Attention (MLA with q-LoRA): each query attends to the index_topk keys its
+                    lightning indexer scores best (index_heads heads of index_head_dim; rope on its first
+                    qk_rope_head_dim dimensions, interleaved where index_rope_interleave); 0: dense attention.
+                    index_shared_layers reuse the previous indexer layer's pick (GLM-5)."""
 
     kind: Literal["gqa", "mla"] = "gqa"
     qkv_bias: bool = False
@@ -107,8 +116,12 @@ class AttentionConfig:
     qk_norm: Literal["none", "head", "full", "l2"] = "none"
     clip_qkv: float | None = None
     sinks: bool = False
+    sink_layers: Literal["all", "sliding"] = "all"
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
+    sliding_kv_heads: int | None = None
+    sliding_rope_theta: float | None = None
+    value_scale: float = 1.0
     chunk_size: int | None = None
     nope_layers: tuple[int, ...] = ()
     temperature_tuning: bool = False
@@ -123,6 +136,11 @@ class AttentionConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    index_topk: int = 0
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_rope_interleave: bool = False
+    index_shared_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("attention.kind", self.kind, ATTENTION_KINDS)
@@ -140,6 +158,12 @@ class AttentionConfig:
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
         check_float("attention.partial_rotary", self.partial_rotary, 0.0, 1.0, lo_open=True)
         check_float("attention.query_scale_beta", self.query_scale_beta, 0.0)
+        check_choice("attention.sink_layers", self.sink_layers, ("all", "sliding"))
+        check_float("attention.value_scale", self.value_scale, 0.0, lo_open=True)
+        if self.sliding_kv_heads is not None:
+            check_int("attention.sliding_kv_heads", self.sliding_kv_heads, 1)
+        if self.sliding_rope_theta is not None:
+            check_float("attention.sliding_rope_theta", self.sliding_rope_theta, 0.0, lo_open=True)
         check_int("attention.query_scale_length", self.query_scale_length, 1)
         if self.kind == "mla":
             check_int("attention.kv_lora_rank", self.kv_lora_rank, 1)
@@ -152,10 +176,22 @@ class AttentionConfig:
                 fail("attention.qk_rope_head_dim", self.qk_rope_head_dim, "an even number (rotary pairs)")
             if self.sinks or self.qk_norm != "none":
                 fail("attention.kind", "mla", "gqa when sinks or qk_norm are set")
+        object.__setattr__(self, "index_shared_layers", tuple(sorted(set(self.index_shared_layers))))
+        if self.index_topk:
+            check_int("attention.index_topk", self.index_topk, 1)
+            if self.kind != "mla" or self.q_lora_rank is None:
+                fail("attention.index_topk", self.index_topk, "0 unless kind is mla with a q_lora_rank")
+            check_int("attention.index_heads", self.index_heads, 1)
+            check_int("attention.index_head_dim", self.index_head_dim, self.qk_rope_head_dim)
+            if self.index_shared_layers and self.index_shared_layers[0] == 0:
+                fail("attention.index_shared_layers", self.index_shared_layers, "layers after the first")
 
     def layer_type(self, i: int) -> str:
         """full, sliding or chunked; layers past the listed ones (multi-token-prediction modules) are full."""
         return self.layer_types[i] if self.layer_types and i < len(self.layer_types) else "full"
+
+    def has_sinks(self, i: int) -> bool:
+        return self.sinks and (self.sink_layers == "all" or self.layer_type(i) == "sliding")
 
     def check_layers(self, num_layers: int) -> None:
         if self.layer_types is not None and len(self.layer_types) != num_layers:
@@ -167,13 +203,23 @@ class AttentionConfig:
         if self.kind == "mla":
             q = f"q rank {self.q_lora_rank}" if self.q_lora_rank else "full-rank q"
             text = f"MLA (latent {self.kv_lora_rank} + rope key {self.qk_rope_head_dim}, {q})"
+            if self.index_topk:
+                shared = f", {len(self.index_shared_layers)} layers share it" if self.index_shared_layers else ""
+                text += (
+                    f", sparse: top {self.index_topk} keys by a {self.index_heads}-head indexer"
+                    f" ({self.index_head_dim}-wide keys{shared})"
+                )
         else:
             text = "GQA"
         extras = [f"qk-norm {self.qk_norm}"] if self.qk_norm != "none" else []
         if self.partial_rotary < 1:
             extras.append(f"rope on {self.partial_rotary:g} of each head")
         if self.sinks:
-            extras.append("sinks")
+            extras.append("sinks" if self.sink_layers == "all" else "sinks on sliding layers")
+        if self.sliding_kv_heads is not None:
+            extras.append(f"{self.sliding_kv_heads} KV heads on sliding layers")
+        if self.value_scale != 1.0:
+            extras.append(f"values x{self.value_scale:g}")
         if self.layer_types and "sliding" in self.layer_types:
             extras.append(f"{self.layer_types.count('sliding')} sliding-window layers ({self.sliding_window})")
         if self.layer_types and "chunked" in self.layer_types:

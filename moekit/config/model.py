@@ -88,6 +88,9 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             fail("attention", self.attention, "an AttentionConfig")
         self.attention.check_layers(self.num_layers)
+        sliding_kv = self.attention.sliding_kv_heads
+        if sliding_kv is not None and self.num_heads % sliding_kv:
+            fail("attention.sliding_kv_heads", sliding_kv, f"a divisor of num_heads={self.num_heads}")
 
     @property
     def rope_dim(self) -> int:
@@ -95,6 +98,16 @@ class ModelConfig:
         if self.attention.kind == "mla":
             return self.attention.qk_rope_head_dim
         return int(self.head_dim * self.attention.partial_rotary) // 2 * 2
+
+    def kv_heads(self, i: int) -> int:
+        """The key/value heads of layer i (GQA; sliding layers may have their own count)."""
+        sliding = self.attention.sliding_kv_heads
+        return sliding if sliding is not None and self.attention.layer_type(i) == "sliding" else self.num_kv_heads
+
+    @property
+    def value_dim(self) -> int:
+        """The width of a value head (GQA): the head's, or attention.v_head_dim where it differs."""
+        return self.attention.v_head_dim or self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return i in self.moe_layers

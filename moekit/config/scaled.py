@@ -56,6 +56,9 @@ def scaled_down(
     a = full.attention
     head_dim = hidden_size // num_heads
     keep = {"layer_types": None, "sliding_window": None, "chunk_size": None, "nope_layers": ()}
+    keep.update(sliding_kv_heads=None, sliding_rope_theta=None)
+    if a.kind == "gqa":
+        keep.update(v_head_dim=0)
     if a.kind == "mla":
         rope = max(2, head_dim // 2 // 2 * 2)
         keep.update(
@@ -64,6 +67,9 @@ def scaled_down(
             qk_nope_head_dim=head_dim,
             qk_rope_head_dim=rope,
             v_head_dim=head_dim,
+            index_head_dim=max(rope, head_dim) if a.index_topk else 0,
+            index_heads=min(a.index_heads, num_heads),
+            index_shared_layers=tuple(i for i in a.index_shared_layers if i < num_layers),
         )
     attention = AttentionConfig(**{**a.__dict__, **keep})
     kv_ratio = full.num_heads // full.num_kv_heads

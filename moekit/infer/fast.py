@@ -134,7 +134,7 @@ class _AttentionStep(_Installed):
             return self._rows(x_BTD, inputs, cache)
         if not _one_token_fp32(x_BTD) or inputs.masks["full"] is not None:  # padding: the modules build the mask
             return None
-        cos, sin = (r.view(-1) for r in inputs.rope) if attn.use_rope else (_NONE, _NONE)
+        cos, sin = (r.view(-1) for r in inputs.rope_of(attn.layer_type)) if attn.use_rope else (_NONE, _NONE)
         k_cache, v_cache = cache.room(attn.layer, 1)
         y_D = self.step(x_BTD.view(-1), cos, sin, k_cache, v_cache, cache.length, torch.get_num_threads())
         return y_D.view(1, 1, -1)
@@ -145,7 +145,8 @@ class _AttentionStep(_Installed):
         b, t, _ = x_BTD.shape
         if t != 1 or x_BTD.dtype != torch.float32 or not x_BTD.is_cpu or not self.rows:
             return None
-        cos, sin = (r.reshape(b, -1).contiguous() for r in inputs.rope) if self.attn.use_rope else (_NONE, _NONE)
+        rope = inputs.rope_of(self.attn.layer_type)
+        cos, sin = (r.reshape(b, -1).contiguous() for r in rope) if self.attn.use_rope else (_NONE, _NONE)
         k_rows, v_rows = cache.room(self.attn.layer, 1)
         positions_B = torch.tensor(cache.lengths, dtype=torch.long)
         y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, k_rows, v_rows, positions_B, torch.get_num_threads())
@@ -259,7 +260,7 @@ def _routed_info(counts_E: torch.Tensor, ids_TK: torch.Tensor) -> MoEInfo:
 def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
     """What the attention step computes: grouped-query attention behind an RMSNorm, QK-norm none / per head / over
     the projection, split-half rope or none, full or sliding-window layers, no NoPE temperature tuning or
-    position-scaled queries."""
+    position-scaled queries, values as wide as keys and unscaled."""
     return (
         isinstance(attn, Attention)
         and isinstance(norm, RMSNorm)
@@ -267,6 +268,8 @@ def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
         and attn.qk_norm in ("none", "head", "full")
         and attn.temperature is None
         and attn.query_scale is None
+        and attn.v_dim == attn.head_dim
+        and attn.value_scale == 1.0
         and not (attn.use_rope and attn.interleave)
         and attn.layer_type in ("full", "sliding")
     )
@@ -439,7 +442,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
 def _chain(model: nn.Module, steps: list[tuple[_AttentionStep | None, _FfnStep | None]]):
     """The model's whole decode step (DecodeChain) from each layer's (attention, FFN) steps, or None where a part is
     not covered."""
-    if any(a is None or f is None for a, f in steps):
+    if any(a is None or f is None for a, f in steps) or model.rotary_sliding is not None:  # one rope in the chain
         return None
     head, embed = model.lm_head, model.embed_tokens.weight
     head_parts = _linear_parts(head)

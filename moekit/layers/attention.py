@@ -68,6 +68,12 @@ class AttentionInputs:
     masks: dict[str, torch.Tensor | None]
     query_index_BT: torch.Tensor
     cache: KVCache | None = None
+    sliding_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # sliding layers' own theta (MiMo-V2-Flash)
+    sparse_pick: torch.Tensor | None = None  # the last DSA indexer's pick [B, T, S], for the layers sharing it
+
+    def rope_of(self, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos/sin a layer of this type uses."""
+        return self.sliding_rope if layer_type == "sliding" and self.sliding_rope is not None else self.rope
 
 
 def attend(
@@ -91,9 +97,8 @@ def attend(
     if mask is None:
         mask = causal_mask(None, t, s, q_BHTd.device)
     if sinks_H is not None:
-        zeros = k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])
-        k_BHSd = torch.cat((k_BHSd, zeros), dim=2)
-        v_BHSd = torch.cat((v_BHSd, zeros[..., : v_BHSd.shape[-1]]), dim=2)
+        k_BHSd = torch.cat((k_BHSd, k_BHSd.new_zeros(k_BHSd.shape[0], kv_h, 1, k_BHSd.shape[-1])), dim=2)
+        v_BHSd = torch.cat((v_BHSd, v_BHSd.new_zeros(v_BHSd.shape[0], kv_h, 1, v_BHSd.shape[-1])), dim=2)
         bias = torch.zeros(mask.shape, dtype=q_BHTd.dtype, device=q_BHTd.device).masked_fill(~mask, float("-inf"))
         sink = sinks_H.to(q_BHTd.dtype).view(1, h, 1, 1).expand(bias.shape[0], h, t, 1)
         mask = torch.cat((bias.expand(bias.shape[0], h, t, bias.shape[-1]), sink), dim=-1)
@@ -104,20 +109,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         a, d, hd = cfg.attention, cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads(layer), hd
+        self.v_dim, self.value_scale = cfg.value_dim, a.value_scale
         self.layer, self.layer_type, self.use_rope = layer, a.layer_type(layer), layer not in a.nope_layers
         self.qk_norm, self.clip_qkv, self.interleave = a.qk_norm, a.clip_qkv, a.rope_interleave
         self.temperature = (a.attn_scale, a.floor_scale) if a.temperature_tuning and not self.use_rope else None
         self.query_scale = (a.query_scale_beta, a.query_scale_length) if a.query_scale_beta else None
         self.norm_eps = cfg.norm_eps
+        kv_heads = self.num_kv_heads
         self.q_proj = Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=a.qkv_bias)
-        self.o_proj = Linear(cfg.num_heads * hd, d, bias=a.out_bias)
-        norm_width = {"head": (hd, hd), "full": (cfg.num_heads * hd, cfg.num_kv_heads * hd)}.get(a.qk_norm)
+        self.k_proj = Linear(d, kv_heads * hd, bias=a.qkv_bias)
+        self.v_proj = Linear(d, kv_heads * self.v_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * self.v_dim, d, bias=a.out_bias)
+        norm_width = {"head": (hd, hd), "full": (cfg.num_heads * hd, kv_heads * hd)}.get(a.qk_norm)
         self.q_norm = RMSNorm(norm_width[0], cfg.norm_eps) if norm_width else None
         self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None
-        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.sinks else None
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.has_sinks(layer) else None
         self.scale = hd**-0.5
         self.window = a.sliding_window if self.layer_type == "sliding" else None
 
@@ -130,12 +137,15 @@ class Attention(nn.Module):
             q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.v_dim)
+        if self.value_scale != 1.0:
+            v = v * self.value_scale
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if self.use_rope:
-            q, k = self._rope(q, inputs.rope), self._rope(k, inputs.rope)
+            rope = inputs.rope_of(self.layer_type)
+            q, k = self._rope(q, rope), self._rope(k, rope)
             if self.qk_norm == "l2":
                 q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
         if self.temperature is not None:

@@ -54,6 +54,8 @@ class MoEDecoder(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.rotary = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        sliding_theta = cfg.attention.sliding_rope_theta  # sliding layers' own plain rope (MiMo-V2-Flash)
+        self.rotary_sliding = RotaryEmbedding(cfg.rope_dim, sliding_theta) if sliding_theta is not None else None
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
         if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise
             huge_pages.rehome(self)
@@ -112,7 +114,8 @@ class MoEDecoder(nn.Module):
             for kind in kinds
         }
         rope = self.rotary(positions_BT, dtype, per_row=query_keys_BT is not None)
-        return AttentionInputs(rope, masks, positions_BT, cache)
+        sliding = self.rotary_sliding(positions_BT, dtype) if self.rotary_sliding is not None else None
+        return AttentionInputs(rope, masks, positions_BT, cache, sliding)
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]

@@ -64,11 +64,12 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
     )
     a = cfg.attention
     if a.kind == "mla":
-        per_token = a.kv_lora_rank + a.qk_rope_head_dim
+        indexed = [bool(a.index_topk) and i not in a.index_shared_layers for i in range(cfg.num_layers)]
+        per_token = [a.kv_lora_rank + a.qk_rope_head_dim + a.index_head_dim * k for k in indexed]  # DSA: its keys
         flops_per_key = 2 * cfg.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
     else:
-        per_token = 2 * cfg.num_kv_heads * cfg.head_dim
-        flops_per_key = 2 * cfg.num_heads * 2 * cfg.head_dim
+        per_token = [cfg.kv_heads(i) * (cfg.head_dim + cfg.value_dim) for i in range(cfg.num_layers)]
+        flops_per_key = 2 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)
     windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
-    kv = tuple(KVLayer(per_token, windows[a.layer_type(i)]) for i in range(cfg.num_layers))
+    kv = tuple(KVLayer(per_token[i], windows[a.layer_type(i)]) for i in range(cfg.num_layers))
     return ModelStats(cfg, params, moe, kv, flops_per_key)
