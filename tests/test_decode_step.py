@@ -37,10 +37,10 @@ FUSED = {
     "qwen2_moe": {"chain"},  # sparse and dense layers, a sigmoid-gated shared expert, qkv bias
     "qwen3_moe": {"chain"},
     "olmoe": {"chain"},
-    "glm4_moe": {"attention", "ffn"},  # its dense first layer
+    "glm4_moe": {"chain"},  # group-limited routing, a dense first layer
     "gpt_oss": {"chain"},  # sinks, sliding/full layers, yarn; transposed interleaved experts
     "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
-    "deepseek_v2": {"ffn"},  # its dense first layer (MLA attention, group-limited routing: the modules)
+    "deepseek_v2": {"ffn"},  # group-limited routing and its dense first layer (MLA attention: the modules)
     "deepseek_v3": {"ffn"},
     "deepseek_v32": {"ffn"},  # its dense first layer (DSA: the modules)
     "glm_moe_dsa": {"ffn"},
@@ -208,6 +208,27 @@ VARIANTS = {
         expert_hidden=16,
         layout=ExpertLayout(activation="relu"),
     ),
+    # DeepSeek-V3's groups: sigmoid + selection bias, the best 2 of 4 groups by their top-2 sums, a shared expert
+    "groups_top2": MoEConfig(
+        routing=RoutingSpec(
+            num_experts=16,
+            top_k=4,
+            score_func="sigmoid",
+            selection_bias=True,
+            n_group=4,
+            topk_group=2,
+            group_score="top2_sum",
+            normalize=True,
+            scaling_factor=2.5,
+        ),
+        expert_hidden=16,
+        num_shared_experts=1,
+    ),
+    # DeepSeek-V2's groups: softmax, top-4 within the best 3 of 8 groups by their best expert
+    "groups_max": MoEConfig(
+        routing=RoutingSpec(num_experts=16, top_k=4, n_group=8, topk_group=3, group_score="max"),
+        expert_hidden=16,
+    ),
 }
 
 
@@ -280,12 +301,12 @@ def test_ffn_step_declines_training_and_other_backends():
 
 def test_steps_cover_what_the_live_modules_say():
     """Coverage is read from the modules as they are, not from the config they were built with: a router whose spec
-    now has groups, or capacity, is left to the modules."""
+    now normalises by another p-norm is left to the modules."""
     from dataclasses import replace
 
     block = MoEBlock(32, VARIANTS["gelu_mlp"]).eval()
     assert block_step(block) is not None
-    block.router.spec = replace(block.router.spec, n_group=2, topk_group=1)
+    block.router.spec = replace(block.router.spec, normalize=True, normalize_p=2.0)
     assert block_step(block) is None
 
 

@@ -16,7 +16,7 @@ class Dots1(DeepseekV3):
     mla = False
     reads_mtp = False
     gguf_arch = None
-    fused_steps = frozenset(FUSED_STEPS)  # published with one group: its routing is in the FFN step
+    fused_steps = frozenset(FUSED_STEPS)
 
     def attention(self, c):
         n_layers, window = c["num_hidden_layers"], c.get("sliding_window")

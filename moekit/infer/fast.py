@@ -309,7 +309,7 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
 
 def _block_covered(block: MoEBlock) -> bool:
     """What the FFN step computes of an MoE block: token choice by softmax or sigmoid scores (before or after top-k,
-    selection bias, renormalisation by the sum, scaling, weights on the input or output), dropless, no groups."""
+    selection bias, group-limited, renormalisation by the sum, scaling, weights on the input or output), dropless."""
     spec = block.router.spec
     experts = block.experts
     stacks = _expert_stacks(experts)  # routed experts the kernels read: one stack, or one per format
@@ -320,7 +320,6 @@ def _block_covered(block: MoEBlock) -> bool:
         type(block.router) is TokenChoiceRouter
         and (shared is None or _linears_covered(shared.gate_proj, shared.up_proj, shared.down_proj))
         and spec.score_func in ("softmax", "sigmoid")
-        and spec.n_group == 1
         and spec.normalize_p == 1.0
         and block.router.cfg.capacity_factor is None
         and not (block.shared_experts is not None and block.experts.layout.bias)
@@ -384,6 +383,9 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         "normalize_eps": 0.0,
         "scaling_factor": 1.0,
         "apply_to_input": False,
+        "n_group": 1,
+        "topk_group": 1,
+        "group_top2": False,
         "gate_up_weight": _NONE,
         "down_weight": _NONE,
         "gate_up_bias": _NONE,
@@ -412,6 +414,9 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
             normalize_eps=spec.normalize_eps,
             scaling_factor=spec.scaling_factor,
             apply_to_input=spec.apply_to == "input",
+            n_group=spec.n_group,
+            topk_group=spec.topk_group,
+            group_top2=spec.group_score == "top2_sum",
             gate_up_weight=_NONE if quantized else experts.gate_up_proj,
             down_weight=_NONE if quantized else experts.down_proj,
             gate_up_bias=experts.gate_up_proj_bias if layout.bias else _NONE,

@@ -43,7 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
-                    at::Tensor, at::Tensor, at::Tensor, at::Tensor, QuantList, QuantList, at::Tensor, QuantList>(),
+                    at::Tensor, at::Tensor, at::Tensor, at::Tensor, QuantList, QuantList, at::Tensor, QuantList, int64_t,
+                    int64_t, bool>(),
            py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("residual"), py::arg("router_weight"),
            py::arg("router_bias"), py::arg("selection_bias"), py::arg("sigmoid_scores"), py::arg("softmax_after_topk"),
            py::arg("top_k"), py::arg("normalize"), py::arg("normalize_eps"), py::arg("scaling_factor"),
@@ -51,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("down_bias"), py::arg("transposed"), py::arg("gated"), py::arg("interleaved"), py::arg("activation"),
            py::arg("swiglu_alpha"), py::arg("swiglu_limit"), py::arg("shared_gate_weight"), py::arg("shared_up_weight"),
            py::arg("shared_down_weight"), py::arg("shared_sigmoid_weight"), py::arg("gate_up_quant"),
-           py::arg("down_quant"), py::arg("expert_place"), py::arg("shared_quant") = QuantList{})
+           py::arg("down_quant"), py::arg("expert_place"), py::arg("shared_quant") = QuantList{},
+           py::arg("n_group") = 1, py::arg("topk_group") = 1, py::arg("group_top2") = false)
       .def("__call__", &FfnDecode::forward, nogil)
       .def("tokens", &FfnDecode::forward_tokens, nogil);
   py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")

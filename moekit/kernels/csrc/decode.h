@@ -61,7 +61,8 @@ class FfnDecode {
             double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
             at::Tensor shared_sigmoid_w, std::vector<std::shared_ptr<QuantWeights>> up_quant,
             std::vector<std::shared_ptr<QuantWeights>> down_quant, at::Tensor expert_place,
-            std::vector<std::shared_ptr<QuantWeights>> shared_quant);
+            std::vector<std::shared_ptr<QuantWeights>> shared_quant, int64_t n_group, int64_t topk_group,
+            bool group_top2);
   // x [D] -> (x + ffn [D] (or ffn alone), the chosen experts [k] in selection order, tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
   // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
@@ -75,6 +76,7 @@ class FfnDecode {
   void route(const float* h, int64_t* ids, float* weights) const;
   void add_router_bias(float* logits, int64_t tokens) const;
   void choose(const float* logits, int64_t* ids, float* weights) const;
+  void limit_to_groups(float* choice) const;
   // ys[j] = expert ids[j]'s matrix of `stacks` @ xs[j], each expert read from its format's stack at its slot
   void expert_products(const std::vector<std::shared_ptr<QuantWeights>>& stacks, const int64_t* ids,
                        const float* const* xs, float* const* ys, int64_t k, int64_t threads) const;
@@ -87,8 +89,9 @@ class FfnDecode {
   std::vector<int64_t> place_;
   std::vector<std::shared_ptr<QuantWeights>> shared_q_;  // the shared / dense gate, up, down: quantized or null
   float eps_, normalize_eps_, scaling_, alpha_, limit_;
-  bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_;
-  int64_t activation_, x_rows_, f_, fs_;
+  bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_,
+      group_top2_;
+  int64_t activation_, x_rows_, f_, fs_, n_group_, topk_group_;
 };
 
 // A whole decoder step for one token: embedding row, every layer's attention and FFN blocks, final RMSNorm and the

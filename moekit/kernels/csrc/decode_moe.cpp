@@ -12,7 +12,8 @@
 // Routing: logits = router_w @ h (+ router_b); softmax_after_topk: top-k on the logits, weights = softmax over the
 // k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
 // then optionally / (sum + normalize_eps), times scaling. apply_to_input scales each expert's input instead of
-// its output.
+// its output. n_group > 1: only experts of the topk_group best groups (scored by their best choice value, or with
+// group_top2 the sum of their best two) may be chosen (DeepSeek's group-limited routing).
 // Experts: up_w [E, X, D] (X = 2F gated, F otherwise), down_w [E, D, F]; transposed: up_w [E, D, X], down_w
 // [E, F, D]; biases [E, X] and [E, D] or empty. No experts (a dense FFN): router_w, up_w and down_w empty.
 // Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
@@ -25,7 +26,8 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                      at::Tensor shared_up_w, at::Tensor shared_down_w, at::Tensor shared_sigmoid_w,
                      std::vector<std::shared_ptr<QuantWeights>> up_quant,
                      std::vector<std::shared_ptr<QuantWeights>> down_quant, at::Tensor expert_place,
-                     std::vector<std::shared_ptr<QuantWeights>> shared_quant)
+                     std::vector<std::shared_ptr<QuantWeights>> shared_quant, int64_t n_group, int64_t topk_group,
+                     bool group_top2)
     : d(norm_w.numel() ? norm_w.numel() : (router_w.numel() ? router_w.size(1) : shared_up_w.size(-1))),
       experts(router_w.numel() ? router_w.size(0) : 0), top_k(experts ? top_k : 0),
       norm_w_(norm_w), router_w_(router_w), router_b_(router_b), selection_bias_(selection_bias), up_w_(up_w),
@@ -34,7 +36,8 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
       alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
       sigmoid_(sigmoid_scores), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
-      transposed_(transposed), gated_(gated), interleaved_(interleaved), activation_(activation) {
+      transposed_(transposed), gated_(gated), interleaved_(interleaved), group_top2_(group_top2),
+      activation_(activation), n_group_(n_group), topk_group_(topk_group) {
   for (const at::Tensor* t : {&norm_w, &router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b,
                               &shared_gate_w, &shared_up_w, &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
@@ -79,6 +82,9 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
                     x_rows_ == (gated ? 2 * f_ : f_),
                 "moe_decode: expert weights");
     TORCH_CHECK(1 <= top_k && top_k <= experts, "moe_decode: top_k");
+    TORCH_CHECK(n_group >= 1 && experts % n_group == 0 && 1 <= topk_group && topk_group <= n_group &&
+                    top_k <= topk_group * (experts / n_group) && (!group_top2 || experts / n_group >= 2),
+                "moe_decode: expert groups");
     TORCH_CHECK(router_b.numel() == 0 || router_b.numel() == experts, "moe_decode: router bias");
     TORCH_CHECK(selection_bias.numel() == 0 || selection_bias.numel() == experts, "moe_decode: selection bias");
     TORCH_CHECK(up_b.numel() == 0 || (up_b.numel() == experts * x_rows_ && down_b.numel() == experts * d),
@@ -137,6 +143,7 @@ void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
   }
   const float* sb = data_or_null(selection_bias_);
   for (int64_t e = 0; e < experts; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
+  if (n_group_ > 1) limit_to_groups(choice.data());
   std::vector<int64_t> order(experts);
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
@@ -156,6 +163,30 @@ void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
   }
   if (scaling_ != 1.f)
     for (int64_t j = 0; j < top_k; ++j) w[j] *= scaling_;
+}
+
+// -inf for every expert outside the topk_group best groups (ties: the lower group first).
+void FfnDecode::limit_to_groups(float* choice) const {
+  const int64_t per = experts / n_group_;
+  std::vector<float> group_score(n_group_);
+  for (int64_t g = 0; g < n_group_; ++g) {
+    const float* c = choice + g * per;
+    float first = -INFINITY, second = -INFINITY;
+    for (int64_t e = 0; e < per; ++e) {
+      if (c[e] > first) second = first, first = c[e];
+      else if (c[e] > second) second = c[e];
+    }
+    group_score[g] = group_top2_ ? first + second : first;
+  }
+  std::vector<int64_t> groups(n_group_);
+  std::iota(groups.begin(), groups.end(), 0);
+  std::partial_sort(groups.begin(), groups.begin() + topk_group_, groups.end(), [&](int64_t a, int64_t b) {
+    return group_score[a] > group_score[b] || (group_score[a] == group_score[b] && a < b);
+  });
+  std::vector<bool> keep(n_group_, false);
+  for (int64_t j = 0; j < topk_group_; ++j) keep[groups[j]] = true;
+  for (int64_t g = 0; g < n_group_; ++g)
+    if (!keep[g]) std::fill(choice + g * per, choice + (g + 1) * per, -INFINITY);
 }
 
 void FfnDecode::expert_products(const std::vector<std::shared_ptr<QuantWeights>>& stacks, const int64_t* ids,
