@@ -40,11 +40,11 @@ FUSED = {
     "glm4_moe": {"chain"},  # group-limited routing, a dense first layer
     "gpt_oss": {"chain"},  # sinks, sliding/full layers, yarn; transposed interleaved experts
     "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
-    "deepseek_v2": {"ffn"},  # group-limited routing and its dense first layer (MLA attention: the modules)
-    "deepseek_v3": {"ffn"},
-    "deepseek_v32": {"ffn"},  # its dense first layer (DSA: the modules)
+    "deepseek_v2": {"chain"},  # MLA without q-LoRA, group-limited greedy, a dense first layer
+    "deepseek_v3": {"chain"},  # MLA with q-LoRA, top-2-sum groups
+    "deepseek_v32": {"ffn"},  # MoE and dense layers (DeepSeek Sparse Attention: the modules)
     "glm_moe_dsa": {"ffn"},
-    "mistral4": {"ffn"},  # its dense first layer (MLA with position-scaled queries, grouped softmax: the modules)
+    "mistral4": {"chain"},  # MLA with position-scaled queries, softmax in top-2-sum groups
     "mimo_v2_flash": {"ffn"},  # narrow scaled values, sinks on sliding layers, two rope thetas: the modules
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
@@ -52,8 +52,9 @@ FUSED = {
 CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3", {"n_group": 1, "topk_group": 1}),  # sigmoid, selection bias, renormalisation eps, scaling
     ("glm4_moe", {"n_group": 1, "topk_group": 1}),  # ... with partial rotary, QK-norm and qkv bias attention
+    ("deepseek_v2", {"attention_bias": True, "rope_interleave": False}),  # MLA's biases, split-half rope
 ]
-FUSED_OVERRIDDEN = {"deepseek_v3": {"ffn"}, "glm4_moe": {"chain"}}
+FUSED_OVERRIDDEN = {"deepseek_v3": {"chain"}, "glm4_moe": {"chain"}, "deepseek_v2": {"chain"}}
 
 
 def _spy(monkeypatch) -> dict[str, int]:

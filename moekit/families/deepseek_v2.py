@@ -17,7 +17,6 @@ class DeepseekV2(Family):
     architecture = "DeepseekV2ForCausalLM"
     write_rank = 1
     mla = True
-    fused_steps = frozenset({"moe"})  # MLA is not in the attention step
     v3_routing = False  # DeepSeek-V3's sigmoid scores, groups by top-2 sums and selection bias
 
     def spec(self, c: dict) -> RoutingSpec:

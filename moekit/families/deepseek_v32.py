@@ -15,6 +15,7 @@ class DeepseekV32(DeepseekV3):
     write_rank = None
     gguf_arch = None
     index_rope_interleave = False
+    fused_steps = frozenset({"moe"})  # DeepSeek Sparse Attention is not in the attention step
 
     def moe(self, c):
         moe, layers, dense = super().moe(c)

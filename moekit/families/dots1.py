@@ -5,7 +5,7 @@ sliding-window layers from max_window_layers on (or as layer_types lists them)."
 from __future__ import annotations
 
 from moekit.config.attention import AttentionConfig
-from moekit.families.base import FUSED_STEPS, layer_types
+from moekit.families.base import layer_types
 from moekit.families.deepseek_v3 import DeepseekV3
 
 
@@ -16,7 +16,6 @@ class Dots1(DeepseekV3):
     mla = False
     reads_mtp = False
     gguf_arch = None
-    fused_steps = frozenset(FUSED_STEPS)
 
     def attention(self, c):
         n_layers, window = c["num_hidden_layers"], c.get("sliding_window")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig
-from moekit.families.base import FUSED_STEPS, partial_rotary
+from moekit.families.base import partial_rotary
 from moekit.families.deepseek_v3 import DeepseekV3
 
 
@@ -14,7 +14,6 @@ class Glm4Moe(DeepseekV3):
     architecture = "Glm4MoeForCausalLM"
     write_rank = 2
     mla = False
-    fused_steps = frozenset(FUSED_STEPS)
 
     def attention(self, c):
         return AttentionConfig(

@@ -30,6 +30,7 @@ from moekit.kernels import kernel_taking
 from moekit.kernels.quantized import covers, quant_weights
 from moekit.layers.attention import Attention, AttentionInputs
 from moekit.layers.ffn import FeedForward
+from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import RMSNorm
 from moekit.quant.held import is_quantized
@@ -275,8 +276,49 @@ def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
     )
 
 
+def _latent_step(norm: nn.Module, attn: LatentAttention) -> _AttentionStep | None:
+    """MLA's decode step (MlaDecode: the latent cache read once, kv_b absorbed) for fp32 weights, dense attention
+    (DeepSeek Sparse Attention is left to the modules)."""
+    q_lora = hasattr(attn, "q_a_proj")
+    linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
+    linears += [attn.q_a_proj, attn.q_b_proj] if q_lora else [attn.q_proj]
+    if not isinstance(norm, RMSNorm) or attn.sparse or any(is_quantized(lin) for lin in linears):
+        return None
+    norms = [norm.weight, attn.kv_a_layernorm.weight] + ([attn.q_a_layernorm.weight] if q_lora else [])
+    kernel = _kernel(*(lin.weight for lin in linears), *norms)
+    if kernel is None:
+        return None
+    beta, length = attn.query_scale or (0.0, 1)
+    step = kernel.MlaDecode(
+        norm_weight=norm.weight,
+        norm_eps=norm.eps,
+        q_a_weight=attn.q_a_proj.weight if q_lora else _NONE,
+        q_a_bias=_or_none(attn.q_a_proj.bias) if q_lora else _NONE,
+        q_norm_weight=attn.q_a_layernorm.weight if q_lora else _NONE,
+        q_b_weight=(attn.q_b_proj if q_lora else attn.q_proj).weight,
+        kv_a_weight=attn.kv_a_proj_with_mqa.weight,
+        kv_a_bias=_or_none(attn.kv_a_proj_with_mqa.bias),
+        kv_norm_weight=attn.kv_a_layernorm.weight,
+        kv_b_weight=attn.kv_b_proj.weight,
+        o_weight=attn.o_proj.weight,
+        o_bias=_or_none(attn.o_proj.bias),
+        heads=attn.num_heads,
+        nope_dim=attn.nope_dim,
+        rope_dim=attn.rope_dim,
+        v_dim=attn.v_dim,
+        latent_eps=attn.kv_a_layernorm.eps,
+        scale=attn.scale,
+        interleave=attn.interleave,
+        query_beta=beta,
+        query_length=length,
+    )
+    return _AttentionStep(attn, step, rows=False)
+
+
 def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
     """The fused decode step of x + attn(norm(x)), or None where it does not cover the block."""
+    if isinstance(attn, LatentAttention):
+        return _latent_step(norm, attn)
     if not _attention_covered(norm, attn):
         return None
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)

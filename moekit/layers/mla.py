@@ -21,6 +21,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class LatentAttention(nn.Module):
+    use_rope = True  # every layer rotates its rope part (the fused steps ask)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         a, d, h = cfg.attention, cfg.hidden_size, cfg.num_heads

@@ -30,7 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_rows_backward", &swiglu_rows_backward);
   m.def("read_probe", &read_probe);
   m.def("set_row_limits", &set_row_limits);
-  py::class_<AttentionDecode, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
+  py::class_<DecodeAttention, std::shared_ptr<DecodeAttention>>(m, "DecodeAttention");
+  py::class_<AttentionDecode, DecodeAttention, std::shared_ptr<AttentionDecode>>(m, "AttentionDecode")
       .def(py::init<at::Tensor, double, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, at::Tensor,
                     at::Tensor, bool, double, double, int64_t, double, at::Tensor, at::Tensor, at::Tensor, QuantList,
                     std::shared_ptr<QuantWeights>>(),
@@ -40,6 +41,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("o_weight"), py::arg("o_bias"), py::arg("qkv_quant") = QuantList{}, py::arg("o_quant") = py::none())
       .def("__call__", &AttentionDecode::forward, nogil)
       .def("rows", &AttentionDecode::forward_rows, nogil);
+  py::class_<MlaDecode, DecodeAttention, std::shared_ptr<MlaDecode>>(m, "MlaDecode")
+      .def(py::init<at::Tensor, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double,
+                    bool, double, int64_t>(),
+           py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("q_a_weight"), py::arg("q_a_bias"),
+           py::arg("q_norm_weight"), py::arg("q_b_weight"), py::arg("kv_a_weight"), py::arg("kv_a_bias"),
+           py::arg("kv_norm_weight"), py::arg("kv_b_weight"), py::arg("o_weight"), py::arg("o_bias"), py::arg("heads"),
+           py::arg("nope_dim"), py::arg("rope_dim"), py::arg("v_dim"), py::arg("latent_eps"), py::arg("scale"),
+           py::arg("interleave"), py::arg("query_beta"), py::arg("query_length"))
+      .def("__call__", &MlaDecode::forward, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
@@ -57,7 +68,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &FfnDecode::forward, nogil)
       .def("tokens", &FfnDecode::forward_tokens, nogil);
   py::class_<DecodeChain, std::shared_ptr<DecodeChain>>(m, "DecodeChain")
-      .def(py::init<at::Tensor, std::vector<std::shared_ptr<AttentionDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
+      .def(py::init<at::Tensor, std::vector<std::shared_ptr<DecodeAttention>>, std::vector<std::shared_ptr<FfnDecode>>,
                     std::vector<bool>, at::Tensor, double, at::Tensor, at::Tensor, std::shared_ptr<QuantWeights>>(),
            py::kw_only(), py::arg("embed_weight"), py::arg("attention"), py::arg("ffn"), py::arg("rope_layers"),
            py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"),

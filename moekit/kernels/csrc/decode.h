@@ -9,8 +9,23 @@
 
 #include "kernels.h"
 
+// An attention block's decode step as DecodeChain runs it: x + attention(norm(x)) for one token, its new cache
+// entries written at pos of its two caches (keys and values; MLA: latents and rotary keys).
+class DecodeAttention {
+ public:
+  virtual ~DecodeAttention() = default;
+  // y [D] = x + attention (y may be x); cos and sin hold r values (0: no rotary).
+  virtual void run(const float* x, float* y, const float* cos, const float* sin, int64_t r, const at::Tensor& cache0,
+                   const at::Tensor& cache1, int64_t pos, int64_t threads) const = 0;
+  // The caches fit this block and have room at pos.
+  virtual void check_caches(const at::Tensor& cache0, const at::Tensor& cache1, int64_t pos) const = 0;
+  // The widest rotary part it takes.
+  virtual int64_t rope_width() const = 0;
+  int64_t d = 0;
+};
+
 // x + o_proj(attention(norm(x))) for one token of a grouped-query attention block (decode_attention.cpp).
-class AttentionDecode {
+class AttentionDecode : public DecodeAttention {
  public:
   AttentionDecode(at::Tensor norm_w, double eps, std::vector<at::Tensor> qkv_w, std::vector<at::Tensor> qkv_b,
                   int64_t head_dim, at::Tensor q_norm_w, at::Tensor k_norm_w, bool full_qk_norm, double qk_eps, double clip,
@@ -20,17 +35,16 @@ class AttentionDecode {
   // new key and value going to index pos. Returns x + attention [D].
   at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
                      int64_t pos, int64_t threads) const;
-  // The step on raw rows: y [D] = x + attention (y may be x); cos and sin hold rope_dim values (0: no rotary).
   void run(const float* x, float* y, const float* cos, const float* sin, int64_t rope_dim, const at::Tensor& k_cache,
-           const at::Tensor& v_cache, int64_t pos, int64_t threads) const;
-  // The caches fit this block and have room at pos.
-  void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const;
+           const at::Tensor& v_cache, int64_t pos, int64_t threads) const override;
+  void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const override;
+  int64_t rope_width() const override { return head_dim; }
   // B independent rows (fp32 weights): x [B, D]; cos, sin [B, r] or empty; caches [B, Hkv, capacity, hd] (row b's
   // slot); positions [B] int64, where each row's new key and value go. Returns x + attention [B, D].
   at::Tensor forward_rows(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_rows, at::Tensor v_rows,
                           at::Tensor positions, int64_t threads) const;
 
-  int64_t head_dim, d, heads, kv_heads;
+  int64_t head_dim, heads, kv_heads;
 
  private:
   int64_t qkv_width() const { return rows_[0] + 2 * rows_[1]; }
@@ -47,6 +61,30 @@ class AttentionDecode {
   float eps_, qk_eps_, clip_, scale_;
   bool full_qk_norm_;
   int64_t window_, rows_[3];
+};
+
+// x + o_proj(MLA(norm(x))) for one token of a multi-head latent attention block, reading the latent cache with
+// the up-projection absorbed (decode_mla.cpp). Caches: latents [1, capacity, C] and rotary keys [1, capacity, R].
+class MlaDecode : public DecodeAttention {
+ public:
+  MlaDecode(at::Tensor norm_w, double eps, at::Tensor q_a_w, at::Tensor q_a_b, at::Tensor q_norm_w, at::Tensor q_b_w,
+            at::Tensor kv_a_w, at::Tensor kv_a_b, at::Tensor kv_norm_w, at::Tensor kv_b_w, at::Tensor o_w,
+            at::Tensor o_b, int64_t heads, int64_t nope, int64_t rope, int64_t v, double latent_eps, double scale,
+            bool interleave, double query_beta, int64_t query_length);
+  // x [D]; cos, sin [rope]; the caches, the new entries going to index pos. Returns x + attention [D].
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor latents, at::Tensor rope_keys,
+                     int64_t pos, int64_t threads) const;
+  void run(const float* x, float* y, const float* cos, const float* sin, int64_t r, const at::Tensor& latents,
+           const at::Tensor& rope_keys, int64_t pos, int64_t threads) const override;
+  void check_caches(const at::Tensor& latents, const at::Tensor& rope_keys, int64_t pos) const override;
+  int64_t rope_width() const override { return rope_; }
+
+ private:
+  at::Tensor norm_w_, q_a_w_, q_a_b_, q_norm_w_, q_b_w_, kv_a_w_, kv_a_b_, kv_norm_w_, kv_b_w_, o_w_, o_b_;
+  int64_t heads_, nope_, rope_, v_, latent_ = 0, q_rank_ = 0;
+  float eps_, latent_eps_, scale_, query_beta_;
+  int64_t query_length_;
+  bool interleave_;
 };
 
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
@@ -100,7 +138,7 @@ class FfnDecode {
 // from streaming weights) add up to a tenth of the step.
 class DecodeChain {
  public:
-  DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
+  DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<DecodeAttention>> attention,
               std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers, at::Tensor norm_w,
               double eps, at::Tensor head_w, at::Tensor head_b, std::shared_ptr<QuantWeights> head_quant);
   // token [1, 1] int64 at position pos; rotary angles pos * inv_freq (cos, sin times rope_factor; inv_freq of
@@ -114,7 +152,7 @@ class DecodeChain {
   at::Tensor embed_w_, norm_w_, head_w_, head_b_;
   std::shared_ptr<QuantWeights> head_q_;  // quantized head (then head_w_ is empty)
   int64_t head_rows_;
-  std::vector<std::shared_ptr<AttentionDecode>> attention_;
+  std::vector<std::shared_ptr<DecodeAttention>> attention_;
   std::vector<std::shared_ptr<FfnDecode>> ffn_;
   std::vector<bool> rope_layers_;
   float eps_;

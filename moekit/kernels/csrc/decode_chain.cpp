@@ -4,7 +4,7 @@
 
 #include "decode.h"
 
-DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<AttentionDecode>> attention,
+DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<DecodeAttention>> attention,
                          std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers,
                          at::Tensor norm_w, double eps, at::Tensor head_w, at::Tensor head_b,
                          std::shared_ptr<QuantWeights> head_quant)
@@ -62,9 +62,9 @@ at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq,
   std::vector<float> x(embed_w_.data_ptr<float>() + id * d, embed_w_.data_ptr<float>() + (id + 1) * d);
   std::vector<int64_t> ids;
   for (int64_t i = 0; i < layers; ++i) {
-    const AttentionDecode& attention = *attention_[i];
+    const DecodeAttention& attention = *attention_[i];
     const int64_t r = rope_layers_[i] ? 2 * half : 0;
-    TORCH_CHECK(r <= attention.head_dim, "decode_chain: rotary width");
+    TORCH_CHECK(r <= attention.rope_width(), "decode_chain: rotary width");
     attention.run(x.data(), x.data(), cos.data(), sin.data(), r, k_caches[i], v_caches[i], pos, threads);
     ids.resize(ffn_[i]->top_k);
     ffn_[i]->run(x.data(), x.data(), ids.data(), threads);
