@@ -42,8 +42,8 @@ FUSED = {
     "llama4_text": {"ffn"},  # sigmoid top-1 on the expert input, a shared expert, transposed experts
     "deepseek_v2": {"chain"},  # MLA without q-LoRA, group-limited greedy, a dense first layer
     "deepseek_v3": {"chain"},  # MLA with q-LoRA, top-2-sum groups
-    "deepseek_v32": {"ffn"},  # MoE and dense layers (DeepSeek Sparse Attention: the modules)
-    "glm_moe_dsa": {"ffn"},
+    "deepseek_v32": {"chain"},  # DeepSeek Sparse Attention: the indexer picks past index_topk keys
+    "glm_moe_dsa": {"attention", "ffn"},  # a layer sharing its predecessor's pick (both: the modules)
     "mistral4": {"chain"},  # MLA with position-scaled queries, softmax in top-2-sum groups
     "mimo_v2_flash": {"ffn"},  # narrow scaled values, sinks on sliding layers, two rope thetas: the modules
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
@@ -53,8 +53,9 @@ CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3", {"n_group": 1, "topk_group": 1}),  # sigmoid, selection bias, renormalisation eps, scaling
     ("glm4_moe", {"n_group": 1, "topk_group": 1}),  # ... with partial rotary, QK-norm and qkv bias attention
     ("deepseek_v2", {"attention_bias": True, "rope_interleave": False}),  # MLA's biases, split-half rope
+    ("glm_moe_dsa", {"indexer_types": ["full"] * 4}),  # every layer its own indexer (interleaved rope)
 ]
-FUSED_OVERRIDDEN = {"deepseek_v3": {"chain"}, "glm4_moe": {"chain"}, "deepseek_v2": {"chain"}}
+FUSED_OVERRIDDEN = {"deepseek_v3": {"chain"}, "glm4_moe": {"chain"}, "deepseek_v2": {"chain"}, "glm_moe_dsa": {"chain"}}
 
 
 def _spy(monkeypatch) -> dict[str, int]:

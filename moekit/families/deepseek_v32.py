@@ -15,7 +15,6 @@ class DeepseekV32(DeepseekV3):
     write_rank = None
     gguf_arch = None
     index_rope_interleave = False
-    fused_steps = frozenset({"moe"})  # DeepSeek Sparse Attention is not in the attention step
 
     def moe(self, c):
         moe, layers, dense = super().moe(c)

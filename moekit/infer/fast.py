@@ -124,8 +124,9 @@ class _AttentionStep(_Installed):
     """x + attn(norm(x)) for one token (x [1, 1, D]) with a cache, or one token of each row of a server's batch
     (fp32 weights), or None where this step does not apply."""
 
-    def __init__(self, attn: Attention, step, rows: bool):
+    def __init__(self, attn: Attention | LatentAttention, step, rows: bool):
         self.attn, self.step, self.rows = attn, step, rows
+        self.latent = isinstance(attn, LatentAttention)  # MlaDecode takes its caches as one list
 
     def __call__(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
         cache, attn = inputs.cache, self.attn
@@ -136,8 +137,9 @@ class _AttentionStep(_Installed):
         if not _one_token_fp32(x_BTD) or inputs.masks["full"] is not None:  # padding: the modules build the mask
             return None
         cos, sin = (r.view(-1) for r in inputs.rope_of(attn.layer_type)) if attn.use_rope else (_NONE, _NONE)
-        k_cache, v_cache = cache.room(attn.layer, 1)
-        y_D = self.step(x_BTD.view(-1), cos, sin, k_cache, v_cache, cache.length, torch.get_num_threads())
+        rooms = cache.room(attn.layer, 1)
+        caches = [rooms] if self.latent else rooms
+        y_D = self.step(x_BTD.view(-1), cos, sin, *caches, cache.length, torch.get_num_threads())
         return y_D.view(1, 1, -1)
 
     def _rows(self, x_BTD: torch.Tensor, inputs: AttentionInputs, cache: SlotView) -> torch.Tensor | None:
@@ -234,9 +236,8 @@ class _ChainStep(_Installed):
         rooms = [cache.room(i, 1) for i in self.cached_layers]
         inv_freq, factor = model.rotary.frequencies(cache.length + 1)
         threads = torch.get_num_threads()
-        keys, values = [k for k, _ in rooms], [v for _, v in rooms]
         routed_LK = torch.empty(len(self.cached_layers) if routing else 0, self.width, dtype=torch.long)
-        logits = self.chain.step(input_ids, cache.length, inv_freq, factor, keys, values, routed_LK, threads)
+        logits = self.chain.step(input_ids, cache.length, inv_freq, factor, rooms, routed_LK, threads)
         cache.advance(1)
         if not routing:
             return logits, None
@@ -277,14 +278,18 @@ def _attention_covered(norm: nn.Module, attn: nn.Module) -> bool:
 
 
 def _latent_step(norm: nn.Module, attn: LatentAttention) -> _AttentionStep | None:
-    """MLA's decode step (MlaDecode: the latent cache read once, kv_b absorbed) for fp32 weights, dense attention
-    (DeepSeek Sparse Attention is left to the modules)."""
-    q_lora = hasattr(attn, "q_a_proj")
+    """MLA's decode step (MlaDecode: the latent cache read once, kv_b absorbed; DeepSeek Sparse Attention's indexer)
+    for fp32 weights; layers sharing a DSA pick (GLM-5's shared indexer layers and the layer before them) are left
+    to the modules."""
+    q_lora, index = hasattr(attn, "q_a_proj"), attn.indexer
     linears = [attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
     linears += [attn.q_a_proj, attn.q_b_proj] if q_lora else [attn.q_proj]
-    if not isinstance(norm, RMSNorm) or attn.sparse or any(is_quantized(lin) for lin in linears):
+    linears += [index.wq_b, index.wk, index.weights_proj] if index is not None else []
+    shares = attn.sparse and (index is None or attn.pick_shared)
+    if not isinstance(norm, RMSNorm) or shares or any(is_quantized(lin) for lin in linears):
         return None
     norms = [norm.weight, attn.kv_a_layernorm.weight] + ([attn.q_a_layernorm.weight] if q_lora else [])
+    norms += [index.k_norm.weight, index.k_norm.bias] if index is not None else []
     kernel = _kernel(*(lin.weight for lin in linears), *norms)
     if kernel is None:
         return None
@@ -311,6 +316,13 @@ def _latent_step(norm: nn.Module, attn: LatentAttention) -> _AttentionStep | Non
         interleave=attn.interleave,
         query_beta=beta,
         query_length=length,
+        index_q_weight=index.wq_b.weight if index is not None else _NONE,
+        index_k_weight=index.wk.weight if index is not None else _NONE,
+        index_norm_weight=index.k_norm.weight if index is not None else _NONE,
+        index_norm_bias=index.k_norm.bias if index is not None else _NONE,
+        index_weights_weight=index.weights_proj.weight if index is not None else _NONE,
+        index_topk=index.topk if index is not None else 0,
+        index_interleave=index.interleave if index is not None else False,
     )
     return _AttentionStep(attn, step, rows=False)
 

@@ -49,6 +49,7 @@ class LatentAttention(nn.Module):
         self.query_scale = (a.query_scale_beta, a.query_scale_length) if a.query_scale_beta else None
         self.sparse = a.index_topk > 0
         self.indexer = Indexer(cfg) if self.sparse and layer not in a.index_shared_layers else None
+        self.pick_shared = layer + 1 in a.index_shared_layers  # the next layer reuses this layer's pick
 
     def queries(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the heads' queries [B, T, H * qk], the low-rank query [B, T, q_lora_rank] or None)."""

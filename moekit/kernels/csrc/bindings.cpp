@@ -44,12 +44,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<MlaDecode, DecodeAttention, std::shared_ptr<MlaDecode>>(m, "MlaDecode")
       .def(py::init<at::Tensor, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double,
-                    bool, double, int64_t>(),
+                    bool, double, int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
+                    bool>(),
            py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("q_a_weight"), py::arg("q_a_bias"),
            py::arg("q_norm_weight"), py::arg("q_b_weight"), py::arg("kv_a_weight"), py::arg("kv_a_bias"),
            py::arg("kv_norm_weight"), py::arg("kv_b_weight"), py::arg("o_weight"), py::arg("o_bias"), py::arg("heads"),
            py::arg("nope_dim"), py::arg("rope_dim"), py::arg("v_dim"), py::arg("latent_eps"), py::arg("scale"),
-           py::arg("interleave"), py::arg("query_beta"), py::arg("query_length"))
+           py::arg("interleave"), py::arg("query_beta"), py::arg("query_length"), py::arg("index_q_weight"),
+           py::arg("index_k_weight"), py::arg("index_norm_weight"), py::arg("index_norm_bias"),
+           py::arg("index_weights_weight"), py::arg("index_topk"), py::arg("index_interleave"))
       .def("__call__", &MlaDecode::forward, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,

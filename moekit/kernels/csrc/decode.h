@@ -10,15 +10,16 @@
 #include "kernels.h"
 
 // An attention block's decode step as DecodeChain runs it: x + attention(norm(x)) for one token, its new cache
-// entries written at pos of its two caches (keys and values; MLA: latents and rotary keys).
+// entries written at pos of its caches (keys and values; MLA: latents, rotary keys and DSA's indexer keys).
+using Caches = std::vector<at::Tensor>;
 class DecodeAttention {
  public:
   virtual ~DecodeAttention() = default;
   // y [D] = x + attention (y may be x); cos and sin hold r values (0: no rotary).
-  virtual void run(const float* x, float* y, const float* cos, const float* sin, int64_t r, const at::Tensor& cache0,
-                   const at::Tensor& cache1, int64_t pos, int64_t threads) const = 0;
+  virtual void step(const float* x, float* y, const float* cos, const float* sin, int64_t r, const Caches& caches,
+                    int64_t pos, int64_t threads) const = 0;
   // The caches fit this block and have room at pos.
-  virtual void check_caches(const at::Tensor& cache0, const at::Tensor& cache1, int64_t pos) const = 0;
+  virtual void check(const Caches& caches, int64_t pos) const = 0;
   // The widest rotary part it takes.
   virtual int64_t rope_width() const = 0;
   int64_t d = 0;
@@ -36,8 +37,16 @@ class AttentionDecode : public DecodeAttention {
   at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
                      int64_t pos, int64_t threads) const;
   void run(const float* x, float* y, const float* cos, const float* sin, int64_t rope_dim, const at::Tensor& k_cache,
-           const at::Tensor& v_cache, int64_t pos, int64_t threads) const override;
-  void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const override;
+           const at::Tensor& v_cache, int64_t pos, int64_t threads) const;
+  void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos) const;
+  void step(const float* x, float* y, const float* cos, const float* sin, int64_t r, const Caches& caches, int64_t pos,
+            int64_t threads) const override {
+    run(x, y, cos, sin, r, caches[0], caches[1], pos, threads);
+  }
+  void check(const Caches& caches, int64_t pos) const override {
+    TORCH_CHECK(caches.size() == 2, "attention_decode: a key and a value cache");
+    check_caches(caches[0], caches[1], pos);
+  }
   int64_t rope_width() const override { return head_dim; }
   // B independent rows (fp32 weights): x [B, D]; cos, sin [B, r] or empty; caches [B, Hkv, capacity, hd] (row b's
   // slot); positions [B] int64, where each row's new key and value go. Returns x + attention [B, D].
@@ -64,27 +73,35 @@ class AttentionDecode : public DecodeAttention {
 };
 
 // x + o_proj(MLA(norm(x))) for one token of a multi-head latent attention block, reading the latent cache with
-// the up-projection absorbed (decode_mla.cpp). Caches: latents [1, capacity, C] and rotary keys [1, capacity, R].
+// the up-projection absorbed (decode_mla.cpp); with DeepSeek Sparse Attention's indexer, over the index_topk keys
+// it picks. Caches: latents [1, capacity, C], rotary keys [1, capacity, R] (and indexer keys [1, capacity, Di]).
 class MlaDecode : public DecodeAttention {
  public:
   MlaDecode(at::Tensor norm_w, double eps, at::Tensor q_a_w, at::Tensor q_a_b, at::Tensor q_norm_w, at::Tensor q_b_w,
             at::Tensor kv_a_w, at::Tensor kv_a_b, at::Tensor kv_norm_w, at::Tensor kv_b_w, at::Tensor o_w,
             at::Tensor o_b, int64_t heads, int64_t nope, int64_t rope, int64_t v, double latent_eps, double scale,
-            bool interleave, double query_beta, int64_t query_length);
+            bool interleave, double query_beta, int64_t query_length, at::Tensor index_q_w, at::Tensor index_k_w,
+            at::Tensor index_norm_w, at::Tensor index_norm_b, at::Tensor index_weights_w, int64_t index_topk,
+            bool index_interleave);
   // x [D]; cos, sin [rope]; the caches, the new entries going to index pos. Returns x + attention [D].
-  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor latents, at::Tensor rope_keys,
-                     int64_t pos, int64_t threads) const;
-  void run(const float* x, float* y, const float* cos, const float* sin, int64_t r, const at::Tensor& latents,
-           const at::Tensor& rope_keys, int64_t pos, int64_t threads) const override;
-  void check_caches(const at::Tensor& latents, const at::Tensor& rope_keys, int64_t pos) const override;
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> caches, int64_t pos,
+                     int64_t threads) const;
+  void step(const float* x, float* y, const float* cos, const float* sin, int64_t r, const Caches& caches, int64_t pos,
+            int64_t threads) const override;
+  void check(const Caches& caches, int64_t pos) const override;
   int64_t rope_width() const override { return rope_; }
 
  private:
+  // the keys [0, pos] the indexer picks for the query (all of them while they fit in index_topk), ascending
+  std::vector<int64_t> pick(const float* h, const float* q_low, const float* index_keys, int64_t pos,
+                            const float* cos, const float* sin) const;
+
   at::Tensor norm_w_, q_a_w_, q_a_b_, q_norm_w_, q_b_w_, kv_a_w_, kv_a_b_, kv_norm_w_, kv_b_w_, o_w_, o_b_;
-  int64_t heads_, nope_, rope_, v_, latent_ = 0, q_rank_ = 0;
+  at::Tensor index_q_w_, index_k_w_, index_norm_w_, index_norm_b_, index_weights_w_;
+  int64_t heads_, nope_, rope_, v_, latent_ = 0, q_rank_ = 0, index_heads_ = 0, index_dim_ = 0, index_topk_;
   float eps_, latent_eps_, scale_, query_beta_;
   int64_t query_length_;
-  bool interleave_;
+  bool interleave_, index_interleave_;
 };
 
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
@@ -142,11 +159,10 @@ class DecodeChain {
               std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<bool> rope_layers, at::Tensor norm_w,
               double eps, at::Tensor head_w, at::Tensor head_b, std::shared_ptr<QuantWeights> head_quant);
   // token [1, 1] int64 at position pos; rotary angles pos * inv_freq (cos, sin times rope_factor; inv_freq of
-  // rope_dim / 2); the caches of every layer; routed: empty, or int64 [layers, k] that receives each MoE layer's
+  // rope_dim / 2); each layer's caches; routed: empty, or int64 [layers, k] that receives each MoE layer's
   // chosen experts in its first top_k entries. Returns the logits [1, 1, V].
   at::Tensor step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
-                  std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, at::Tensor routed,
-                  int64_t threads) const;
+                  std::vector<std::vector<at::Tensor>> caches, at::Tensor routed, int64_t threads) const;
 
  private:
   at::Tensor embed_w_, norm_w_, head_w_, head_b_;

@@ -31,15 +31,14 @@ DecodeChain::DecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<DecodeA
 }
 
 at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
-                             std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
-                             at::Tensor routed, int64_t threads) const {
+                             std::vector<std::vector<at::Tensor>> caches, at::Tensor routed,
+                             int64_t threads) const {
   const int64_t d = norm_w_.numel(), vocab = embed_w_.size(0), layers = ffn_.size();
   TORCH_CHECK(token.numel() == 1 && token.scalar_type() == at::kLong, "decode_chain: one int64 token");
   const int64_t id = *token.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(0 <= id && id < vocab, "input_ids hold ids outside the vocabulary: allowed [0, ", vocab - 1, "]");
-  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == layers && static_cast<int64_t>(v_caches.size()) == layers,
-              "decode_chain: one key and one value cache per layer");
-  for (int64_t i = 0; i < layers; ++i) attention_[i]->check_caches(k_caches[i], v_caches[i], pos);
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == layers, "decode_chain: the caches of every layer");
+  for (int64_t i = 0; i < layers; ++i) attention_[i]->check(caches[i], pos);
   const bool keep_routes = routed.numel() > 0;
   if (keep_routes) {
     TORCH_CHECK(routed.scalar_type() == at::kLong && routed.dim() == 2 && routed.size(0) == layers &&
@@ -65,7 +64,7 @@ at::Tensor DecodeChain::step(at::Tensor token, int64_t pos, at::Tensor inv_freq,
     const DecodeAttention& attention = *attention_[i];
     const int64_t r = rope_layers_[i] ? 2 * half : 0;
     TORCH_CHECK(r <= attention.rope_width(), "decode_chain: rotary width");
-    attention.run(x.data(), x.data(), cos.data(), sin.data(), r, k_caches[i], v_caches[i], pos, threads);
+    attention.step(x.data(), x.data(), cos.data(), sin.data(), r, caches[i], pos, threads);
     ids.resize(ffn_[i]->top_k);
     ffn_[i]->run(x.data(), x.data(), ids.data(), threads);
     if (keep_routes) std::copy(ids.begin(), ids.end(), routed.data_ptr<int64_t>() + i * routed.size(1));

@@ -4,7 +4,11 @@
 // per-head keys and values (which the modules do, and which reads H * (nope + v) / (latent + rope) times more).
 // Per head h, with kv_b's key rows K_h [nope, C] and value rows V_h [v, C]:
 //   score(s) = scale * ((K_h^T q_nope) . latent_s + q_rope . k_rope_s),   out_h = V_h (sum_s p(s) latent_s).
+// DeepSeek Sparse Attention: the indexer's key of the new token joins its cache, and once more keys are cached than
+// index_topk, each head attends only to the index_topk keys of the best index score sum_h w_h relu(q_h . k_s).
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "decode.h"
 
@@ -43,18 +47,34 @@ static void check_linear(const at::Tensor& w, int64_t rows, int64_t cols, const 
   }
 }
 
+// LayerNorm over n values with weight and bias (y may be x).
+static void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps) {
+  float mean = 0.f, var = 0.f;
+  for (int64_t i = 0; i < n; ++i) mean += x[i];
+  mean /= static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+  const float r = 1.f / std::sqrt(var / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - mean) * r * w[i] + b[i];
+}
+
 // q_a_w [Q, D] with q_a_b and q_norm_w [Q], then q_b_w [H * (nope + rope), Q]; or no q_a_w: q_b_w [H * (nope +
 // rope), D] reads the normed input. kv_a_w [C + rope, D] (+ kv_a_b), kv_norm_w [C], kv_b_w [H * (nope + v), C],
 // o_w [D, H * v] (+ o_b). query_beta > 0: queries scaled by 1 + beta * log(1 + floor(pos / query_length)).
+// The indexer (empty tensors: none): index_q_w [Hi * Di, Q], index_k_w [Di, D], its LayerNorm [Di] (eps 1e-6),
+// index_weights_w [Hi, D]; rope on the first `rope` dims of its heads, interleaved with index_interleave.
 MlaDecode::MlaDecode(at::Tensor norm_w, double eps, at::Tensor q_a_w, at::Tensor q_a_b, at::Tensor q_norm_w,
                      at::Tensor q_b_w, at::Tensor kv_a_w, at::Tensor kv_a_b, at::Tensor kv_norm_w, at::Tensor kv_b_w,
                      at::Tensor o_w, at::Tensor o_b, int64_t heads, int64_t nope, int64_t rope, int64_t v,
-                     double latent_eps, double scale, bool interleave, double query_beta, int64_t query_length)
+                     double latent_eps, double scale, bool interleave, double query_beta, int64_t query_length,
+                     at::Tensor index_q_w, at::Tensor index_k_w, at::Tensor index_norm_w, at::Tensor index_norm_b,
+                     at::Tensor index_weights_w, int64_t index_topk, bool index_interleave)
     : norm_w_(norm_w), q_a_w_(q_a_w), q_a_b_(q_a_b), q_norm_w_(q_norm_w), q_b_w_(q_b_w), kv_a_w_(kv_a_w),
-      kv_a_b_(kv_a_b), kv_norm_w_(kv_norm_w), kv_b_w_(kv_b_w), o_w_(o_w), o_b_(o_b), heads_(heads), nope_(nope),
-      rope_(rope), v_(v), eps_(static_cast<float>(eps)), latent_eps_(static_cast<float>(latent_eps)),
-      scale_(static_cast<float>(scale)), query_beta_(static_cast<float>(query_beta)), query_length_(query_length),
-      interleave_(interleave) {
+      kv_a_b_(kv_a_b), kv_norm_w_(kv_norm_w), kv_b_w_(kv_b_w), o_w_(o_w), o_b_(o_b), index_q_w_(index_q_w),
+      index_k_w_(index_k_w), index_norm_w_(index_norm_w), index_norm_b_(index_norm_b),
+      index_weights_w_(index_weights_w), heads_(heads), nope_(nope), rope_(rope), v_(v), index_topk_(index_topk),
+      eps_(static_cast<float>(eps)), latent_eps_(static_cast<float>(latent_eps)), scale_(static_cast<float>(scale)),
+      query_beta_(static_cast<float>(query_beta)), query_length_(query_length), interleave_(interleave),
+      index_interleave_(index_interleave) {
   check_fp32(norm_w, "norm weight");
   TORCH_CHECK(norm_w.is_contiguous() && heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 &&
                   query_length > 0,
@@ -73,40 +93,67 @@ MlaDecode::MlaDecode(at::Tensor norm_w, double eps, at::Tensor q_a_w, at::Tensor
   TORCH_CHECK(kv_norm_w.is_contiguous(), "mla_decode: kv norm");
   check_linear(kv_b_w, heads * (nope + v), latent_, at::Tensor(), "kv_b_proj");
   check_linear(o_w, d, heads * v, o_b, "o_proj");
+  if (index_k_w.numel()) {
+    TORCH_CHECK(q_rank_ > 0 && index_topk > 0, "mla_decode: the indexer needs q-LoRA and index_topk");
+    index_dim_ = index_k_w.size(0);
+    check_linear(index_k_w, index_dim_, d, index_norm_b, "indexer wk");
+    check_linear(index_norm_w.view({-1, 1}), index_dim_, 1, at::Tensor(), "indexer norm");
+    index_heads_ = index_weights_w.size(0);
+    check_linear(index_weights_w, index_heads_, d, at::Tensor(), "indexer weights_proj");
+    check_linear(index_q_w, index_heads_ * index_dim_, q_rank_, at::Tensor(), "indexer wq_b");
+    TORCH_CHECK(index_dim_ >= rope && index_norm_b.numel() == index_dim_, "mla_decode: indexer shapes");
+  }
 }
 
-void MlaDecode::check_caches(const at::Tensor& latents, const at::Tensor& rope_keys, int64_t pos) const {
+void MlaDecode::check(const Caches& caches, int64_t pos) const {
+  TORCH_CHECK(caches.size() == (index_dim_ ? 3u : 2u), "mla_decode: latents, rotary keys (and indexer keys) caches");
+  const at::Tensor &latents = caches[0], &rope_keys = caches[1];
   check_fp32(latents, "latent cache"), check_fp32(rope_keys, "rope key cache");
   TORCH_CHECK(latents.dim() == 3 && latents.size(0) == 1 && latents.size(2) == latent_ && latents.is_contiguous() &&
                   rope_keys.dim() == 3 && rope_keys.size(0) == 1 && rope_keys.size(2) == rope_ &&
                   rope_keys.is_contiguous() && rope_keys.size(1) == latents.size(1),
               "mla_decode: caches [1, capacity, latent] and [1, capacity, rope]");
   TORCH_CHECK(0 <= pos && pos < latents.size(1), "mla_decode: no room in the cache");
+  if (index_dim_) {
+    check_fp32(caches[2], "indexer key cache");
+    TORCH_CHECK(caches[2].dim() == 3 && caches[2].size(0) == 1 && caches[2].size(1) == latents.size(1) &&
+                    caches[2].size(2) == index_dim_ && caches[2].is_contiguous(),
+                "mla_decode: indexer key cache [1, capacity, Di]");
+  }
 }
 
-at::Tensor MlaDecode::forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor latents, at::Tensor rope_keys,
+at::Tensor MlaDecode::forward(at::Tensor x, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> caches,
                               int64_t pos, int64_t threads) const {
   check_fp32(x, "x");
   TORCH_CHECK(x.is_contiguous() && x.numel() == d, "mla_decode: x");
-  check_caches(latents, rope_keys, pos);
+  check(caches, pos);
   TORCH_CHECK(cos.numel() == rope_ && sin.numel() == rope_ && cos.is_contiguous() && sin.is_contiguous(),
               "mla_decode: cos, sin [rope]");
   check_fp32(cos, "cos"), check_fp32(sin, "sin");
   at::Tensor y = at::empty_like(x);
-  run(x.data_ptr<float>(), y.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rope_, latents,
-      rope_keys, pos, threads);
+  step(x.data_ptr<float>(), y.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), rope_, caches, pos,
+       threads);
   return y;
 }
 
-void MlaDecode::run(const float* x, float* y, const float* cos, const float* sin, int64_t r, const at::Tensor& latents,
-                    const at::Tensor& rope_keys, int64_t pos, int64_t threads) const {
+void MlaDecode::step(const float* x, float* y, const float* cos, const float* sin, int64_t r, const Caches& caches,
+                     int64_t pos, int64_t threads) const {
   TORCH_CHECK(r == rope_, "mla_decode: rotary width");
+  const at::Tensor &latents = caches[0], &rope_keys = caches[1];
   const int64_t qk = nope_ + rope_;
   std::vector<float> h(d), q_low(q_rank_), q(heads_ * qk), kv(latent_ + rope_);
   rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
   std::vector<Task> first = {{kv_a_w_.data_ptr<float>(), latent_ + rope_, h.data(), 0, 1, kv.data(), 0}};
   if (q_rank_) first.push_back({q_a_w_.data_ptr<float>(), q_rank_, h.data(), 0, 1, q_low.data(), 0});
-  run_tasks(first, d, threads);  // the two projections of the input in one pass
+  float* index_keys = index_dim_ ? caches[2].data_ptr<float>() : nullptr;
+  if (index_dim_)  // the new token's indexer key, written at pos after its norm and rope
+    first.push_back({index_k_w_.data_ptr<float>(), index_dim_, h.data(), 0, 1, index_keys + pos * index_dim_, 0});
+  run_tasks(first, d, threads);  // the projections of the input in one pass
+  if (index_dim_) {
+    float* k = index_keys + pos * index_dim_;
+    layer_norm(k, index_norm_w_.data_ptr<float>(), index_norm_b_.data_ptr<float>(), k, index_dim_, 1e-6f);
+    rotate(k, cos, sin, rope_, index_interleave_);
+  }
   add_bias(kv.data(), kv_a_b_);
   if (q_rank_) {
     add_bias(q_low.data(), q_a_b_);
@@ -127,7 +174,12 @@ void MlaDecode::run(const float* x, float* y, const float* cos, const float* sin
     factor *= 1.f + query_beta_ * std::log1p(std::floor(static_cast<float>(pos) / static_cast<float>(query_length_)));
   const float* kv_b = kv_b_w_.data_ptr<float>();
   std::vector<float> out(heads_ * v_);
-  const int64_t n_keys = pos + 1;
+  std::vector<int64_t> keys(pos + 1);
+  if (index_dim_ && pos + 1 > index_topk_)
+    keys = pick(h.data(), q_low.data(), index_keys, pos, cos, sin);
+  else
+    std::iota(keys.begin(), keys.end(), 0);
+  const int64_t n_keys = keys.size();
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t hh = 0; hh < heads_; ++hh) {
     float* qh = q.data() + hh * qk;
@@ -137,12 +189,13 @@ void MlaDecode::run(const float* x, float* y, const float* cos, const float* sin
     for (int64_t n = 0; n < nope_; ++n) axpy(qh[n], k_rows + n * latent_, q_lat.data(), latent_);
     float top = -INFINITY;
     for (int64_t j = 0; j < n_keys; ++j) {
-      s[j] = (dot(q_lat.data(), lc + j * latent_, latent_) + dot(qh + nope_, rc + j * rope_, rope_)) * factor;
+      const int64_t key = keys[j];
+      s[j] = (dot(q_lat.data(), lc + key * latent_, latent_) + dot(qh + nope_, rc + key * rope_, rope_)) * factor;
       top = std::max(top, s[j]);
     }
     float total = 0.f;
     for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
-    for (int64_t j = 0; j < n_keys; ++j) axpy(s[j] / total, lc + j * latent_, o_lat.data(), latent_);
+    for (int64_t j = 0; j < n_keys; ++j) axpy(s[j] / total, lc + keys[j] * latent_, o_lat.data(), latent_);
     const float* v_rows = k_rows + nope_ * latent_;
     for (int64_t i = 0; i < v_; ++i) out[hh * v_ + i] = dot(v_rows + i * latent_, o_lat.data(), latent_);
   }
@@ -151,4 +204,29 @@ void MlaDecode::run(const float* x, float* y, const float* cos, const float* sin
   run_tasks({{o_w_.data_ptr<float>(), d, out.data(), 0, 1, projected.data(), 0}}, heads_ * v_, threads);
   const float* ob = data_or_null(o_b_);
   for (int64_t n = 0; n < d; ++n) y[n] = x[n] + (ob ? projected[n] + ob[n] : projected[n]);
+}
+
+std::vector<int64_t> MlaDecode::pick(const float* h, const float* q_low, const float* index_keys, int64_t pos,
+                                     const float* cos, const float* sin) const {
+  std::vector<float> q(index_heads_ * index_dim_), w(index_heads_);
+  run_tasks({{index_q_w_.data_ptr<float>(), index_heads_ * index_dim_, q_low, 0, 1, q.data(), 0}}, q_rank_, 1);
+  run_tasks({{index_weights_w_.data_ptr<float>(), index_heads_, h, 0, 1, w.data(), 0}}, d, 1);
+  const float weight_scale = 1.f / std::sqrt(static_cast<float>(index_heads_ * index_dim_));
+  for (int64_t g = 0; g < index_heads_; ++g) {
+    rotate(q.data() + g * index_dim_, cos, sin, rope_, index_interleave_);
+    w[g] *= weight_scale;
+  }
+  const int64_t n = pos + 1;
+  std::vector<float> score(n, 0.f);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t g = 0; g < index_heads_; ++g)
+      score[s] += w[g] * std::max(0.f, dot(q.data() + g * index_dim_, index_keys + s * index_dim_, index_dim_));
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + index_topk_, order.end(), [&](int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  order.resize(index_topk_);
+  std::sort(order.begin(), order.end());
+  return order;
 }
