@@ -84,7 +84,9 @@ def model_from_hf(hf: dict, name: str = "", assumptions: list[str] | None = None
 
 def load_model_config(name_or_path: str | Path, assumptions: list[str] | None = None) -> ModelConfig:
     """The ModelConfig of a published name, a config.json path or a model directory."""
-    return model_from_hf(load_hf_config(name_or_path), Path(str(name_or_path)).stem, assumptions)
+    path = Path(str(name_or_path))
+    name = path.stem if path.suffix == ".json" else path.name  # "deepseek-v3.2" is a name, not a file's stem
+    return model_from_hf(load_hf_config(name_or_path), name, assumptions)
 
 
 __all__ = [
