@@ -150,10 +150,14 @@ def test_slot_cache_moves_and_bounds():
         cache.rows(2, 2)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "olmoe", "qwen2_moe"])
+ROWS_FAMILIES = ["qwen3_moe", "gpt_oss", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v32", "mistral4"]
+
+
+@pytest.mark.parametrize("family", ROWS_FAMILIES)
 def test_fused_rows_step_equals_the_modules(family, tmp_path_factory, monkeypatch):
     """A ragged decode batch through the fused steps' rows form (attention and FFN blocks, one call each per
-    layer) gives the modules' logits."""
+    layer) gives the modules' logits; MLA's rows read their latent caches (DeepSeek-V3.2's indexer picks 5 of the
+    longer rows' keys), Mistral 4's queries scale by each row's own position."""
     from moekit.infer import fast
     from moekit.infer.fast import prepare_inference
 

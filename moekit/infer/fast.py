@@ -150,9 +150,10 @@ class _AttentionStep(_Installed):
             return None
         rope = inputs.rope_of(self.attn.layer_type)
         cos, sin = (r.reshape(b, -1).contiguous() for r in rope) if self.attn.use_rope else (_NONE, _NONE)
-        k_rows, v_rows = cache.room(self.attn.layer, 1)
+        rooms = cache.room(self.attn.layer, 1)
+        caches = [rooms] if self.latent else rooms
         positions_B = torch.tensor(cache.lengths, dtype=torch.long)
-        y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, k_rows, v_rows, positions_B, torch.get_num_threads())
+        y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, *caches, positions_B, torch.get_num_threads())
         return y_BD.view(b, 1, -1)
 
 
@@ -324,7 +325,7 @@ def _latent_step(norm: nn.Module, attn: LatentAttention) -> _AttentionStep | Non
         index_topk=index.topk if index is not None else 0,
         index_interleave=index.interleave if index is not None else False,
     )
-    return _AttentionStep(attn, step, rows=False)
+    return _AttentionStep(attn, step, rows=True)
 
 
 def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:

@@ -53,7 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("interleave"), py::arg("query_beta"), py::arg("query_length"), py::arg("index_q_weight"),
            py::arg("index_k_weight"), py::arg("index_norm_weight"), py::arg("index_norm_bias"),
            py::arg("index_weights_weight"), py::arg("index_topk"), py::arg("index_interleave"))
-      .def("__call__", &MlaDecode::forward, nogil);
+      .def("__call__", &MlaDecode::forward, nogil)
+      .def("rows", &MlaDecode::forward_rows, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,

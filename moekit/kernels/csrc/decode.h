@@ -90,8 +90,14 @@ class MlaDecode : public DecodeAttention {
             int64_t threads) const override;
   void check(const Caches& caches, int64_t pos) const override;
   int64_t rope_width() const override { return rope_; }
+  // B independent rows: x [B, D]; cos, sin [B, rope]; caches [B, capacity, width] (row b's slot); positions [B]
+  // int64, where each row's new entries go. Returns x + attention [B, D].
+  at::Tensor forward_rows(at::Tensor x, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> caches,
+                          at::Tensor positions, int64_t threads) const;
 
  private:
+  void attend_head(float* q_h, int64_t hh, const float* lc, const float* rc, const std::vector<int64_t>& keys,
+                   int64_t pos, const float* cos, const float* sin, float* out) const;
   // the keys [0, pos] the indexer picks for the query (all of them while they fit in index_topk), ascending
   std::vector<int64_t> pick(const float* h, const float* q_low, const float* index_keys, int64_t pos,
                             const float* cos, const float* sin) const;

@@ -169,36 +169,14 @@ void MlaDecode::step(const float* x, float* y, const float* cos, const float* si
   rotate(kv.data() + latent_, cos, sin, rope_, interleave_);
   std::copy(kv.data() + latent_, kv.data() + latent_ + rope_, rc + pos * rope_);
 
-  float factor = scale_;
-  if (query_beta_ > 0)
-    factor *= 1.f + query_beta_ * std::log1p(std::floor(static_cast<float>(pos) / static_cast<float>(query_length_)));
-  const float* kv_b = kv_b_w_.data_ptr<float>();
   std::vector<float> out(heads_ * v_);
   std::vector<int64_t> keys(pos + 1);
   if (index_dim_ && pos + 1 > index_topk_)
     keys = pick(h.data(), q_low.data(), index_keys, pos, cos, sin);
   else
     std::iota(keys.begin(), keys.end(), 0);
-  const int64_t n_keys = keys.size();
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t hh = 0; hh < heads_; ++hh) {
-    float* qh = q.data() + hh * qk;
-    rotate(qh + nope_, cos, sin, rope_, interleave_);
-    const float* k_rows = kv_b + hh * (nope_ + v_) * latent_;  // K_h, then V_h
-    std::vector<float> q_lat(latent_, 0.f), o_lat(latent_, 0.f), s(n_keys);
-    for (int64_t n = 0; n < nope_; ++n) axpy(qh[n], k_rows + n * latent_, q_lat.data(), latent_);
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n_keys; ++j) {
-      const int64_t key = keys[j];
-      s[j] = (dot(q_lat.data(), lc + key * latent_, latent_) + dot(qh + nope_, rc + key * rope_, rope_)) * factor;
-      top = std::max(top, s[j]);
-    }
-    float total = 0.f;
-    for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
-    for (int64_t j = 0; j < n_keys; ++j) axpy(s[j] / total, lc + keys[j] * latent_, o_lat.data(), latent_);
-    const float* v_rows = k_rows + nope_ * latent_;
-    for (int64_t i = 0; i < v_; ++i) out[hh * v_ + i] = dot(v_rows + i * latent_, o_lat.data(), latent_);
-  }
+  for (int64_t hh = 0; hh < heads_; ++hh) attend_head(q.data() + hh * qk, hh, lc, rc, keys, pos, cos, sin, out.data());
 
   std::vector<float> projected(d);
   run_tasks({{o_w_.data_ptr<float>(), d, out.data(), 0, 1, projected.data(), 0}}, heads_ * v_, threads);
@@ -229,4 +207,115 @@ std::vector<int64_t> MlaDecode::pick(const float* h, const float* q_low, const f
   order.resize(index_topk_);
   std::sort(order.begin(), order.end());
   return order;
+}
+
+// Head hh's query (q_h: nope then rope part, rotated here) over the cached keys `keys`, into out's head hh.
+void MlaDecode::attend_head(float* q_h, int64_t hh, const float* lc, const float* rc, const std::vector<int64_t>& keys,
+                            int64_t pos, const float* cos, const float* sin, float* out) const {
+  float factor = scale_;
+  if (query_beta_ > 0)
+    factor *= 1.f + query_beta_ * std::log1p(std::floor(static_cast<float>(pos) / static_cast<float>(query_length_)));
+  rotate(q_h + nope_, cos, sin, rope_, interleave_);
+  const float* k_rows = kv_b_w_.data_ptr<float>() + hh * (nope_ + v_) * latent_;  // K_h, then V_h
+  const int64_t n_keys = keys.size();
+  std::vector<float> q_lat(latent_, 0.f), o_lat(latent_, 0.f), s(n_keys);
+  for (int64_t n = 0; n < nope_; ++n) axpy(q_h[n], k_rows + n * latent_, q_lat.data(), latent_);
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const int64_t key = keys[j];
+    s[j] = (dot(q_lat.data(), lc + key * latent_, latent_) + dot(q_h + nope_, rc + key * rope_, rope_)) * factor;
+    top = std::max(top, s[j]);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < n_keys; ++j) total += (s[j] = std::exp(s[j] - top));
+  for (int64_t j = 0; j < n_keys; ++j) axpy(s[j] / total, lc + keys[j] * latent_, o_lat.data(), latent_);
+  const float* v_rows = k_rows + nope_ * latent_;
+  for (int64_t i = 0; i < v_; ++i) out[hh * v_ + i] = dot(v_rows + i * latent_, o_lat.data(), latent_);
+}
+
+// One token of each of B rows (a server's decode batch, each row its own sequence at its own position): every
+// projection reads its weights once for all rows (segment_gemm.cpp's few-row product), the rest runs per row, the
+// rows' heads in parallel. Caches [B, capacity, width] (row b's slot), positions [B] int64; cos, sin [B, rope].
+at::Tensor MlaDecode::forward_rows(at::Tensor x, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> caches,
+                                   at::Tensor positions, int64_t threads) const {
+  check_fp32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d && x.is_contiguous(), "mla_decode: x rows");
+  const int64_t b_len = x.size(0);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == b_len && positions.is_contiguous(),
+              "mla_decode: one int64 position per row");
+  TORCH_CHECK(caches.size() == (index_dim_ ? 3u : 2u), "mla_decode: latents, rotary keys (and indexer keys) caches");
+  const int64_t widths[3] = {latent_, rope_, index_dim_};
+  for (size_t i = 0; i < caches.size(); ++i) {
+    check_fp32(caches[i], "cache");
+    TORCH_CHECK(caches[i].dim() == 3 && caches[i].size(0) == b_len && caches[i].size(1) == caches[0].size(1) &&
+                    caches[i].size(2) == widths[i] && caches[i].is_contiguous(),
+                "mla_decode: caches [B, capacity, width]");
+  }
+  const int64_t capacity = caches[0].size(1);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < b_len; ++b) TORCH_CHECK(0 <= pos[b] && pos[b] < capacity, "mla_decode: no room");
+  check_fp32(cos, "cos"), check_fp32(sin, "sin");
+  TORCH_CHECK(cos.numel() == b_len * rope_ && sin.numel() == cos.numel() && cos.is_contiguous() && sin.is_contiguous(),
+              "mla_decode: cos, sin [B, rope]");
+
+  const int64_t qk = nope_ + rope_, kv_w = latent_ + rope_, q_in = q_rank_ ? q_rank_ : d;
+  std::vector<float> h(b_len * d), kv(b_len * kv_w), q_low(b_len * q_rank_), ik(b_len * index_dim_);
+  std::vector<float> q(b_len * heads_ * qk), out(b_len * heads_ * v_), projected(b_len * d);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t b = 0; b < b_len; ++b) rms_norm(xp + b * d, norm_w_.data_ptr<float>(), h.data() + b * d, d, eps_);
+  std::vector<Product> first = {{kv_a_w_.data_ptr<float>(), kv_w, d, h.data(), d, b_len, kv.data(), kv_w}};
+  if (q_rank_) first.push_back({q_a_w_.data_ptr<float>(), q_rank_, d, h.data(), d, b_len, q_low.data(), q_rank_});
+  if (index_dim_)
+    first.push_back({index_k_w_.data_ptr<float>(), index_dim_, d, h.data(), d, b_len, ik.data(), index_dim_});
+  run_products(first, threads);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t b = 0; b < b_len; ++b) {  // each row's new cache entries, at its own position
+    const float *c = cp + b * rope_, *s = sp + b * rope_;
+    float* row_kv = kv.data() + b * kv_w;
+    add_bias(row_kv, kv_a_b_);
+    rms_norm(row_kv, kv_norm_w_.data_ptr<float>(), caches[0].data_ptr<float>() + (b * capacity + pos[b]) * latent_,
+             latent_, latent_eps_);
+    rotate(row_kv + latent_, c, s, rope_, interleave_);
+    std::copy(row_kv + latent_, row_kv + kv_w, caches[1].data_ptr<float>() + (b * capacity + pos[b]) * rope_);
+    if (q_rank_) {
+      float* ql = q_low.data() + b * q_rank_;
+      add_bias(ql, q_a_b_);
+      rms_norm(ql, q_norm_w_.data_ptr<float>(), ql, q_rank_, latent_eps_);
+    }
+    if (index_dim_) {
+      float* k = caches[2].data_ptr<float>() + (b * capacity + pos[b]) * index_dim_;
+      layer_norm(ik.data() + b * index_dim_, index_norm_w_.data_ptr<float>(), index_norm_b_.data_ptr<float>(), k,
+                 index_dim_, 1e-6f);
+      rotate(k, c, s, rope_, index_interleave_);
+    }
+  }
+  run_products({{q_b_w_.data_ptr<float>(), heads_ * qk, q_in, q_rank_ ? q_low.data() : h.data(), q_in, b_len,
+                 q.data(), heads_ * qk}},
+               threads);
+  std::vector<std::vector<int64_t>> keys(b_len);
+  for (int64_t b = 0; b < b_len; ++b) {
+    if (index_dim_ && pos[b] + 1 > index_topk_) {
+      keys[b] = pick(h.data() + b * d, q_low.data() + b * q_rank_,
+                     caches[2].data_ptr<float>() + b * capacity * index_dim_, pos[b], cp + b * rope_, sp + b * rope_);
+    } else {
+      keys[b].resize(pos[b] + 1);
+      std::iota(keys[b].begin(), keys[b].end(), 0);
+    }
+  }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < b_len * heads_; ++task) {
+    const int64_t b = task / heads_, hh = task % heads_;
+    attend_head(q.data() + (b * heads_ + hh) * qk, hh, caches[0].data_ptr<float>() + b * capacity * latent_,
+                caches[1].data_ptr<float>() + b * capacity * rope_, keys[b], pos[b], cp + b * rope_, sp + b * rope_,
+                out.data() + b * heads_ * v_);
+  }
+  run_products({{o_w_.data_ptr<float>(), d, heads_ * v_, out.data(), heads_ * v_, b_len, projected.data(), d}},
+               threads);
+  at::Tensor y = at::empty_like(x);
+  float* yp = y.data_ptr<float>();
+  const float* ob = data_or_null(o_b_);
+  for (int64_t b = 0; b < b_len; ++b)
+    for (int64_t n = 0; n < d; ++n) yp[b * d + n] = xp[b * d + n] + projected[b * d + n] + (ob ? ob[n] : 0.f);
+  return y;
 }
