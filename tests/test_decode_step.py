@@ -226,6 +226,15 @@ VARIANTS = {
         expert_hidden=16,
         num_shared_experts=1,
     ),
+    # DeepSeek-V4's routed experts: sqrt-softplus scores with a selection bias, SwiGLU of clamped gate and up
+    "deepseek_v4": MoEConfig(
+        routing=RoutingSpec(
+            num_experts=8, top_k=3, score_func="sqrtsoftplus", selection_bias=True, normalize=True, scaling_factor=1.5
+        ),
+        expert_hidden=16,
+        layout=ExpertLayout(activation="limited_swiglu", swiglu_limit=0.4),
+        num_shared_experts=1,
+    ),
     # DeepSeek-V2's groups: softmax, top-4 within the best 3 of 8 groups by their best expert
     "groups_max": MoEConfig(
         routing=RoutingSpec(num_experts=16, top_k=4, n_group=8, topk_group=3, group_score="max"),

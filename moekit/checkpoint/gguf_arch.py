@@ -54,6 +54,9 @@ def _differences(cfg: ModelConfig, arch: GgufArch) -> list[str]:
         out.append("a router other than token choice with weights on the expert outputs")
     if a.clip_qkv is not None or a.nope_layers or a.temperature_tuning or a.chunk_size or a.partial_rotary != 1.0:
         out.append("attention with clip_qkv / NoPE layers / temperature tuning / chunks / partial rotary")
+    own_heads = a.sliding_kv_heads is not None or (a.kind == "gqa" and a.v_head_dim) or a.value_scale != 1.0
+    if a.index_topk or a.query_scale_beta or own_heads:
+        out.append("sparse attention / position-scaled queries / value heads or KV heads of their own")
     if cfg.rope_scaling is not None and cfg.rope_scaling.type not in ("linear", "yarn"):
         out.append(f"rope scaling {cfg.rope_scaling.type} (linear or yarn)")
     if cfg.lm_head_bias:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from moekit._validate import check_choice, check_float, fail
 from moekit.kernels.swiglu import swiglu
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "limited_swiglu")
+CLAMPED = ("clamped_swiglu", "limited_swiglu")
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,9 @@ class ExpertLayout:
                   'interleaved' (gate0, up0, gate1, up1, ...: GPT-OSS).
     transposed    weights stored [E, in, out] instead of [E, out, in].
     bias          biases on both projections.
-    activation    silu (SwiGLU), gelu, gelu_tanh, relu, or clamped_swiglu (GPT-OSS: gate clamped above at limit, up
-                  clamped to +-limit, out = (up + 1) * gate * sigmoid(alpha * gate)).
+    activation    silu (SwiGLU), gelu, gelu_tanh, relu, clamped_swiglu (GPT-OSS: gate clamped above at limit, up
+                  clamped to +-limit, out = (up + 1) * gate * sigmoid(alpha * gate)) or limited_swiglu (DeepSeek-V4:
+                  the same clamps, out = silu(gate) * up).
     """
 
     gated: bool = True
@@ -36,8 +38,8 @@ class ExpertLayout:
     def __post_init__(self) -> None:
         check_choice("gate_up", self.gate_up, ("concatenated", "interleaved"))
         check_choice("activation", self.activation, ACTIVATIONS)
-        if self.activation == "clamped_swiglu" and not self.gated:
-            fail("activation", self.activation, "a gated layout (gated=True) for clamped_swiglu")
+        if self.activation in CLAMPED and not self.gated:
+            fail("activation", self.activation, f"a gated layout (gated=True) for {self.activation}")
         check_float("swiglu_alpha", self.swiglu_alpha, 0.0, lo_open=True)
         check_float("swiglu_limit", self.swiglu_limit, 0.0, lo_open=True)
 
@@ -45,6 +47,8 @@ class ExpertLayout:
         glu = {"silu": "SwiGLU", "gelu": "GeGLU", "gelu_tanh": "GeGLU(tanh)", "relu": "ReGLU"}
         if self.activation == "clamped_swiglu":
             name = f"clamped SwiGLU (alpha {self.swiglu_alpha}, limit {self.swiglu_limit})"
+        elif self.activation == "limited_swiglu":
+            name = f"SwiGLU limited to {self.swiglu_limit}"
         else:
             name = glu[self.activation] if self.gated else f"{self.activation} MLP"
         extras = [self.gate_up] if self.gated else []
@@ -78,9 +82,11 @@ def apply_activation(h_SX: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-    """act(gate) * up, or GPT-OSS's clamped form."""
-    if layout.activation == "clamped_swiglu":
+    """act(gate) * up, or GPT-OSS's clamped form, or DeepSeek-V4's limited SwiGLU."""
+    if layout.activation in CLAMPED:
         gate = gate.clamp(max=layout.swiglu_limit)
         up = up.clamp(-layout.swiglu_limit, layout.swiglu_limit)
+        if layout.activation == "limited_swiglu":
+            return F.silu(gate) * up
         return (up + 1) * gate * torch.sigmoid(gate * layout.swiglu_alpha)
     return _act(gate, layout.activation) * up

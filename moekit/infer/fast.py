@@ -37,6 +37,7 @@ from moekit.quant.held import is_quantized
 from moekit.routing.router import TokenChoiceRouter
 
 _NONE = torch.empty(0)
+KERNEL_SCORES = ("softmax", "sigmoid", "sqrtsoftplus")  # the FFN step's score functions, in its numbering
 
 
 class _Installed:
@@ -363,8 +364,9 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
 
 
 def _block_covered(block: MoEBlock) -> bool:
-    """What the FFN step computes of an MoE block: token choice by softmax or sigmoid scores (before or after top-k,
-    selection bias, group-limited, renormalisation by the sum, scaling, weights on the input or output), dropless."""
+    """What the FFN step computes of an MoE block: token choice by softmax, sigmoid or sqrt-softplus scores (softmax
+    before or after top-k), selection bias, group-limited, renormalisation by the sum, scaling, weights on the input
+    or output, dropless."""
     spec = block.router.spec
     experts = block.experts
     stacks = _expert_stacks(experts)  # routed experts the kernels read: one stack, or one per format
@@ -374,7 +376,7 @@ def _block_covered(block: MoEBlock) -> bool:
     return (
         type(block.router) is TokenChoiceRouter
         and (shared is None or _linears_covered(shared.gate_proj, shared.up_proj, shared.down_proj))
-        and spec.score_func in ("softmax", "sigmoid")
+        and spec.score_func in KERNEL_SCORES
         and spec.normalize_p == 1.0
         and block.router.cfg.capacity_factor is None
         and not (block.shared_experts is not None and block.experts.layout.bias)
@@ -431,7 +433,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         "router_weight": _NONE,
         "router_bias": _NONE,
         "selection_bias": _NONE,
-        "sigmoid_scores": False,
+        "score_function": 0,
         "softmax_after_topk": False,
         "top_k": 0,
         "normalize": False,
@@ -462,7 +464,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
             router_weight=router.weight,
             router_bias=_or_none(router.bias),
             selection_bias=_or_none(router.selection_bias_E),
-            sigmoid_scores=spec.score_func == "sigmoid",
+            score_function=KERNEL_SCORES.index(spec.score_func),
             softmax_after_topk=spec.softmax_after_topk,
             top_k=spec.top_k,
             normalize=spec.normalize,

@@ -7,7 +7,8 @@ from typing import Literal
 
 from moekit._validate import check_choice, check_float, check_int, fail
 
-ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer"]
+ScoreFunc = Literal["softmax", "sigmoid", "sqrtsoftplus", "sparsemixer"]
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 GroupScore = Literal["max", "top2_sum"]
 
 
@@ -15,7 +16,8 @@ GroupScore = Literal["max", "top2_sum"]
 class RoutingSpec:
     """Token-choice routing math.
 
-    score_func        softmax or sigmoid of the router logits, or sparsemixer (Phi-3.5-MoE): the k experts are picked
+    score_func        softmax, sigmoid or sqrtsoftplus (DeepSeek-V4: sqrt(softplus(logit))) of the router logits, or
+                      sparsemixer (Phi-3.5-MoE): the k experts are picked
                       one after another by the largest remaining logit, each weighted by a softmax over the logits
                       within a relative distance 2·sparsemixer_eps of it (inference semantics; training uses the
                       same deterministic pick, not Phi's Gumbel sampling with its Heun-estimated gradient).
@@ -51,7 +53,7 @@ class RoutingSpec:
     def __post_init__(self) -> None:
         check_int("num_experts", self.num_experts, 1)
         check_int("top_k", self.top_k, 1, self.num_experts)
-        check_choice("score_func", self.score_func, ("softmax", "sigmoid", "sparsemixer"))
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_float("sparsemixer_eps", self.sparsemixer_eps, 0.0)
         if self.score_func == "sparsemixer" and (self.n_group > 1 or self.selection_bias or self.normalize):
             fail("score_func", self.score_func, "sparsemixer without groups, selection bias or renormalisation")

@@ -9,16 +9,19 @@ from moekit.routing.spec import RoutingSpec
 
 
 def scores_from_logits(logits_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
-    """The score function over all experts (softmax or sigmoid; sparsemixer balances on the softmax)."""
+    """The score function over all experts (softmax, sigmoid or sqrt(softplus); sparsemixer balances on the
+    softmax)."""
     if spec.score_func == "sigmoid":
         return torch.sigmoid(logits_TE)
+    if spec.score_func == "sqrtsoftplus":
+        return F.softplus(logits_TE).sqrt()
     return F.softmax(logits_TE, dim=-1)
 
 
 def routing_probs(scores_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """A distribution over experts per token (sums to 1), the P of the balancing losses. Sigmoid scores are
-    normalised by their sum, as DeepSeek-V3's sequence-wise loss does."""
-    if spec.score_func == "sigmoid":
+    normalised by their sum, as DeepSeek-V3's sequence-wise loss does (sqrt-softplus scores too)."""
+    if spec.score_func in ("sigmoid", "sqrtsoftplus"):
         return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     return scores_TE
 

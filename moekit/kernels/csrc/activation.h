@@ -7,7 +7,7 @@
 #include <immintrin.h>
 #endif
 
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kClampedSwiglu = 4 };
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kClampedSwiglu = 4, kLimitedSwiglu = 5 };
 
 inline float act(float g, int64_t kind) {
   switch (kind) {
@@ -50,7 +50,7 @@ inline void silu8(const float* g, const float* u, float* a) {
 }
 #endif
 
-// a[i] = act(gate) * up (or GPT-OSS's clamped form) from the f-wide gate/up pre-activations h: concatenated
+// a[i] = act(gate) * up (or GPT-OSS's clamped form, or DeepSeek-V4's limited SwiGLU) from the f-wide gate/up pre-activations h: concatenated
 // [gate..., up...] or interleaved [g0, u0, g1, u1, ...]; ungated: a[i] = act(h[i]).
 inline void activate(const float* h, float* a, int64_t f, bool gated, bool interleaved, int64_t kind, float alpha,
               float limit) {
@@ -69,6 +69,10 @@ inline void activate(const float* h, float* a, int64_t f, bool gated, bool inter
       g = std::min(g, limit);
       u = std::min(std::max(u, -limit), limit);
       a[i] = (u + 1.f) * (g / (1.f + std::exp(-alpha * g)));
+    } else if (kind == kLimitedSwiglu) {  // DeepSeek-V4: SwiGLU of the clamped gate and up
+      g = std::min(g, limit);
+      u = std::min(std::max(u, -limit), limit);
+      a[i] = g / (1.f + std::exp(-g)) * u;
     } else {
       a[i] = act(g, kind) * u;
     }

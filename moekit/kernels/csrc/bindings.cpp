@@ -56,12 +56,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &MlaDecode::forward, nogil)
       .def("rows", &MlaDecode::forward_rows, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
-      .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, bool, bool, int64_t, bool, double, double,
+      .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, int64_t, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor, QuantList, QuantList, at::Tensor, QuantList, int64_t,
                     int64_t, bool>(),
            py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("residual"), py::arg("router_weight"),
-           py::arg("router_bias"), py::arg("selection_bias"), py::arg("sigmoid_scores"), py::arg("softmax_after_topk"),
+           py::arg("router_bias"), py::arg("selection_bias"), py::arg("score_function"), py::arg("softmax_after_topk"),
            py::arg("top_k"), py::arg("normalize"), py::arg("normalize_eps"), py::arg("scaling_factor"),
            py::arg("apply_to_input"), py::arg("gate_up_weight"), py::arg("down_weight"), py::arg("gate_up_bias"),
            py::arg("down_bias"), py::arg("transposed"), py::arg("gated"), py::arg("interleaved"), py::arg("activation"),

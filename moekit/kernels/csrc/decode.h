@@ -110,13 +110,15 @@ class MlaDecode : public DecodeAttention {
   bool interleave_, index_interleave_;
 };
 
+enum ScoreFunction { kSoftmaxScores = 0, kSigmoidScores = 1, kSqrtSoftplusScores = 2 };
+
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
 // shared expert, combine; the routed experts fp32 or quantized) or, with no experts, a dense FFN: the shared-expert part alone (decode_moe.cpp); or for a
 // batch of tokens (ffn_tokens.cpp). Without a norm weight and the residual: ffn(x), the block alone.
 class FfnDecode {
  public:
   FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor router_w, at::Tensor router_b, at::Tensor selection_bias,
-            bool sigmoid_scores, bool softmax_after_topk, int64_t top_k, bool normalize, double normalize_eps,
+            int64_t score_function, bool softmax_after_topk, int64_t top_k, bool normalize, double normalize_eps,
             double scaling, bool apply_to_input, at::Tensor up_w, at::Tensor down_w, at::Tensor up_b,
             at::Tensor down_b, bool transposed, bool gated, bool interleaved, int64_t activation, double alpha,
             double limit, at::Tensor shared_gate_w, at::Tensor shared_up_w, at::Tensor shared_down_w,
@@ -150,9 +152,9 @@ class FfnDecode {
   std::vector<int64_t> place_;
   std::vector<std::shared_ptr<QuantWeights>> shared_q_;  // the shared / dense gate, up, down: quantized or null
   float eps_, normalize_eps_, scaling_, alpha_, limit_;
-  bool residual_, sigmoid_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_,
+  bool residual_, softmax_after_topk_, normalize_, apply_to_input_, transposed_, gated_, interleaved_,
       group_top2_;
-  int64_t activation_, x_rows_, f_, fs_, n_group_, topk_group_;
+  int64_t activation_, x_rows_, f_, fs_, n_group_, topk_group_, score_function_;
 };
 
 // A whole decoder step for one token: embedding row, every layer's attention and FFN blocks, final RMSNorm and the

@@ -10,7 +10,7 @@
 #include "decode.h"
 
 // Routing: logits = router_w @ h (+ router_b); softmax_after_topk: top-k on the logits, weights = softmax over the
-// k; else scores = softmax or sigmoid over all experts, top-k on scores + selection_bias, weights = the scores;
+// k; else scores = softmax, sigmoid or sqrt(softplus) (score_function 0, 1, 2) over all experts, top-k on scores + selection_bias, weights = the scores;
 // then optionally / (sum + normalize_eps), times scaling. apply_to_input scales each expert's input instead of
 // its output. n_group > 1: only experts of the topk_group best groups (scored by their best choice value, or with
 // group_top2 the sum of their best two) may be chosen (DeepSeek's group-limited routing).
@@ -19,7 +19,7 @@
 // Shared expert (empty tensors where none): gate [Fs, D], up [Fs, D], down [D, Fs], its sigmoid gate [1, D].
 // norm_w [D], or empty: no norm.
 FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor router_w, at::Tensor router_b,
-                     at::Tensor selection_bias, bool sigmoid_scores, bool softmax_after_topk, int64_t top_k,
+                     at::Tensor selection_bias, int64_t score_function, bool softmax_after_topk, int64_t top_k,
                      bool normalize, double normalize_eps, double scaling, bool apply_to_input, at::Tensor up_w,
                      at::Tensor down_w, at::Tensor up_b, at::Tensor down_b, bool transposed, bool gated,
                      bool interleaved, int64_t activation, double alpha, double limit, at::Tensor shared_gate_w,
@@ -35,13 +35,14 @@ FfnDecode::FfnDecode(at::Tensor norm_w, double eps, bool residual, at::Tensor ro
       shared_down_w_(shared_down_w), shared_sigmoid_w_(shared_sigmoid_w), up_q_(up_quant), down_q_(down_quant), shared_q_(shared_quant), eps_(static_cast<float>(eps)),
       normalize_eps_(static_cast<float>(normalize_eps)), scaling_(static_cast<float>(scaling)),
       alpha_(static_cast<float>(alpha)), limit_(static_cast<float>(limit)), residual_(residual),
-      sigmoid_(sigmoid_scores), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
+      score_function_(score_function), softmax_after_topk_(softmax_after_topk), normalize_(normalize), apply_to_input_(apply_to_input),
       transposed_(transposed), gated_(gated), interleaved_(interleaved), group_top2_(group_top2),
       activation_(activation), n_group_(n_group), topk_group_(topk_group) {
   for (const at::Tensor* t : {&norm_w, &router_w, &router_b, &selection_bias, &up_w, &down_w, &up_b, &down_b,
                               &shared_gate_w, &shared_up_w, &shared_down_w, &shared_sigmoid_w})
     if (t->numel()) check_fp32(*t, "moe_decode input");
   TORCH_CHECK(norm_w.is_contiguous(), "moe_decode: norm");
+  TORCH_CHECK(0 <= score_function && score_function <= kSqrtSoftplusScores, "moe_decode: score_function");
   if (shared_q_.empty()) shared_q_.resize(3);
   TORCH_CHECK(shared_q_.size() == 3, "moe_decode: shared gate, up and down quantized weights (or none)");
   const auto& [sgq, suq, sdq] = std::tie(shared_q_[0], shared_q_[1], shared_q_[2]);
@@ -133,8 +134,10 @@ void FfnDecode::add_router_bias(float* logits, int64_t tokens) const {
 // The top-k choice and weights from one token's router logits (bias included).
 void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
   std::vector<float> scores(logits, logits + experts), choice(experts);
-  if (sigmoid_) {
+  if (score_function_ == kSigmoidScores) {
     for (float& s : scores) s = 1.f / (1.f + std::exp(-s));
+  } else if (score_function_ == kSqrtSoftplusScores) {  // softplus as torch computes it (linear above 20)
+    for (float& s : scores) s = std::sqrt(s > 20.f ? s : std::log1p(std::exp(s)));
   } else if (!softmax_after_topk_) {
     const float top = *std::max_element(scores.begin(), scores.end());
     float sum = 0.f;

@@ -1,0 +1,72 @@
+"""DeepSeek-V4's MoE parts against transformers' own modules on the same random weights: sqrt-softplus scores with a
+selection bias, renormalised and scaled, and the SwiGLU of clamped gate and up in the routed and shared experts
+(the modules, and the one-call FFN step)."""
+
+import pytest
+import torch
+
+from moekit.config.moe import MoEConfig
+from moekit.experts.layout import ExpertLayout
+from moekit.infer.fast import block_step
+from moekit.layers.moe import MoEBlock
+from moekit.routing.spec import RoutingSpec
+
+transformers = pytest.importorskip("transformers")
+
+
+def _v4_block(limit: float):
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
+
+    cfg = transformers.AutoConfig.for_model(
+        "deepseek_v4",
+        hidden_size=32,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        num_hidden_layers=4,
+        swiglu_limit=limit,
+        routed_scaling_factor=1.5,
+        vocab_size=64,
+    )
+    torch.manual_seed(0)
+    block = DeepseekV4SparseMoeBlock(cfg, layer_idx=3).eval()  # past the hash-routed layers
+    with torch.no_grad():
+        for p in [*block.parameters(), *block.buffers()]:
+            p.normal_(std=0.5)
+    return cfg, block
+
+
+@pytest.mark.parametrize("limit", [10.0, 0.5])  # the published limit, and one that clamps
+def test_routed_block_equals_transformers(limit):
+    cfg, theirs = _v4_block(limit)
+    spec = RoutingSpec(
+        num_experts=8,
+        top_k=3,
+        score_func="sqrtsoftplus",
+        selection_bias=True,
+        normalize=True,
+        normalize_eps=1e-20,
+        scaling_factor=1.5,
+        router_dtype="model",
+    )
+    moe = MoEConfig(
+        routing=spec,
+        expert_hidden=16,
+        layout=ExpertLayout(activation="limited_swiglu", swiglu_limit=limit),
+        num_shared_experts=1,
+    )
+    ours = MoEBlock(32, moe).eval()
+    with torch.no_grad():
+        ours.router.weight.copy_(theirs.gate.weight)
+        ours.router.selection_bias_E.copy_(theirs.gate.e_score_correction_bias)
+        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
+        ours.experts.down_proj.copy_(theirs.experts.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_experts, name).weight.copy_(getattr(theirs.shared_experts, name).weight)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = theirs(x)
+        got, _ = ours(x)
+        fused, _ = block_step(ours)(x.view(-1, 32))
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert float((fused.view_as(ref) - ref).norm() / ref.norm()) < 1e-5
