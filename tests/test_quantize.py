@@ -114,6 +114,17 @@ def test_quantize_shrinks_what_it_should_and_reports_it(tmp_path, capsys):
     assert stored["bytes"] == sum(r["bytes_after"] for r in report.values())
 
 
+def test_a_wrappers_language_model_is_quantized(tmp_path):
+    """Kimi K2.5's files: the language model is what moekit quantizes and writes (DeepSeek-V3's names), never a
+    silent copy of the wrapper's unmatched names."""
+    hf_tiny_model("kimi_k25", tmp_path / "hf")
+    report = quantize_checkpoint(tmp_path / "hf", tmp_path / "q", "experts=q4,rest=q8")
+    assert report["experts"]["tensors"] and report["attention"]["tensors"]
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    model = moekit.from_pretrained(tmp_path / "q")
+    assert any(isinstance(m, QuantizedExperts) for m in model.modules())
+
+
 @pytest.mark.parametrize(
     "weights, message",
     [

@@ -23,11 +23,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, fsync_path, weight_map
-from moekit.checkpoint.hf_checkpoint import checkpoint_tensors, load_pretrained
+from moekit.checkpoint.files import INDEX, SINGLE, checkpoint_dir, fsync_path
+from moekit.checkpoint.hf_checkpoint import checkpoint_tensors, load_pretrained, open_checkpoint
 from moekit.checkpoint.keymap import KeyMap
 from moekit.checkpoint.quantized import Scheme, quantization_config
-from moekit.config.published import load_hf_config
 from moekit.experts.weights import ExpertWeights
 from moekit.families import model_from_hf, tensor_names
 from moekit.model.meta import meta_model
@@ -96,12 +95,10 @@ def quantize_checkpoint(
     source = checkpoint_dir(source)
     if Path(out).exists():  # before any calibration: nothing is overwritten
         raise ValueError(f"{out}: exists: allowed a new directory (nothing is overwritten)")
-    hf = load_hf_config(source)
+    hf, files, shards, _ = open_checkpoint(source)  # a multimodal wrapper: its language model
     if "quantization_config" in hf:
         method = (hf["quantization_config"] or {}).get("quant_method")
         raise ValueError(f"{source}: already quantized (quant_method {method!r}): allowed a float checkpoint")
-    files = weight_map(source)
-    shards = Shards(files)
     names = {n: (shards.shape(n), shards.dtype(n)) for n in files}
 
     def quantized(name: str, fmt: Format, shape: tuple[int, ...], transposed: bool) -> Parts:
