@@ -151,6 +151,31 @@ EXTRA["mimo_v2_flash"] = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.334},
     },
 }
+# DeepSeek-V4: every attention kind (windows of 4, CSA entries per 2 tokens with a 16-head indexer keeping 2, HCA per
+# 4), a token-table layer, two hyper-connected streams, a limit the clamped SwiGLU reaches
+EXTRA["deepseek_v4"] = {
+    "head_dim": 16,
+    "partial_rotary_factor": 0.5,
+    "num_key_value_heads": 1,
+    "q_lora_rank": 12,
+    "o_groups": 2,
+    "o_lora_rank": 8,
+    "index_n_heads": 16,
+    "index_head_dim": 8,
+    "index_topk": 2,
+    "sliding_window": 4,
+    "compress_rates": {"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+    "hc_mult": 2,
+    "swiglu_limit": 0.5,
+    "routed_scaling_factor": 1.5,
+    "layer_types": [
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
+}
 EXTRA["minimax_m2"] = {"rotary_dim": 4}
 EXTRA["dots1"] = {
     "n_shared_experts": 1,
@@ -243,10 +268,13 @@ def hf_tiny_model(family: str, directory, **overrides):
     hf = hf_build(family, tiny_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name or "sinks" in name or "bias" in name:
-                p.normal_(std=0.3).add_(1.0 if "norm" in name and "bias" not in name else 0.0)
+            ones = ("norm" in name and "bias" not in name) or name.endswith("scale")  # init 1 (V4's hyper scales)
+            if "norm" in name or "sinks" in name or "bias" in name or name.endswith(("base", "scale")):
+                p.normal_(std=0.3).add_(1.0 if ones else 0.0)
         for name, b in hf.named_buffers():
             if "e_score_correction_bias" in name:
                 b.normal_(std=0.3)
+            if "tid2eid" in name:  # DeepSeek-V4's token-to-experts table: distinct experts per token
+                b.copy_(torch.rand(b.shape[0], hf.config.n_routed_experts).argsort(-1)[:, : b.shape[1]])
     hf.save_pretrained(directory, max_shard_size="60KB" if family in SHARDED else "5GB")
     return hf

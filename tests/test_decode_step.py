@@ -46,6 +46,7 @@ FUSED = {
     "glm_moe_dsa": {"attention", "ffn"},  # a layer sharing its predecessor's pick (both: the modules)
     "mistral4": {"chain"},  # MLA with position-scaled queries, softmax in top-2-sum groups
     "mimo_v2_flash": {"ffn"},  # narrow scaled values, sinks on sliding layers, two rope thetas: the modules
+    "deepseek_v4": set(),  # hyper-connected blocks, compressed attention: the modules (MoE over a batch: one call)
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
 }

@@ -48,11 +48,13 @@ PUBLISHED = [
     ("deepseek-v3.2", "37", "active_without_input_embedding_truncated"),
     ("glm-5", "744", "total"),
     ("glm-5", "40", "active_without_embeddings"),
+    ("deepseek-v4-flash", "284", "total"),
+    ("deepseek-v4-flash", "13", "active_without_input_embedding"),
 ]
 # ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
 # published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
 TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97), ("mimo-v2-flash", 308.78)]
-TRANSFORMERS_COUNTS += [("deepseek-v3.2", 671.88), ("glm-5", 743.91)]
+TRANSFORMERS_COUNTS += [("deepseek-v3.2", 671.88), ("glm-5", 743.91), ("deepseek-v4-flash", 284.33)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)
@@ -80,6 +82,14 @@ def test_sliding_layers_keep_their_window():
     """MiMo-V2-Flash at 4096 tokens: its 39 sliding layers keep 129 tokens (the query and 128 before it)."""
     kv = plan("mimo-v2-flash", hardware="h200", gpus=8, context=4096)["kv_cache"]
     assert kv["bytes_per_sequence"] == (9 * 4 * 320 * 4096 + 39 * 8 * 320 * 129) * 2
+
+
+def test_compressed_cache_grows_by_its_entries():
+    """DeepSeek-V4-Flash at 65,536 tokens: every layer keeps 128 window rows of 512; its 21 CSA layers one 512-wide
+    entry and one 128-wide indexer key per 4 tokens, its 20 HCA layers one entry per 128 tokens (bf16)."""
+    kv = plan("deepseek-v4-flash", hardware="h200", gpus=8, context=65536)["kv_cache"]
+    expected = 43 * 128 * 512 + 21 * (512 + 128) * (65536 // 4) + 20 * 512 * (65536 // 128)
+    assert kv["bytes_per_sequence"] == expected * 2
 
 
 def test_qwen_non_embedding_figure_is_truncated():

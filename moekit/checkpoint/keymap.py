@@ -24,7 +24,7 @@ class KeyMap:
     def __init__(self, cfg: ModelConfig, names: TensorNames):
         self.num_layers, self.mtp_layers = cfg.num_layers, cfg.mtp_layers
         self.rules = list(names.renames)
-        self.prefix, self.fused, self.experts = names.prefix, names.fused, names.experts
+        self.prefix, self.fused, self.experts, self.head = names.prefix, names.fused, names.experts, names.head
         container = names.experts.container
         if container != "mlp":  # Mixtral's files name the MoE block block_sparse_moe
             self.rules = [(f".{container}.gate.", ".mlp.gate."), *self.rules]
@@ -32,8 +32,8 @@ class KeyMap:
     def to_moekit(self, hf_name: str) -> str | None:
         """The moekit name of a checkpoint tensor; None for tensors moekit keeps once elsewhere (MTP copies of the
         embedding and head)."""
-        if hf_name.startswith("lm_head."):
-            return hf_name
+        if hf_name.startswith(self.head):
+            return "lm_head." + hf_name.removeprefix(self.head)
         name = hf_name.removeprefix(self.prefix)
         m = re.match(r"layers\.(\d+)\.(.*)", name)
         if m and int(m[1]) >= self.num_layers:
@@ -49,7 +49,7 @@ class KeyMap:
     def to_hf(self, name: str) -> str:
         """The checkpoint name of a moekit tensor (the inverse of to_moekit)."""
         if name.startswith("lm_head."):
-            return name
+            return self.head + name.removeprefix("lm_head.")
         m = re.match(r"mtp\.(\d+)\.(.*)", name)
         if m:
             j, rest = int(m[1]), m[2]

@@ -76,6 +76,7 @@ class TensorNames:
 
     renames: tuple[tuple[str, str], ...] = ROUTER
     prefix: str = "model."
+    head: str = "lm_head."  # the output head's checkpoint prefix (DeepSeek-V4's files: head.)
     fused: tuple[Fused, ...] = ()
     experts: ExpertKeys = PER_EXPERT
 

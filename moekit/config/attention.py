@@ -7,9 +7,9 @@ from typing import Literal
 
 from moekit._validate import check_choice, check_float, check_int, fail
 
-ATTENTION_KINDS = ("gqa", "mla")
+ATTENTION_KINDS = ("gqa", "mla", "compressed")
 QK_NORMS = ("none", "head", "full", "l2")
-LAYER_TYPES = ("full", "sliding", "chunked")
+LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
@@ -85,8 +85,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """kind            gqa (grouped-query; MHA when kv heads = heads) or mla (DeepSeek's multi-head latent attention:
-                    the cache holds one kv_lora_rank latent plus one shared qk_rope_head_dim key per token).
+    """kind            gqa (grouped-query; MHA when kv heads = heads), mla (DeepSeek's multi-head latent attention:
+                    the cache holds one kv_lora_rank latent plus one shared qk_rope_head_dim key per token) or
+                    compressed (DeepSeek-V4: one K = V head over a sliding window with sinks, plus, on compressed
+                    layers, one entry per compress_rate tokens picked by an indexer, and on heavily compressed
+                    layers one per heavy_compress_rate tokens; q-LoRA; output projected in o_groups groups of
+                    o_lora_rank; rope on the last partial_rotary of each head).
     qkv_bias, out_bias  biases of the q/k/v projections and of the output projection.
     qk_norm         none, head (RMSNorm per head: Qwen3), full (RMSNorm over the whole q / k projection: OLMoE),
                     l2 (weightless L2 norm after rope, on rope layers: Llama 4).
@@ -110,7 +114,7 @@ class AttentionConfig:
                     qk_rope_head_dim dimensions, interleaved where index_rope_interleave); 0: dense attention.
                     index_shared_layers reuse the previous indexer layer's pick (GLM-5)."""
 
-    kind: Literal["gqa", "mla"] = "gqa"
+    kind: Literal["gqa", "mla", "compressed"] = "gqa"
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: Literal["none", "head", "full", "l2"] = "none"
@@ -141,6 +145,10 @@ class AttentionConfig:
     index_head_dim: int = 0
     index_rope_interleave: bool = False
     index_shared_layers: tuple[int, ...] = ()
+    compress_rate: int = 4
+    heavy_compress_rate: int = 128
+    o_groups: int = 0
+    o_lora_rank: int = 0
 
     def __post_init__(self) -> None:
         check_choice("attention.kind", self.kind, ATTENTION_KINDS)
@@ -177,10 +185,21 @@ class AttentionConfig:
             if self.sinks or self.qk_norm != "none":
                 fail("attention.kind", "mla", "gqa when sinks or qk_norm are set")
         object.__setattr__(self, "index_shared_layers", tuple(sorted(set(self.index_shared_layers))))
-        if self.index_topk:
+        if self.kind == "compressed":
+            check_int("attention.q_lora_rank", self.q_lora_rank, 1)
+            check_int("attention.sliding_window", self.sliding_window, 1)
+            check_int("attention.o_groups", self.o_groups, 1)
+            check_int("attention.o_lora_rank", self.o_lora_rank, 1)
+            check_int("attention.compress_rate", self.compress_rate, 1)
+            check_int("attention.heavy_compress_rate", self.heavy_compress_rate, 1)
+            if "compressed" in (self.layer_types or ()):
+                check_int("attention.index_topk", self.index_topk, 1)
+                check_int("attention.index_heads", self.index_heads, 1)
+                check_int("attention.index_head_dim", self.index_head_dim, 2)
+        elif self.index_topk:
             check_int("attention.index_topk", self.index_topk, 1)
             if self.kind != "mla" or self.q_lora_rank is None:
-                fail("attention.index_topk", self.index_topk, "0 unless kind is mla with a q_lora_rank")
+                fail("attention.index_topk", self.index_topk, "0 unless kind is mla with a q_lora_rank, or compressed")
             check_int("attention.index_heads", self.index_heads, 1)
             check_int("attention.index_head_dim", self.index_head_dim, self.qk_rope_head_dim)
             if self.index_shared_layers and self.index_shared_layers[0] == 0:
@@ -209,6 +228,14 @@ class AttentionConfig:
                     f", sparse: top {self.index_topk} keys by a {self.index_heads}-head indexer"
                     f" ({self.index_head_dim}-wide keys{shared})"
                 )
+        elif self.kind == "compressed":
+            kinds = self.layer_types or ()
+            text = (
+                f"one K=V head over a {self.sliding_window}-token window with sinks; {kinds.count('compressed')} "
+                f"layers add 1 entry per {self.compress_rate} tokens (top {self.index_topk} by a {self.index_heads}"
+                f"-head indexer), {kinds.count('heavily_compressed')} 1 per {self.heavy_compress_rate}; q rank "
+                f"{self.q_lora_rank}, output in {self.o_groups} groups of {self.o_lora_rank}"
+            )
         else:
             text = "GQA"
         extras = [f"qk-norm {self.qk_norm}"] if self.qk_norm != "none" else []

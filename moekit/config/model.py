@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moekit._validate import check_choice, check_float, check_int, fail
 from moekit.config.attention import AttentionConfig, RopeScaling
@@ -26,7 +26,9 @@ class ModelConfig:
     either a dense gated FFN (width dense_hidden) or an MoE block (moe) at the indices in moe_layers (None: every
     layer). mtp_layers: DeepSeek-V3's multi-token-prediction modules (each one extra decoder layer predicting one
     token further ahead); they are not used by the plain forward pass. norm: the layer norms (see NORMS);
-    lm_head_bias: a bias on the output head (Phi-3.5-MoE)."""
+    lm_head_bias: a bias on the output head (Phi-3.5-MoE). hyper_streams > 1: the residual is that many streams mixed
+    by hyper-connections (DeepSeek-V4; Sinkhorn iterations and eps); table_layers: MoE layers whose experts a
+    token-id table picks (DeepSeek-V4's first layers: moe.router becomes token_table there)."""
 
     hidden_size: int
     num_layers: int
@@ -47,6 +49,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_position: int = 4096
     init_std: float = 0.02
+    hyper_streams: int = 1
+    hyper_sinkhorn_iters: int = 20
+    hyper_eps: float = 1e-6
+    table_layers: tuple[int, ...] = ()
     family: str = "moekit"
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -88,6 +94,12 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             fail("attention", self.attention, "an AttentionConfig")
         self.attention.check_layers(self.num_layers)
+        check_int("hyper_streams", self.hyper_streams, 1)
+        check_int("hyper_sinkhorn_iters", self.hyper_sinkhorn_iters, 1)
+        object.__setattr__(self, "table_layers", tuple(sorted(set(self.table_layers))))
+        for i in self.table_layers:
+            if i not in self.moe_layers:
+                fail("table_layers[]", i, "MoE layers only")
         sliding_kv = self.attention.sliding_kv_heads
         if sliding_kv is not None and self.num_heads % sliding_kv:
             fail("attention.sliding_kv_heads", sliding_kv, f"a divisor of num_heads={self.num_heads}")
@@ -108,6 +120,16 @@ class ModelConfig:
     def value_dim(self) -> int:
         """The width of a value head (GQA): the head's, or attention.v_head_dim where it differs."""
         return self.attention.v_head_dim or self.head_dim
+
+    def layer_moe(self, i: int) -> MoEConfig | None:
+        """The MoE config of layer i (a token-table router on table_layers), None for a dense layer."""
+        if not self.is_moe_layer(i):
+            return None
+        if i in self.table_layers:  # the table picks: no selection bias to balance
+            routing = replace(self.moe.routing, selection_bias=False)
+            table = dict(router="token_table", table_vocab=self.vocab_size, bias_update_rate=0.0)
+            return replace(self.moe, routing=routing, **table)
+        return self.moe
 
     def is_moe_layer(self, i: int) -> bool:
         return i in self.moe_layers

@@ -9,7 +9,7 @@ from moekit._validate import check_choice, check_float, check_int, fail
 from moekit.experts.layout import ExpertLayout
 from moekit.routing.spec import RoutingSpec
 
-ROUTERS = ("token_choice", "expert_choice", "soft", "hash")
+ROUTERS = ("token_choice", "expert_choice", "soft", "hash", "token_table")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,9 @@ class MoEConfig:
     """One MoE layer. Fields for every router kind:
     routing            num_experts and top_k (hash: experts per token; expert choice: k of C = ceil(k*T*cf/E)), and
                        for token choice the whole routing math.
-    router             token_choice, expert_choice (each expert takes C tokens), soft (Soft MoE slots) or hash.
+    router             token_choice, expert_choice (each expert takes C tokens), soft (Soft MoE slots), hash, or
+                       token_table (DeepSeek-V4's hash layers: a [table_vocab, k] table of the token id picks the
+                       experts, the learned router weighs them by the spec's scores, renormalisation and scaling).
     expert_hidden      F, the hidden width of one routed expert.
     num_shared_experts, shared_hidden  always-on experts (hidden width shared_hidden, default
                        num_shared_experts * expert_hidden); shared_gate scales them by sigmoid(x·w) (Qwen2-MoE).
@@ -41,7 +43,7 @@ class MoEConfig:
 
     routing: RoutingSpec
     expert_hidden: int
-    router: Literal["token_choice", "expert_choice", "soft", "hash"] = "token_choice"
+    router: Literal["token_choice", "expert_choice", "soft", "hash", "token_table"] = "token_choice"
     layout: ExpertLayout = field(default_factory=ExpertLayout)
     router_bias: bool = False
     num_shared_experts: int = 0
@@ -57,6 +59,7 @@ class MoEConfig:
     slots_per_expert: int = 1
     backend: str = "auto"
     matmul: str = "auto"
+    table_vocab: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.routing, RoutingSpec):
@@ -77,8 +80,10 @@ class MoEConfig:
         check_int("slots_per_expert", self.slots_per_expert, 1)
         if self.bias_update_rate > 0 and not self.routing.selection_bias:
             fail("bias_update_rate", self.bias_update_rate, "0 unless routing.selection_bias=True")
-        if self.router != "token_choice" and self.routing.selection_bias:
+        if self.router not in ("token_choice", "token_table") and self.routing.selection_bias:
             fail("routing.selection_bias", True, "False for the expert_choice, soft and hash routers")
+        if self.router == "token_table":
+            check_int("table_vocab", self.table_vocab, 1)
         self._check_router_fields()
         from moekit.experts.backends import BACKENDS, MATMULS
 
@@ -92,10 +97,11 @@ class MoEConfig:
         token_choice_only = ("aux_loss_coef", "seq_aux_loss_coef", "bias_update_rate", "drop_policy")
         not_learned = ("router_bias", "jitter", "z_loss_coef", "capacity_factor", *token_choice_only)
         unread = {
-            "token_choice": ("slots_per_expert",),
-            "expert_choice": (*token_choice_only, "slots_per_expert"),
-            "soft": not_learned,
-            "hash": (*not_learned, "slots_per_expert"),
+            "token_choice": ("slots_per_expert", "table_vocab"),
+            "token_table": (*token_choice_only, "capacity_factor", "slots_per_expert"),
+            "expert_choice": (*token_choice_only, "slots_per_expert", "table_vocab"),
+            "soft": (*not_learned, "table_vocab"),
+            "hash": (*not_learned, "slots_per_expert", "table_vocab"),
         }[self.router]
         defaults = {f.name: f.default for f in fields(self)}
         for name in unread:
@@ -130,6 +136,9 @@ class MoEConfig:
             s = f"soft MoE: {self.num_experts} experts x {self.slots_per_expert} slots"
         elif self.router == "hash":
             s = f"hash routing to {self.top_k} of {self.num_experts} experts"
+        elif self.router == "token_table":
+            s = f"a token-id table picks {self.top_k} of {self.num_experts} experts"
+            s += f", weighted by {self.routing.score_func} scores"
         else:
             s = self.routing.describe()
             if self.capacity_factor is not None:

@@ -59,6 +59,17 @@ def scaled_down(
     keep.update(sliding_kv_heads=None, sliding_rope_theta=None)
     if a.kind == "gqa":
         keep.update(v_head_dim=0)
+    if a.kind == "compressed":  # DeepSeek-V4: every layer is windowed, its kind kept
+        keep.update(
+            layer_types=tuple(a.layer_type(i) for i in range(num_layers)),
+            sliding_window=a.sliding_window,
+            q_lora_rank=width(a.q_lora_rank),
+            o_groups=min(a.o_groups, num_heads),
+            o_lora_rank=width(a.o_lora_rank),
+            index_heads=min(a.index_heads, num_heads),
+            index_head_dim=max(2, head_dim // 2 // 2 * 2),
+            partial_rotary=max(2, int(head_dim * a.partial_rotary) // 2 * 2) / head_dim,
+        )
     if a.kind == "mla":
         rope = max(2, head_dim // 2 // 2 * 2)
         keep.update(
@@ -85,6 +96,8 @@ def scaled_down(
         attention=attention,
         rope_theta=full.rope_theta,
         norm_eps=full.norm_eps,
+        hyper_streams=full.hyper_streams,
+        table_layers=tuple(i for i in full.table_layers if i in moe_layers),
         family=full.family,
         name=f"{Path(str(name_or_path)).stem} scaled to D={hidden_size}, {num_layers} layers (from {full.num_layers})",
     )

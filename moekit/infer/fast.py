@@ -63,7 +63,7 @@ def prepare_inference(model: nn.Module) -> dict:
         if isinstance(layer.mlp, MoEBlock) and prepare_block(layer.mlp):
             report["moe"].append(i)
         attention = attention_step(layer.input_layernorm, layer.self_attn)
-        ffn = ffn_step(layer.post_attention_layernorm, layer.mlp)
+        ffn = None if layer.hyper else ffn_step(layer.post_attention_layernorm, layer.mlp)  # its residual is no add
         steps.append((attention, ffn))
         if attention is not None or ffn is not None:
             layer.fused = _LayerSteps(attention, ffn)

@@ -3,6 +3,7 @@ weightless L2), clip_qkv, attention sinks, sliding-window and chunked layers, No
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,10 @@ class AttentionInputs:
     cache: KVCache | None = None
     sliding_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # sliding layers' own theta (MiMo-V2-Flash)
     sparse_pick: torch.Tensor | None = None  # the last DSA indexer's pick [B, T, S], for the layers sharing it
+    # DeepSeek-V4's compressors: each key slot's position in its row [B or 1, S] (-1: padding, or past the row's
+    # tokens), and the rotary cos/sin at any positions [1, W]
+    key_positions_BS: torch.Tensor | None = None
+    rope_at: Callable | None = None
 
     def rope_of(self, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos/sin a layer of this type uses."""

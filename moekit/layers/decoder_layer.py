@@ -7,15 +7,20 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.layers.attention import Attention, AttentionInputs
+from moekit.layers.compressed import CompressedAttention
 from moekit.layers.ffn import FeedForward, dense_layout
+from moekit.layers.hyper import HyperConnection
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
 
+ATTENTION = {"gqa": Attention, "mla": LatentAttention, "compressed": CompressedAttention}
+
 
 class DecoderLayer(nn.Module):
     """fused: None, or the layer's faster steps installed from outside (moekit.infer.fast.prepare_inference): an
-    object whose attention(x, inputs) and ffn(x) each return the block's result, or None where they do not apply."""
+    object whose attention(x, inputs) and ffn(x) each return the block's result, or None where they do not apply.
+    With hyper-connections (cfg.hyper_streams > 1) the layer takes and returns the streams [B, T, n, D]."""
 
     fused = None
 
@@ -23,10 +28,14 @@ class DecoderLayer(nn.Module):
         """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = (LatentAttention if cfg.attention.kind == "mla" else Attention)(cfg, index)
+        self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.hyper = cfg.hyper_streams > 1
+        if self.hyper:
+            hc = (cfg.hidden_size, cfg.hyper_streams, cfg.hyper_sinkhorn_iters, cfg.hyper_eps, cfg.norm_eps)
+            self.attn_hc, self.ffn_hc = HyperConnection(*hc), HyperConnection(*hc)
         if cfg.is_moe_layer(index) if moe is None else moe:
-            self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.moe)
+            self.mlp: nn.Module = MoEBlock(cfg.hidden_size, cfg.layer_moe(index) or cfg.moe)
         else:
             layout = dense_layout(cfg.moe.layout) if cfg.moe else None
             self.mlp = FeedForward(cfg.hidden_size, cfg.dense_hidden, layout)
@@ -34,6 +43,8 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x_BTD: torch.Tensor, inputs: AttentionInputs, token_ids_BT: torch.Tensor, token_mask_BT
     ) -> tuple[torch.Tensor, MoEInfo | None]:
+        if self.hyper:
+            return self._streams(x_BTD, inputs, token_ids_BT, token_mask_BT)
         fused = self.fused
         attended_BTD = fused.attention(x_BTD, inputs) if fused is not None else None
         if attended_BTD is None:
@@ -47,3 +58,16 @@ class DecoderLayer(nn.Module):
             return attended_BTD + self.mlp(h_BTD), None
         y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
         return attended_BTD + y_BTD, info
+
+    def _streams(self, x_BTnD, inputs: AttentionInputs, token_ids_BT, token_mask_BT):
+        """The block pair over hyper-connected streams: each block reads its connection's collapse of them, its
+        output is spread back and the streams mixed (no plain residual: the fused steps never apply)."""
+        post, comb, collapsed_BTD = self.attn_hc(x_BTnD)
+        x_BTnD = HyperConnection.mix(x_BTnD, self.self_attn(self.input_layernorm(collapsed_BTD), inputs), post, comb)
+        post, comb, collapsed_BTD = self.ffn_hc(x_BTnD)
+        h_BTD = self.post_attention_layernorm(collapsed_BTD)
+        if isinstance(self.mlp, MoEBlock):
+            y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
+        else:
+            y_BTD, info = self.mlp(h_BTD), None
+        return HyperConnection.mix(x_BTnD, y_BTD, post, comb), info

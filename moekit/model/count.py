@@ -13,10 +13,21 @@ from __future__ import annotations
 from torch import nn
 
 from moekit.layers.ffn import FeedForward
+from moekit.layers.hyper import HyperConnection, HyperHead
 from moekit.layers.moe import MoEBlock
 from moekit.layers.norm import RMSNorm
 
-PARTS = ("embedding", "output_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "routers", "norms")
+PARTS = (
+    "embedding",
+    "output_head",
+    "attention",
+    "dense_ffn",
+    "routed_experts",
+    "shared_experts",
+    "routers",
+    "norms",
+    "hyper_connections",
+)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -47,7 +58,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             counts["shared_experts"] += take(module.shared_expert_gate.parameters()) if module.shared_expert_gate else 0
             counts["routers"] += take(module.router.parameters())
     for name, module in model.named_modules():
-        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+        if isinstance(module, (HyperConnection, HyperHead)):  # DeepSeek-V4's stream mixing
+            counts["hyper_connections"] += take(module.parameters())
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             counts["norms"] += take(module.parameters())
         elif isinstance(module, FeedForward):
             counts["dense_ffn"] += take(module.parameters())

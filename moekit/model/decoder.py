@@ -13,6 +13,7 @@ from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
 from moekit.layers.attention import AttentionInputs, causal_mask
 from moekit.layers.decoder_layer import DecoderLayer
+from moekit.layers.hyper import HyperHead
 from moekit.layers.linear import Linear
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
@@ -57,6 +58,8 @@ class MoEDecoder(nn.Module):
         sliding_theta = cfg.attention.sliding_rope_theta  # sliding layers' own plain rope (MiMo-V2-Flash)
         self.rotary_sliding = RotaryEmbedding(cfg.rope_dim, sliding_theta) if sliding_theta is not None else None
         self.mtp = nn.ModuleList(MultiTokenPrediction(cfg, j) for j in range(cfg.mtp_layers))
+        streams = cfg.hyper_streams  # hyper-connections: the streams' last collapse before the final norm
+        self.hc_head = HyperHead(cfg.hidden_size, streams, cfg.hyper_eps, cfg.norm_eps) if streams > 1 else None
         if not self.embed_tokens.weight.is_meta:  # a meta model (counting, loading) has nothing to initialise
             huge_pages.rehome(self)
             self.reset_parameters()
@@ -104,6 +107,8 @@ class MoEDecoder(nn.Module):
         are the last num_queries keys."""
         a, device = self.config.attention, positions_BT.device
         kinds = set(a.layer_types or ()) | {"full"}
+        if a.kind == "compressed":  # every layer attends over a sliding window (and its compressed entries)
+            kinds = (kinds - {"compressed", "heavily_compressed"}) | {"sliding"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
         # plain causal (training, an uncached prompt, a decode step): no mask, attention takes SDPA's own path
         plain = attention_mask is None and query_keys_BT is None and num_queries in (1, num_keys)
@@ -115,7 +120,11 @@ class MoEDecoder(nn.Module):
         }
         rope = self.rotary(positions_BT, dtype, per_row=query_keys_BT is not None)
         sliding = self.rotary_sliding(positions_BT, dtype) if self.rotary_sliding is not None else None
-        return AttentionInputs(rope, masks, positions_BT, cache, sliding)
+        inputs = AttentionInputs(rope, masks, positions_BT, cache, sliding)
+        if a.kind == "compressed":
+            inputs.rope_at = lambda pos_1W: self.rotary(pos_1W, dtype)
+            inputs.key_positions_BS = _key_positions(attention_mask, query_keys_BT, num_keys, device)
+        return inputs
 
     def routers(self) -> list[nn.Module]:
         return [block.router for block in self.moe_blocks().values()]
@@ -222,6 +231,8 @@ class MoEDecoder(nn.Module):
         else:
             positions_BT = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
+        if self.hc_head is not None:  # hyper-connections: the residual as n streams
+            x_BTD = x_BTD.unsqueeze(2).expand(-1, -1, self.config.hyper_streams, -1).contiguous()
         ragged = cache is not None and cache.ragged
         inputs = self.attention_inputs(
             positions_BT, attention_mask, t, past + t, x_BTD.dtype, cache, positions_BT if ragged else None
@@ -233,6 +244,8 @@ class MoEDecoder(nn.Module):
                 infos[i] = info
         if cache is not None:
             cache.advance(t)
+        if self.hc_head is not None:
+            x_BTD = self.hc_head(x_BTD)
         return x_BTD, infos, positions_BT, token_mask_BT
 
     def _mtp(self, h_BTD, input_ids, positions_BT, token_mask_BT, infos: dict) -> list[torch.Tensor]:
@@ -249,3 +262,15 @@ class MoEDecoder(nn.Module):
                 infos[self.config.num_layers + j] = info
             out.append(self.head(h_BTD, j))
         return out
+
+
+def _key_positions(attention_mask_BS, query_keys_BT, num_keys: int, device) -> torch.Tensor:
+    """Each key slot's position in its row [B or 1, S]: -1 for padding, and for a ragged cache's slots past the
+    row's last query."""
+    if attention_mask_BS is not None:
+        mask = attention_mask_BS.long()
+        return torch.where(mask.bool(), mask.cumsum(-1) - 1, -1)
+    keys_1S = torch.arange(num_keys, device=device)[None]
+    if query_keys_BT is None:
+        return keys_1S
+    return torch.where(keys_1S <= query_keys_BT.max(-1, keepdim=True).values, keys_1S, -1)

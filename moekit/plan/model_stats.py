@@ -19,14 +19,17 @@ class MoELayerShape:
 
 @dataclass(frozen=True)
 class KVLayer:
-    """Cache elements one token adds to one layer, and how many tokens the layer keeps (None: all)."""
+    """One cache of one layer: the elements of an entry, one entry per `every` tokens (DeepSeek-V4's compressed
+    entries; else every token), and how many entries it keeps (window; None: all)."""
 
     elements_per_token: int
     window: int | None
+    every: int = 1
 
     def kept(self, context: int) -> int:
-        """Tokens this layer holds (and attends to) at `context` tokens."""
-        return context if self.window is None else min(context, self.window)
+        """Entries this cache holds (and attention reads) at `context` tokens."""
+        entries = context // self.every
+        return entries if self.window is None else min(entries, self.window)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ModelStats:
 
     def kv_bytes_per_token(self, kv_bytes: float) -> float:
         """Bytes one more token adds to the cache when every layer still keeps it (windows not yet full)."""
-        return sum(layer.elements_per_token for layer in self.kv_layers) * kv_bytes
+        return sum(layer.elements_per_token / layer.every for layer in self.kv_layers) * kv_bytes
 
     def kv_bytes_per_sequence(self, context: int, kv_bytes: float) -> float:
         """Cache bytes of one sequence at `context` tokens: windowed layers keep at most their window."""
@@ -67,9 +70,26 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
         indexed = [bool(a.index_topk) and i not in a.index_shared_layers for i in range(cfg.num_layers)]
         per_token = [a.kv_lora_rank + a.qk_rope_head_dim + a.index_head_dim * k for k in indexed]  # DSA: its keys
         flops_per_key = 2 * cfg.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    elif a.kind == "compressed":  # one K = V head over the window, plus the compressed entries (and their index)
+        return ModelStats(cfg, params, moe, _compressed_cache(cfg), 2 * cfg.num_heads * 2 * cfg.head_dim)
     else:
         per_token = [cfg.kv_heads(i) * (cfg.head_dim + cfg.value_dim) for i in range(cfg.num_layers)]
         flops_per_key = 2 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)
     windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
     kv = tuple(KVLayer(per_token[i], windows[a.layer_type(i)]) for i in range(cfg.num_layers))
     return ModelStats(cfg, params, moe, kv, flops_per_key)
+
+
+def _compressed_cache(cfg: ModelConfig) -> tuple[KVLayer, ...]:
+    """DeepSeek-V4's cache per layer: the window's K = V rows, and on compressed layers one head_dim entry plus one
+    index_head_dim indexer key per compress_rate tokens, on heavily compressed ones one entry per
+    heavy_compress_rate tokens (the unfinished window's few rows left out)."""
+    a, out = cfg.attention, []
+    for i in range(cfg.num_layers):
+        out.append(KVLayer(cfg.head_dim, a.sliding_window))
+        kind = a.layer_type(i)
+        if kind == "compressed":
+            out.append(KVLayer(cfg.head_dim + a.index_head_dim, None, a.compress_rate))
+        elif kind == "heavily_compressed":
+            out.append(KVLayer(cfg.head_dim, None, a.heavy_compress_rate))
+    return tuple(out)

@@ -16,7 +16,7 @@ from moekit.routing.expert_choice import expert_choice_route
 from moekit.routing.hash import hash_route
 from moekit.routing.plan import RoutingPlan
 from moekit.routing.soft import SoftPlan, soft_route
-from moekit.routing.topk import topk_route
+from moekit.routing.topk import routing_probs, scores_from_logits, topk_route
 
 
 def _check_input(x_TD: torch.Tensor, hidden_size: int) -> None:
@@ -100,6 +100,29 @@ class HashRouter(nn.Module):
         return hash_route(token_ids_T.reshape(-1), self.cfg.num_experts, self.cfg.top_k)
 
 
+class TokenTableRouter(TokenChoiceRouter):
+    """DeepSeek-V4's hash layers: table_VK [vocab, k] (a buffer, loaded with the checkpoint) picks each token's
+    experts by its id; the learned weight scores them as the spec says (scores, renormalisation, scaling)."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__(hidden_size, cfg)
+        self.register_buffer("table_VK", torch.zeros(cfg.table_vocab, cfg.top_k, dtype=torch.long))
+
+    def forward(self, x_TD, token_ids_T=None, token_mask_T=None):
+        if token_ids_T is None:
+            raise ValueError("token_ids=None is invalid for router='token_table': allowed the input token ids")
+        _check_input(x_TD, self.hidden_size)
+        logits_TE = _check_logits(self.logits(x_TD))
+        scores_TE = scores_from_logits(logits_TE, self.spec)
+        ids_TK = self.table_VK[token_ids_T.reshape(-1)]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.spec.normalize:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + self.spec.normalize_eps)
+        weights_TK = (weights_TK * self.spec.scaling_factor).to(x_TD.dtype)
+        probs_TE = routing_probs(scores_TE, self.spec)
+        return RoutingPlan.from_topk(ids_TK, weights_TK, self.spec.num_experts, self.spec.apply_to, probs_TE, logits_TE)
+
+
 class SoftRouter(nn.Module):
     """Soft MoE slot parameters phi [E * slots_per_expert, D]."""
 
@@ -122,6 +145,7 @@ ROUTER_CLASSES = {
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftRouter,
     "hash": HashRouter,
+    "token_table": TokenTableRouter,
 }
 
 
