@@ -82,6 +82,30 @@ MODELS = {
             routed_scaling_factor=2.5,
         ),
     ),
+    "deepseek_v4": (
+        "deepseek-v4-like (8 layers, D=1024, 16 heads of 128 on one K=V head, window 128, CSA 1/4 with a 16-head "
+        "indexer keeping 64, HCA 1/128, 4 hyper streams, 64 experts top-6, 1 shared, F=384, 2 token-table layers)",
+        "deepseek_v4",
+        dict(
+            num_attention_heads=16,
+            num_key_value_heads=1,
+            head_dim=128,
+            partial_rotary_factor=0.25,
+            q_lora_rank=384,
+            o_groups=4,
+            o_lora_rank=256,
+            index_n_heads=16,
+            index_head_dim=64,
+            index_topk=64,
+            sliding_window=128,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=1,
+            moe_intermediate_size=384,
+            hc_mult=4,
+            num_hash_layers=2,
+        ),
+    ),
 }
 PROMPT, NEW, PREFILL = 16, 64, 512
 

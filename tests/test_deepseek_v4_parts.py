@@ -70,3 +70,34 @@ def test_routed_block_equals_transformers(limit):
         fused, _ = block_step(ours)(x.view(-1, 32))
     assert float((got - ref).norm() / ref.norm()) < 1e-5
     assert float((fused.view_as(ref) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_hyper_connection_equals_transformers_and_its_kernel():
+    """The hyper-connection weights (pre / post / Sinkhorn comb) and the head's collapse: moekit's modules against
+    transformers' on the same parameters, and moekit's one-call kernel against its PyTorch reference."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4HyperConnection,
+        DeepseekV4HyperHead,
+    )
+
+    from moekit.layers.hyper import HyperConnection, HyperHead
+
+    cfg = transformers.AutoConfig.for_model("deepseek_v4", hidden_size=32, hc_mult=4, num_hidden_layers=4)
+    torch.manual_seed(0)
+    theirs, head = DeepseekV4HyperConnection(cfg), DeepseekV4HyperHead(cfg)
+    ours = HyperConnection(32, 4, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+    our_head = HyperHead(32, 4, cfg.hc_eps, cfg.rms_norm_eps)
+    with torch.no_grad():
+        for p in [*theirs.parameters(), *head.parameters()]:
+            p.normal_(std=0.5)
+        ours.fn.copy_(theirs.fn), ours.base.copy_(theirs.base), ours.scale.copy_(theirs.scale)
+        our_head.hc_fn.copy_(head.hc_fn), our_head.hc_base.copy_(head.hc_base), our_head.hc_scale.copy_(head.hc_scale)
+    x = torch.randn(2, 5, 4, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+        fused = ours(x)  # the kernel
+        torch.testing.assert_close(our_head(x), head(x), rtol=1e-5, atol=1e-6)
+    reference = ours(x.requires_grad_())  # the PyTorch reference (gradients wanted)
+    for got in (fused, reference):
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)

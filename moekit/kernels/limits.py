@@ -29,6 +29,10 @@ WIDE_VECTORS = "avx512f" in _cpu_flags()
 # AVX-512 (2 threads, 1024-32000 x 1024-3072 weights), kernel time / torch time 0.16-0.64 at 8-16 rows, 0.36-0.95
 # at 32-64, 0.5-1.07 at 96 (torch's few-row products read weights at 5-15 GB/s where the machine reads 40-50).
 LINEAR_ROWS = 64
+# One-row products (decode) through the gemv kernel from this many bytes of weights: measured against F.linear
+# (2 threads, hot loop): 0.34x its time at 0.5 MiB, 0.34x at 1.5, 0.29x at 3; in a decode step, with the weights
+# cold from streaming others, torch's one-row product of a 3 MiB weight read at 10 GB/s.
+MIN_GEMV_BYTES = 64 * 2**10
 TILED_ROWS = 24 if WIDE_VECTORS else 192  # forward products (csrc/segment_gemm.cpp, the fused block over tokens)
 INPUT_MAJOR_ROWS = 12 if WIDE_VECTORS else 32  # input-major products and every expert's input gradient
 GRAD_WEIGHT_ROWS = 8 if WIDE_VECTORS else 192  # weight gradients (csrc/grad_weight.cpp)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.kernels.build import kernel_for
-from moekit.kernels.limits import GRAD_WEIGHT_ROWS, INPUT_MAJOR_ROWS, TILED_ROWS  # noqa: F401 (re-exported)
+from moekit.kernels.build import kernel_for, kernel_taking
+from moekit.kernels.limits import GRAD_WEIGHT_ROWS, INPUT_MAJOR_ROWS, MIN_GEMV_BYTES, TILED_ROWS  # noqa: F401
 
 
 def segment_gemm(
@@ -72,7 +72,8 @@ def gather_gemv(w_EOI: torch.Tensor, ids: list[int] | torch.Tensor, x_SI: torch.
     if x_SI.stride(-1) != 1:
         x_SI = x_SI.contiguous()
     y_SO = x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
-    kernel = kernel_for(_num_ids(ids) * w_EOI[0].numel() * w_EOI.element_size(), w_EOI, x_SI)
+    nbytes = _num_ids(ids) * w_EOI[0].numel() * w_EOI.element_size()
+    kernel = kernel_taking(w_EOI, x_SI) if nbytes >= MIN_GEMV_BYTES else None
     if kernel is not None and w_EOI.is_contiguous():
         ids_S = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
         kernel.gather_gemv(w_EOI, x_SI, ids_S.contiguous(), y_SO, torch.get_num_threads())
@@ -89,7 +90,8 @@ def linear_gemv(
     projections of one decode step share their input row). For inference: no autograd graph is recorded."""
     biases = biases if biases is not None else [None] * len(weights)
     x_K = x_K.contiguous()
-    kernel = kernel_for(sum(w.numel() for w in weights) * x_K.element_size(), *weights, x_K)
+    nbytes = sum(w.numel() for w in weights) * x_K.element_size()
+    kernel = kernel_taking(*weights, x_K) if nbytes >= MIN_GEMV_BYTES else None
     if kernel is None or not all(w.is_contiguous() for w in weights):  # small, not fp32 (autocast too), no kernel
         return [F.linear(x_K, w, b) for w, b in zip(weights, biases, strict=True)]
     ys = [x_K.new_empty(w.shape[0]) for w in weights]

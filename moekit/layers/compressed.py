@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from moekit.config.model import ModelConfig
+from moekit.kernels.products import gather_gemv
 from moekit.layers.attention import AttentionInputs, attend
 from moekit.layers.hyper import unweighted_rms_norm
-from moekit.layers.linear import Linear
+from moekit.layers.linear import Linear, project
 from moekit.layers.norm import RMSNorm
 
 
@@ -75,12 +76,13 @@ class CompressedIndexer(nn.Module):
         self.q_b_proj = Linear(a.q_lora_rank, self.heads * self.dim, bias=False)
         self.weights_proj = Linear(cfg.hidden_size, self.heads, bias=False)
 
-    def pick(self, x_BTD, q_low_BTQ, entries_BWd, rope, visible_BTW) -> torch.Tensor:
-        """Boolean [B, T, W]: the index_topk visible entries of each query."""
-        b, t, _ = x_BTD.shape
-        q = rope_tail(self.q_b_proj(q_low_BTQ).view(b, t, self.heads, self.dim).transpose(1, 2), *rope)
+    def pick(self, q_BTX, weights_BTH, entries_BWd, rope, visible_BTW) -> torch.Tensor:
+        """Boolean [B, T, W]: the index_topk visible entries of each query, from its q_b_proj and weights_proj
+        projections."""
+        b, t, _ = q_BTX.shape
+        q = rope_tail(q_BTX.view(b, t, self.heads, self.dim).transpose(1, 2), *rope)
         scores_BHTW = torch.relu(q.float() @ entries_BWd.float().unsqueeze(1).transpose(-1, -2))
-        weights_BTH = self.weights_proj(x_BTD).float() * (self.heads**-0.5 * self.dim**-0.5)
+        weights_BTH = weights_BTH.float() * (self.heads**-0.5 * self.dim**-0.5)
         index_BTW = (weights_BTH.unsqueeze(-2) @ scores_BHTW.transpose(1, 2)).squeeze(-2)
         index_BTW = index_BTW.masked_fill(~visible_BTW, float("-inf"))
         top = index_BTW.topk(min(self.topk, index_BTW.shape[-1]), dim=-1).indices
@@ -111,14 +113,17 @@ class CompressedAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         rope = inputs.rope_of(self.layer_type)
-        q_low_BTQ = self.q_a_norm(self.q_a_proj(x_BTD))
-        q = self.q_b_proj(q_low_BTQ).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        index = self.indexer
+        # the projections of the input, then those of the low-rank query: each group in one pass at decode
+        parts = [c for c in (self.compressor, index and index.compressor) if c is not None]
+        of_x = [self.q_a_proj, self.kv_proj, *(lin for c in parts for lin in (c.kv_proj, c.gate_proj))]
+        of_x += [index.weights_proj] if index is not None else []
+        projected = list(project(tuple(of_x), x_BTD))
+        q_low_BTQ = self.q_a_norm(projected[0])
+        q_BTX, *index_q = project((self.q_b_proj, *([index.q_b_proj] if index is not None else [])), q_low_BTQ)
+        q = q_BTX.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         q = rope_tail(unweighted_rms_norm(q, self.norm_eps), *rope)
-        kv_BTd = rope_tail(self.kv_norm(self.kv_proj(x_BTD)), *rope)
-        cached = [kv_BTd]
-        parts = [c for c in (self.compressor, self.indexer and self.indexer.compressor) if c is not None]
-        for c in parts:
-            cached += [c.kv_proj(x_BTD), c.gate_proj(x_BTD)]
+        cached = [rope_tail(self.kv_norm(projected[1]), *rope), *projected[2 : 2 + 2 * len(parts)]]
         if inputs.cache is not None:
             cached = list(inputs.cache.extend(self.layer, (1,) * len(cached), *cached))
         kv_BSd, s = cached[0], cached[0].shape[1]
@@ -128,15 +133,18 @@ class CompressedAttention(nn.Module):
             entries_BWd, visible_BTW = self._entries(self.compressor, cached[1], cached[2], inputs, s)
             if self.indexer is not None:
                 index_BWd, _ = self._entries(self.indexer.compressor, cached[3], cached[4], inputs, s)
-                visible_BTW = self.indexer.pick(x_BTD, q_low_BTQ, index_BWd, inputs.rope, visible_BTW)
+                visible_BTW = index.pick(index_q[0], projected[-1], index_BWd, inputs.rope, visible_BTW)
             keys = torch.cat((keys, entries_BWd.unsqueeze(1)), dim=2)
             mask = torch.cat((mask, visible_BTW.unsqueeze(1)), dim=-1)
         out = attend(q, keys, keys, mask, self.head_dim**-0.5, self.sinks)
         cos, sin = rope
         out = rope_tail(out, cos, -sin).transpose(1, 2)  # the values' rotation undone at the query's position
         grouped = out.reshape(b, t, self.o_groups, -1)
-        w = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])
-        return self.o_b_proj(torch.einsum("btgi,goi->btgo", grouped, w).flatten(2))
+        w_GOI = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])
+        if b * t == 1 and not torch.is_grad_enabled():  # decode: one row per group, each group's block read once
+            mixed = gather_gemv(w_GOI, list(range(self.o_groups)), grouped.view(self.o_groups, -1))
+            return self.o_b_proj(mixed.view(b, t, -1))
+        return self.o_b_proj(torch.einsum("btgi,goi->btgo", grouped, w_GOI).flatten(2))
 
     def _entries(self, compressor: Compressor, kv_BSX, gate_BSX, inputs: AttentionInputs, s: int):
         """(each row's entries padded to the longest [B, W, dim], visible [B, T, W]: entry w reaches the query at

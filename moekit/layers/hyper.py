@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.kernels import kernel_taking
+
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
@@ -27,7 +29,11 @@ class HyperConnection(nn.Module):
         nn.init.normal_(self.fn, std=0.02)
 
     def forward(self, x_BTnD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(post [B, T, n], comb [B, T, n, n], the collapsed block input [B, T, D])."""
+        """(post [B, T, n], comb [B, T, n, n], the collapsed block input [B, T, D]); at inference on fp32 CPU tensors
+        moekit's kernel computes the same in one call."""
+        fused = self._kernel_weights(x_BTnD)
+        if fused is not None:
+            return fused
         n = self.streams
         flat = unweighted_rms_norm(x_BTnD.flatten(2).float(), self.norm_eps)
         mixes = F.linear(flat, self.fn.float())
@@ -43,6 +49,22 @@ class HyperConnection(nn.Module):
             comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
         collapsed_BTD = (pre.unsqueeze(-1) * x_BTnD).sum(dim=2).to(x_BTnD.dtype)
         return post, comb, collapsed_BTD
+
+    def _kernel_weights(self, x_BTnD: torch.Tensor):
+        params = (self.fn, self.base, self.scale)
+        if torch.is_grad_enabled() or x_BTnD.dtype != torch.float32 or not x_BTnD.is_contiguous():
+            return None
+        kernel = kernel_taking(x_BTnD, *params)
+        if kernel is None:
+            return None
+        b, t, n, d = x_BTnD.shape
+        post, comb = x_BTnD.new_empty(b, t, n), x_BTnD.new_empty(b, t, n, n)
+        collapsed = x_BTnD.new_empty(b, t, d)
+        x_TnD = x_BTnD.view(b * t, n, d)
+        kernel.hyper_weights(
+            x_TnD, *params, self.iters, self.eps, self.norm_eps, post, comb, collapsed, torch.get_num_threads()
+        )
+        return post, comb, collapsed
 
     @staticmethod
     def mix(x_BTnD: torch.Tensor, out_BTD: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slot_sums", &slot_sums);
   m.def("row_grads", &row_grads);
   m.def("swiglu_rows", &swiglu_rows);
+  m.def("hyper_weights", &hyper_weights, nogil);
   m.def("swiglu_rows_backward", &swiglu_rows_backward);
   m.def("read_probe", &read_probe);
   m.def("set_row_limits", &set_row_limits);

@@ -288,6 +288,8 @@ void slot_sums(at::Tensor rows, at::Tensor slot_row, at::Tensor weights, at::Ten
 void row_grads(at::Tensor grad, at::Tensor token, at::Tensor rows, at::Tensor w_row, at::Tensor d_rows, at::Tensor d_w,
                int64_t threads);
 void swiglu_rows(at::Tensor h, at::Tensor a, int64_t threads);
+void hyper_weights(at::Tensor x, at::Tensor fn, at::Tensor base, at::Tensor scale, int64_t iters, double eps,
+                   double norm_eps, at::Tensor post, at::Tensor comb, at::Tensor collapsed, int64_t threads);
 void swiglu_rows_backward(at::Tensor h, at::Tensor da, at::Tensor dh, int64_t threads);
 void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
               std::vector<at::Tensor> zero, int64_t threads);
