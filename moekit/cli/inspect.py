@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
         (
             "layers",
             f"{r['layers']} ({len(r['moe_layers'])} MoE{dense}), D={r['hidden_size']}, vocab {r['vocab_size']}"
-            + (f", {r['mtp_layers']} multi-token-prediction layer(s)" if r["mtp_layers"] else ""),
+            + (f", {r['mtp_layers']} multi-token-prediction layer(s)" if r["mtp_layers"] else "")
+            + (f", experts of layers {r['table_layers']} picked by a token-id table" if r["table_layers"] else "")
+            + (f", {r['hyper_streams']} hyper-connected residual streams" if r["hyper_streams"] > 1 else ""),
         ),
         ("experts", f"{r['experts']} routed, top-{r['top_k']}, {r['shared_experts']} shared; {r['experts_layout']}"),
         ("routing", r["routing"]),

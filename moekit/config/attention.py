@@ -241,13 +241,13 @@ class AttentionConfig:
         extras = [f"qk-norm {self.qk_norm}"] if self.qk_norm != "none" else []
         if self.partial_rotary < 1:
             extras.append(f"rope on {self.partial_rotary:g} of each head")
-        if self.sinks:
+        if self.sinks and self.kind != "compressed":
             extras.append("sinks" if self.sink_layers == "all" else "sinks on sliding layers")
         if self.sliding_kv_heads is not None:
             extras.append(f"{self.sliding_kv_heads} KV heads on sliding layers")
         if self.value_scale != 1.0:
             extras.append(f"values x{self.value_scale:g}")
-        if self.layer_types and "sliding" in self.layer_types:
+        if self.layer_types and "sliding" in self.layer_types and self.kind != "compressed":
             extras.append(f"{self.layer_types.count('sliding')} sliding-window layers ({self.sliding_window})")
         if self.layer_types and "chunked" in self.layer_types:
             extras.append(f"{self.layer_types.count('chunked')} chunked layers ({self.chunk_size})")

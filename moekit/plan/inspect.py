@@ -35,6 +35,8 @@ def inspect_model(model: str | Path | ModelConfig | dict) -> dict:
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "mtp_layers": cfg.mtp_layers,
+        "table_layers": list(cfg.table_layers),
+        "hyper_streams": cfg.hyper_streams,
         "params": p,
         "weight_bytes": {name: int(p["total"] * bits / 8) for name, bits in BITS.items()},
         "kv_cache_bytes_per_token_bf16": int(stats.kv_bytes_per_token(2)),

@@ -9,6 +9,17 @@
 
 #include "kernels.h"
 
+// x + projected (+ bias) for rows x [B, D] and projected [B * D]: the residual of a block's rows form.
+inline at::Tensor residual_rows(const at::Tensor& x, const std::vector<float>& projected, const at::Tensor& bias) {
+  at::Tensor y = at::empty_like(x);
+  const int64_t rows = x.size(0), d = x.size(1);
+  const float *xp = x.data_ptr<float>(), *bp = data_or_null(bias);
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t n = 0; n < d; ++n) yp[b * d + n] = xp[b * d + n] + projected[b * d + n] + (bp ? bp[n] : 0.f);
+  return y;
+}
+
 // An attention block's decode step as DecodeChain runs it: x + attention(norm(x)) for one token, its new cache
 // entries written at pos of its caches (keys and values; MLA: latents, rotary keys and DSA's indexer keys).
 using Caches = std::vector<at::Tensor>;

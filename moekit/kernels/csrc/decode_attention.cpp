@@ -236,10 +236,5 @@ at::Tensor AttentionDecode::forward_rows(at::Tensor x, at::Tensor cos, at::Tenso
                 attn.data() + b * rows_[0]);
   }
   run_products({{o_w_.data_ptr<float>(), d, rows_[0], attn.data(), rows_[0], b_len, projected.data(), d}}, threads);
-  at::Tensor y = at::empty_like(x);
-  float* yp = y.data_ptr<float>();
-  const float* ob = data_or_null(o_b_);
-  for (int64_t b = 0; b < b_len; ++b)
-    for (int64_t n = 0; n < d; ++n) yp[b * d + n] = xp[b * d + n] + projected[b * d + n] + (ob ? ob[n] : 0.f);
-  return y;
+  return residual_rows(x, projected, o_b_);
 }
