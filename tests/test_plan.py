@@ -306,6 +306,8 @@ def test_weights_default_to_what_the_checkpoint_stores(tmp_path):
     r = plan("gpt-oss-20b", hardware="h100-sxm")
     assert r["weights"]["precision"] == "experts mxfp4, rest bf16"
     assert 13.5e9 < r["weights"]["bytes"]["total"] < 14.0e9  # the MXFP4 release's 13.76 GB of files
+    # DeepSeek-V4-Flash: fp8 blocks, routed experts in 4-bit floats (expert_dtype)
+    assert plan("deepseek-v4-flash", hardware="h200")["weights"]["precision"] == "experts mxfp4, rest fp8"
     kimi_like = load_hf_config("deepseek-v3") | {
         "quantization_config": {
             "quant_method": "compressed-tensors",

@@ -37,7 +37,10 @@ def stored_precision(model, stats: ModelStats) -> tuple[WeightPrecision, str] | 
         return None
     dtype = {"float32": "fp32", "float16": "fp16"}.get(hf.get("torch_dtype") or hf.get("dtype"), "bf16")
     experts, rest = (_config_format(qc, name, dtype) for name in _REPRESENTATIVE)
-    return WeightPrecision(experts, rest), f"from quantization_config ({qc.get('quant_method')}; rest as attention)"
+    how = f"from quantization_config ({qc.get('quant_method')}; rest as attention)"
+    if hf.get("expert_dtype") == "fp4":  # DeepSeek-V4 ships its routed experts in 4-bit floats beside fp8 blocks
+        experts, how = "mxfp4", how + "; routed experts fp4 (expert_dtype), planned as mxfp4"
+    return WeightPrecision(experts, rest), how
 
 
 _REPRESENTATIVE = ("model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.o_proj")
