@@ -31,6 +31,15 @@ def experts_top_k(c: dict) -> tuple[int, int]:
     )
 
 
+def listed_moe_layers(c: dict) -> tuple[int, ...] | None:
+    """The MoE layers a config lists: mlp_layer_types ("sparse") or a moe_layer_freq list (1s); None if neither."""
+    if c.get("mlp_layer_types"):
+        return tuple(i for i, k in enumerate(c["mlp_layer_types"]) if k == "sparse")
+    if isinstance(c.get("moe_layer_freq"), list):
+        return tuple(i for i, f in enumerate(c["moe_layer_freq"]) if f)
+    return None
+
+
 def aux_loss_coef(c: dict) -> float:
     return float(c.get("router_aux_loss_coef") or 0.0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from moekit.families.base import listed_moe_layers
 from moekit.families.deepseek_v3 import DeepseekV3
 
 
@@ -18,8 +19,8 @@ class DeepseekV32(DeepseekV3):
 
     def moe(self, c):
         moe, layers, dense = super().moe(c)
-        kinds = c.get("mlp_layer_types")
-        return moe, tuple(i for i, k in enumerate(kinds) if k == "sparse") if kinds else layers, dense
+        listed = listed_moe_layers(c)
+        return moe, layers if listed is None else listed, dense
 
     def attention(self, c):
         return replace(

@@ -12,7 +12,7 @@ from moekit.checkpoint.names import ROUTER, TensorNames
 from moekit.config.attention import AttentionConfig
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
-from moekit.families.base import Family, experts_top_k, layer_types, need
+from moekit.families.base import Family, experts_top_k, layer_types, listed_moe_layers, need
 from moekit.routing.spec import RoutingSpec
 
 PARTIAL_ROTARY = 0.334  # transformers' default: int(192 x 0.334) = 64 rotating dimensions
@@ -53,15 +53,9 @@ class MimoV2Flash(Family):
             normalize_eps=1e-20,
             scaling_factor=float(c.get("routed_scaling_factor") or 1.0),
         )
-        n = c["num_hidden_layers"]
-        kinds = c.get("mlp_layer_types")
-        freq = c.get("moe_layer_freq")
-        if kinds:
-            layers = tuple(i for i, k in enumerate(kinds) if k == "sparse")
-        elif isinstance(freq, list):
-            layers = tuple(i for i, f in enumerate(freq) if f)
-        else:
-            layers = tuple(range(1, n))
+        layers = listed_moe_layers(c)  # else transformers' default: the first layer dense
+        if layers is None:
+            layers = tuple(range(1, c["num_hidden_layers"]))
         return (
             MoEConfig(routing=spec, expert_hidden=need(c, "moe_intermediate_size")),
             layers,

@@ -138,10 +138,13 @@ class _AttentionStep(_Installed):
         if not _one_token_fp32(x_BTD) or inputs.masks["full"] is not None:  # padding: the modules build the mask
             return None
         cos, sin = (r.view(-1) for r in inputs.rope_of(attn.layer_type)) if attn.use_rope else (_NONE, _NONE)
-        rooms = cache.room(attn.layer, 1)
-        caches = [rooms] if self.latent else rooms
-        y_D = self.step(x_BTD.view(-1), cos, sin, *caches, cache.length, torch.get_num_threads())
+        y_D = self.step(x_BTD.view(-1), cos, sin, *self._caches(cache), cache.length, torch.get_num_threads())
         return y_D.view(1, 1, -1)
+
+    def _caches(self, cache) -> list:
+        """The step's cache arguments, with room for one more token: keys and values (GQA), or one list (MLA)."""
+        rooms = cache.room(self.attn.layer, 1)
+        return [rooms] if self.latent else rooms
 
     def _rows(self, x_BTD: torch.Tensor, inputs: AttentionInputs, cache: SlotView) -> torch.Tensor | None:
         """One token of each row (B rows, fp32 weights): the step's rows form, each row's key and value written at
@@ -151,10 +154,8 @@ class _AttentionStep(_Installed):
             return None
         rope = inputs.rope_of(self.attn.layer_type)
         cos, sin = (r.reshape(b, -1).contiguous() for r in rope) if self.attn.use_rope else (_NONE, _NONE)
-        rooms = cache.room(self.attn.layer, 1)
-        caches = [rooms] if self.latent else rooms
         positions_B = torch.tensor(cache.lengths, dtype=torch.long)
-        y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, *caches, positions_B, torch.get_num_threads())
+        y_BD = self.step.rows(x_BTD.view(b, -1), cos, sin, *self._caches(cache), positions_B, torch.get_num_threads())
         return y_BD.view(b, 1, -1)
 
 

@@ -17,6 +17,11 @@ from moekit.layers.norm import RMSNorm
 from moekit.layers.rope import apply_rope
 
 
+def mask_positions(attention_mask_BS: torch.Tensor) -> torch.Tensor:
+    """Each slot's position in its row [B, S], counting real tokens only (padding takes its neighbour's)."""
+    return (attention_mask_BS.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def causal_mask(
     attention_mask_BT: torch.Tensor | None,
     num_queries: int,
@@ -40,7 +45,7 @@ def causal_mask(
         allowed_TS = allowed_TS & (k_pos > q_pos - window)
     if chunk is not None:
         if attention_mask_BT is not None:  # positions skip the padding
-            k_pos = (attention_mask_BT.long().cumsum(-1) - 1).clamp_min(0)
+            k_pos = mask_positions(attention_mask_BT)
             q_pos = k_pos.gather(1, query_keys_BT.expand(k_pos.shape[0], -1))[:, :, None]
             k_pos = k_pos[:, None, :]
         allowed_TS = allowed_TS & (k_pos // chunk == q_pos // chunk)

@@ -17,6 +17,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.kernels.products import gather_gemv
 from moekit.layers.attention import AttentionInputs, attend
+from moekit.layers.dsa import pick_top
 from moekit.layers.hyper import unweighted_rms_norm
 from moekit.layers.linear import Linear, project
 from moekit.layers.norm import RMSNorm
@@ -81,12 +82,7 @@ class CompressedIndexer(nn.Module):
         projections."""
         b, t, _ = q_BTX.shape
         q = rope_tail(q_BTX.view(b, t, self.heads, self.dim).transpose(1, 2), *rope)
-        scores_BHTW = torch.relu(q.float() @ entries_BWd.float().unsqueeze(1).transpose(-1, -2))
-        weights_BTH = weights_BTH.float() * (self.heads**-0.5 * self.dim**-0.5)
-        index_BTW = (weights_BTH.unsqueeze(-2) @ scores_BHTW.transpose(1, 2)).squeeze(-2)
-        index_BTW = index_BTW.masked_fill(~visible_BTW, float("-inf"))
-        top = index_BTW.topk(min(self.topk, index_BTW.shape[-1]), dim=-1).indices
-        return torch.zeros_like(visible_BTW).scatter_(-1, top, True) & visible_BTW
+        return pick_top(q, entries_BWd, weights_BTH, visible_BTW, self.topk)
 
 
 class CompressedAttention(nn.Module):

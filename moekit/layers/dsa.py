@@ -14,6 +14,20 @@ from moekit.layers.linear import Linear
 from moekit.layers.rope import apply_rope
 
 
+def pick_top(
+    q_BHTd: torch.Tensor, keys_BSd: torch.Tensor, weights_BTH: torch.Tensor, allowed_BTS: torch.Tensor, topk: int
+) -> torch.Tensor:
+    """Boolean [B, T, S]: each query's `topk` allowed keys by the index score sum_h w_h relu(q_h . k_s), the weights
+    scaled by (heads * head_dim)^-1/2 (DeepSeek-V3.2's, GLM-5's and DeepSeek-V4's lightning indexers)."""
+    heads, dim = q_BHTd.shape[1], q_BHTd.shape[-1]
+    scores_BHTS = torch.relu(q_BHTd.float() @ keys_BSd.float().unsqueeze(1).transpose(-1, -2))
+    weights_BTH = weights_BTH.float() * (heads**-0.5 * dim**-0.5)
+    index_BTS = (weights_BTH.unsqueeze(-2) @ scores_BHTS.transpose(1, 2)).squeeze(-2)
+    index_BTS = index_BTS.masked_fill(~allowed_BTS, float("-inf"))
+    top_BTK = index_BTS.topk(min(topk, index_BTS.shape[-1]), dim=-1).indices
+    return torch.zeros_like(index_BTS, dtype=torch.bool).scatter_(-1, top_BTK, True) & allowed_BTS
+
+
 class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,9 +60,4 @@ class Indexer(nn.Module):
         broadcast over B) allows, by its index score."""
         b, t, _ = x_BTD.shape
         q_BHTd = self._rope(self.wq_b(q_low_BTQ).view(b, t, self.heads, self.head_dim).transpose(1, 2), rope)
-        scores_BHTS = torch.relu(q_BHTd.float() @ keys_BSd.float().unsqueeze(1).transpose(-1, -2))
-        weights_BTH = self.weights_proj(x_BTD).float() * (self.heads**-0.5 * self.head_dim**-0.5)
-        index_BTS = (weights_BTH.unsqueeze(-2) @ scores_BHTS.transpose(1, 2)).squeeze(-2)
-        index_BTS = index_BTS.masked_fill(~allowed_BTS, float("-inf"))
-        top_BTK = index_BTS.topk(min(self.topk, index_BTS.shape[-1]), dim=-1).indices
-        return torch.zeros_like(index_BTS, dtype=torch.bool).scatter_(-1, top_BTK, True)
+        return pick_top(q_BHTd, keys_BSd, self.weights_proj(x_BTD), allowed_BTS, self.topk)

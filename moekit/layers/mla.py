@@ -92,13 +92,12 @@ class LatentAttention(nn.Module):
         """The mask restricted to the keys the indexer picks (this layer's, or the last indexer layer's, kept in
         inputs.sparse_pick for the layers that share it); the mask itself while every key fits in index_topk."""
         t, s = x_BTD.shape[1], cached[0].shape[1]
-        if self.indexer is not None:
-            if s <= self.indexer.topk:
-                inputs.sparse_pick = None
-                return mask
-            full = mask if mask is not None else causal_mask(None, t, s, x_BTD.device)
-            inputs.sparse_pick = self.indexer.select(x_BTD, q_low_BTQ, cached[2], inputs.rope, full[:, 0])
-        if inputs.sparse_pick is None:
+        picks = self.indexer is not None and s > self.indexer.topk
+        if self.indexer is not None and not picks:
+            inputs.sparse_pick = None  # every key fits in index_topk: all are kept
+        if not picks and inputs.sparse_pick is None:
             return mask
-        full = mask if mask is not None else causal_mask(None, t, s, x_BTD.device)
-        return full & inputs.sparse_pick[:, None]
+        mask = mask if mask is not None else causal_mask(None, t, s, x_BTD.device)
+        if picks:
+            inputs.sparse_pick = self.indexer.select(x_BTD, q_low_BTQ, cached[2], inputs.rope, mask[:, 0])
+        return mask & inputs.sparse_pick[:, None]

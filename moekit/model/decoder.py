@@ -11,7 +11,7 @@ from moekit._validate import check_int
 from moekit.config.model import ModelConfig
 from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
-from moekit.layers.attention import AttentionInputs, causal_mask
+from moekit.layers.attention import AttentionInputs, causal_mask, mask_positions
 from moekit.layers.decoder_layer import DecoderLayer
 from moekit.layers.hyper import HyperHead
 from moekit.layers.linear import Linear
@@ -224,7 +224,7 @@ class MoEDecoder(nn.Module):
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} is invalid: allowed {(b, past + t)}"
                 )
-            positions_BT = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+            positions_BT = mask_positions(attention_mask)[:, past:]
             token_mask_BT = attention_mask[:, past:]
         elif cache is not None and cache.ragged:  # rows at different positions (a server's batch): masks per row
             positions_BT = cache.positions_BT(t, input_ids.device)
@@ -268,8 +268,7 @@ def _key_positions(attention_mask_BS, query_keys_BT, num_keys: int, device) -> t
     """Each key slot's position in its row [B or 1, S]: -1 for padding, and for a ragged cache's slots past the
     row's last query."""
     if attention_mask_BS is not None:
-        mask = attention_mask_BS.long()
-        return torch.where(mask.bool(), mask.cumsum(-1) - 1, -1)
+        return torch.where(attention_mask_BS.bool(), mask_positions(attention_mask_BS), -1)
     keys_1S = torch.arange(num_keys, device=device)[None]
     if query_keys_BT is None:
         return keys_1S
