@@ -46,7 +46,7 @@ FUSED = {
     "glm_moe_dsa": {"attention", "ffn"},  # a layer sharing its predecessor's pick (both: the modules)
     "mistral4": {"chain"},  # MLA with position-scaled queries, softmax in top-2-sum groups
     "mimo_v2_flash": {"ffn"},  # narrow scaled values, sinks on sliding layers, two rope thetas: the modules
-    "deepseek_v4": set(),  # hyper-connected blocks, compressed attention: the modules (MoE over a batch: one call)
+    "deepseek_v4": {"chain"},  # hyper-connections, compressed attention (CSA's pick, HCA, windows), token table
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
 }
@@ -62,7 +62,8 @@ FUSED_OVERRIDDEN = {"deepseek_v3": {"chain"}, "glm4_moe": {"chain"}, "deepseek_v
 def _spy(monkeypatch) -> dict[str, int]:
     """Count the steps each fused path actually took."""
     taken = {"chain": 0, "attention": 0, "ffn": 0}
-    for kind, cls in (("chain", fast._ChainStep), ("attention", fast._AttentionStep), ("ffn", fast._FfnStep)):
+    steps = (("chain", fast._ChainStep), ("attention", fast._AttentionStep), ("ffn", fast._FfnStep))
+    for kind, cls in (*steps, ("attention", fast._CompressedStep)):
 
         def counted(self, *args, _call=cls.__call__, _kind=kind):
             out = _call(self, *args)

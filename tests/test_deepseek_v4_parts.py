@@ -101,3 +101,24 @@ def test_hyper_connection_equals_transformers_and_its_kernel():
     for got in (fused, reference):
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_hyper_kernels_equal_their_references_at_one_token_and_many():
+    """The connection's weights (one token: fn's rows spread over the threads) and the mix after a block: moekit's
+    kernels against the PyTorch reference (what runs where gradients are wanted)."""
+    from moekit.layers.hyper import HyperConnection
+
+    torch.manual_seed(0)
+    hc = HyperConnection(64, 4, 20, 1e-6, 1e-6)
+    with torch.no_grad():
+        hc.fn.normal_(std=0.5), hc.base.normal_(), hc.scale.normal_()
+    for shape in ((1, 1, 4, 64), (2, 3, 4, 64)):
+        x, out = torch.randn(shape), torch.randn(*shape[:2], 64)
+        with torch.no_grad():
+            post, comb, collapsed = hc(x)
+            mixed = HyperConnection.mix(x, out, post, comb)
+        with torch.enable_grad():
+            expected = hc(x.clone().requires_grad_())
+            expected_mix = HyperConnection.mix(x.clone().requires_grad_(), out, *expected[:2])
+        for a, b in zip((post, comb, collapsed, mixed), (*expected, expected_mix), strict=True):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)  # values of order 1

@@ -87,7 +87,7 @@ class DeepseekV4(Family):
     )
     # The attention (compressed entries, one K = V head) and the hyper-connected blocks are the modules' at decode;
     # the MoE blocks of the learned-router layers take the fused step over a batch of tokens.
-    fused_steps = frozenset({"moe"})
+    fused_steps = frozenset({"attention", "moe"})
 
     def tensor_name(self, hf: dict, stored: str) -> str | None:
         if stored.startswith("mtp."):  # the release's multi-token-prediction layer

@@ -29,12 +29,14 @@ from moekit.infer.slots import SlotView
 from moekit.kernels import kernel_taking
 from moekit.kernels.quantized import covers, quant_weights
 from moekit.layers.attention import Attention, AttentionInputs
+from moekit.layers.compressed import CompressedAttention
 from moekit.layers.ffn import FeedForward
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import RMSNorm
+from moekit.layers.rope import RotaryEmbedding
 from moekit.quant.held import is_quantized
-from moekit.routing.router import TokenChoiceRouter
+from moekit.routing.router import TokenChoiceRouter, TokenTableRouter
 
 _NONE = torch.empty(0)
 KERNEL_SCORES = ("softmax", "sigmoid", "sqrtsoftplus")  # the FFN step's score functions, in its numbering
@@ -62,14 +64,15 @@ def prepare_inference(model: nn.Module) -> dict:
     for i, layer in enumerate(layers):
         if isinstance(layer.mlp, MoEBlock) and prepare_block(layer.mlp):
             report["moe"].append(i)
-        attention = attention_step(layer.input_layernorm, layer.self_attn)
-        ffn = None if layer.hyper else ffn_step(layer.post_attention_layernorm, layer.mlp)  # its residual is no add
+        attention = attention_step(layer.input_layernorm, layer.self_attn, model.rotary)
+        ffn = ffn_step(layer.post_attention_layernorm, layer.mlp, residual=not layer.hyper)  # hyper: mixed instead
         steps.append((attention, ffn))
         if attention is not None or ffn is not None:
             layer.fused = _LayerSteps(attention, ffn)
         report["attention"] += [i] if attention is not None else []
         report["ffn"] += [i] if ffn is not None else []
-    chain = _chain(model, steps[: len(model.layers)])
+    main = steps[: len(model.layers)]
+    chain = _chain(model, main) if model.hc_head is None else _hyper_chain(model, main)
     if chain is not None:
         model.fused = _ChainStep(model, chain)
         report["chain"] = True
@@ -251,6 +254,56 @@ class _ChainStep(_Installed):
         return logits, infos
 
 
+def _hyper_chain(model: nn.Module, steps: list):
+    """The whole decode step of a model with hyper-connected streams (HyperDecodeChain) from each layer's steps
+    (token-table layers' MoE blocks built here: their steps need the token), or None where a part is not covered."""
+    ffn, tables = [], []
+    for layer, (attention, step) in zip(model.layers, steps, strict=True):
+        block, norm, table = layer.mlp, layer.post_attention_layernorm, _NO_LONGS
+        decode = step.step if step is not None else None
+        if decode is None and isinstance(block, MoEBlock) and isinstance(norm, RMSNorm) and _block_covered(block, True):
+            decode = _ffn_decode(norm, block, block.shared_experts, block.shared_expert_gate, residual=False)
+            table = block.router.table_VK
+        if not isinstance(attention, _CompressedStep) or decode is None or 0 < len(table) < model.config.vocab_size:
+            return None
+        ffn.append(decode)
+        tables.append(table)
+    hyper = [t for layer in model.layers for hc in (layer.attn_hc, layer.ffn_hc) for t in (hc.fn, hc.base, hc.scale)]
+    head_hyper = [model.hc_head.hc_fn, model.hc_head.hc_base, model.hc_head.hc_scale]
+    head_parts = _linear_parts(model.lm_head)
+    sliding = model.rotary_sliding or model.rotary
+    embed = model.embed_tokens.weight
+    if not isinstance(model.norm, RMSNorm) or head_parts is None:
+        return None
+    head_weight, head_quant = head_parts
+    tensors = (embed, model.norm.weight, head_weight, model.rotary.inv_freq, sliding.inv_freq, *hyper, *head_hyper)
+    kernel = _kernel(*(t for t in tensors if t.numel()))
+    if kernel is None or model.rotary.longrope or sliding.longrope:
+        return None
+    first = model.layers[0].attn_hc
+    return kernel.HyperDecodeChain(
+        embed_weight=embed,
+        attention=[a.step for a, _ in steps],
+        ffn=ffn,
+        hyper=hyper,
+        tables=tables,
+        sliding_rope=[
+            layer.self_attn.layer_type == "sliding" and sliding is not model.rotary for layer in model.layers
+        ],
+        sliding_inv_freq=sliding.inv_freq,
+        sliding_factor=sliding.attention_factor,
+        sinkhorn_iters=first.iters,
+        hyper_eps=first.eps,
+        hyper_norm_eps=first.norm_eps,
+        head_hyper=head_hyper,
+        norm_weight=model.norm.weight,
+        norm_eps=model.norm.eps,
+        head_weight=head_weight,
+        head_bias=_or_none(model.lm_head.bias),
+        head_quant=head_quant,
+    )
+
+
 def _run_one_token(step, ffn: nn.Module, x_BTD: torch.Tensor):
     y_D, ids_K, counts_E = step(x_BTD.view(-1), torch.get_num_threads())
     info = _routed_info(counts_E, ids_K.view(1, -1)) if isinstance(ffn, MoEBlock) else None
@@ -330,10 +383,13 @@ def _latent_step(norm: nn.Module, attn: LatentAttention) -> _AttentionStep | Non
     return _AttentionStep(attn, step, rows=True)
 
 
-def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
-    """The fused decode step of x + attn(norm(x)), or None where it does not cover the block."""
+def attention_step(norm: nn.Module, attn: nn.Module, rotary: RotaryEmbedding | None = None):
+    """The fused decode step of x + attn(norm(x)) (DeepSeek-V4's compressed attention: of attn(norm(x)), its
+    entries rotated by `rotary`), or None where it does not cover the block."""
     if isinstance(attn, LatentAttention):
         return _latent_step(norm, attn)
+    if isinstance(attn, CompressedAttention):
+        return _compressed_step(norm, attn, rotary) if rotary is not None else None
     if not _attention_covered(norm, attn):
         return None
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
@@ -364,10 +420,73 @@ def attention_step(norm: nn.Module, attn: nn.Module) -> _AttentionStep | None:
     return _AttentionStep(attn, step, rows=not any(quant))
 
 
-def _block_covered(block: MoEBlock) -> bool:
+class _CompressedStep(_Installed):
+    """attn(norm(x)) for one token (x [1, 1, D]) of DeepSeek-V4's attention with an unpadded cache, or None where
+    this step does not apply."""
+
+    def __init__(self, attn: CompressedAttention, step, rotary: RotaryEmbedding):
+        self.attn, self.step, self.rotary = attn, step, rotary
+
+    def __call__(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor | None:
+        cache, attn = inputs.cache, self.attn
+        if cache is None or torch.is_grad_enabled() or not cache.has(attn.layer) or not _one_token_fp32(x_BTD):
+            return None
+        if inputs.masks["full"] is not None or cache.ragged:  # padding: key slots are not positions
+            return None
+        cos, sin = (r.view(-1) for r in inputs.rope_of(attn.layer_type))
+        inv_freq, factor = self.rotary.frequencies(cache.length + 1)
+        rooms = cache.room(attn.layer, 1)
+        y_D = self.step(x_BTD.view(-1), cos, sin, inv_freq, factor, rooms, cache.length, torch.get_num_threads())
+        return y_D.view(1, 1, -1)
+
+
+def _compressed_step(norm: nn.Module, attn: CompressedAttention, rotary: RotaryEmbedding) -> _CompressedStep | None:
+    """DeepSeek-V4's attention step (CompressedDecode) for fp32 weights."""
+    pools = [c for c in (attn.compressor, attn.indexer and attn.indexer.compressor) if c is not None]
+    index = attn.indexer
+    linears = [attn.q_a_proj, attn.q_b_proj, attn.kv_proj, attn.o_a_proj, attn.o_b_proj]
+    linears += [lin for c in pools for lin in (c.kv_proj, c.gate_proj)]
+    linears += [index.q_b_proj, index.weights_proj] if index is not None else []
+    if not isinstance(norm, RMSNorm) or any(is_quantized(lin) for lin in linears):
+        return None
+    parts = [[c.kv_proj.weight, c.gate_proj.weight, c.position_bias, c.kv_norm.weight] for c in pools]
+    norms = [norm.weight, attn.q_a_norm.weight, attn.kv_norm.weight, attn.sinks, rotary.inv_freq]
+    kernel = _kernel(*(lin.weight for lin in linears), *norms, *(t for p in parts for t in p))
+    if kernel is None:
+        return None
+    compressor = attn.compressor
+    step = kernel.CompressedDecode(
+        norm_weight=norm.weight,
+        norm_eps=norm.eps,
+        q_a_weight=attn.q_a_proj.weight,
+        q_norm_weight=attn.q_a_norm.weight,
+        q_b_weight=attn.q_b_proj.weight,
+        kv_weight=attn.kv_proj.weight,
+        kv_norm_weight=attn.kv_norm.weight,
+        o_a_weight=attn.o_a_proj.weight,
+        o_b_weight=attn.o_b_proj.weight,
+        sinks=attn.sinks,
+        heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        groups=attn.o_groups,
+        block_eps=attn.norm_eps,
+        window=attn.window,
+        scale=attn.head_dim**-0.5,
+        compressor=parts[0] if parts else [],
+        rate=compressor.rate if compressor is not None else 1,
+        overlap=compressor.overlap if compressor is not None else False,
+        indexer=[*parts[1], index.q_b_proj.weight, index.weights_proj.weight] if index is not None else [],
+        index_heads=index.heads if index is not None else 0,
+        index_dim=index.dim if index is not None else 0,
+        index_topk=index.topk if index is not None else 0,
+    )
+    return _CompressedStep(attn, step, rotary)
+
+
+def _block_covered(block: MoEBlock, table: bool = False) -> bool:
     """What the FFN step computes of an MoE block: token choice by softmax, sigmoid or sqrt-softplus scores (softmax
     before or after top-k), selection bias, group-limited, renormalisation by the sum, scaling, weights on the input
-    or output, dropless."""
+    or output, dropless; table: the experts picked by a token table instead (the chain's, which has the token)."""
     spec = block.router.spec
     experts = block.experts
     stacks = _expert_stacks(experts)  # routed experts the kernels read: one stack, or one per format
@@ -375,7 +494,7 @@ def _block_covered(block: MoEBlock) -> bool:
         return False
     shared = block.shared_experts
     return (
-        type(block.router) is TokenChoiceRouter
+        type(block.router) is (TokenTableRouter if table else TokenChoiceRouter)
         and (shared is None or _linears_covered(shared.gate_proj, shared.up_proj, shared.down_proj))
         and spec.score_func in KERNEL_SCORES
         and spec.normalize_p == 1.0
@@ -391,20 +510,21 @@ def _expert_stacks(experts: nn.Module) -> list[QuantizedExperts]:
     return [experts] if isinstance(experts, QuantizedExperts) else []
 
 
-_NO_PLACE = torch.empty(0, dtype=torch.long)  # the experts are their stack's slots
+_NO_LONGS = torch.empty(0, dtype=torch.long)  # no expert places (the experts are their stack's slots), no table
 
 
-def ffn_step(norm: nn.Module, ffn: nn.Module) -> _FfnStep | None:
-    """The fused decode step of x + ffn(norm(x)), ffn an MoE block or a dense FFN (as the shared-expert part
-    alone); None where it does not cover the block."""
+def ffn_step(norm: nn.Module, ffn: nn.Module, residual: bool = True) -> _FfnStep | None:
+    """The fused decode step of x + ffn(norm(x)) (or ffn(norm(x)) alone: no residual), ffn an MoE block or a dense
+    FFN (as the shared-expert part alone); None where it does not cover the block."""
     if not isinstance(norm, RMSNorm):
         return None
     if isinstance(ffn, FeedForward):
         if not _linears_covered(ffn.gate_proj, ffn.up_proj, ffn.down_proj):
             return None
-        step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None)
+        step = None if ffn.layout.bias else _ffn_decode(norm, None, ffn, None, residual)
     else:
-        step = _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate) if _block_covered(ffn) else None
+        covered = _block_covered(ffn)
+        step = _ffn_decode(norm, ffn, ffn.shared_experts, ffn.shared_expert_gate, residual) if covered else None
     return _FfnStep(ffn, step, rows=not is_quantized(ffn)) if step is not None else None  # rows: fp32 only
 
 
@@ -418,7 +538,13 @@ def block_step(block: MoEBlock) -> _BlockStep | None:
     return _BlockStep(block, step) if step is not None else None
 
 
-def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward | None, dense_gate: nn.Linear | None):
+def _ffn_decode(
+    norm: RMSNorm | None,
+    block: MoEBlock | None,
+    dense: FeedForward | None,
+    dense_gate: nn.Linear | None,
+    residual: bool = True,
+):
     layout = (block.experts if block is not None else dense).layout
     parts = [
         _linear_parts(getattr(dense, n) if dense is not None else None) for n in ("gate_proj", "up_proj", "down_proj")
@@ -449,7 +575,7 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
         "gate_up_bias": _NONE,
         "down_bias": _NONE,
     }
-    quant: dict = {"gate_up_quant": [], "down_quant": [], "expert_place": _NO_PLACE}
+    quant: dict = {"gate_up_quant": [], "down_quant": [], "expert_place": _NO_LONGS}
     if block is not None:
         spec, experts, router = block.router.spec, block.experts, block.router
         stacks = _expert_stacks(experts)
@@ -481,8 +607,8 @@ def _ffn_decode(norm: RMSNorm | None, block: MoEBlock | None, dense: FeedForward
             down_bias=experts.down_proj_bias if layout.bias else _NONE,
         )
     norm_args = {"norm_weight": _NONE, "norm_eps": 0.0, "residual": False}
-    if norm is not None:  # with a norm: the residual too
-        norm_args = {"norm_weight": norm.weight, "norm_eps": norm.eps, "residual": True}
+    if norm is not None:  # with a norm: the residual too, unless a hyper-connection mixes the output instead
+        norm_args = {"norm_weight": norm.weight, "norm_eps": norm.eps, "residual": residual}
     tensors = [t for t in (*norm_args.values(), *routing.values(), *shared.values()) if isinstance(t, torch.Tensor)]
     kernel = _kernel(*(t for t in tensors if t.numel()))
     if kernel is None:

@@ -6,8 +6,10 @@ its window's projections, RMS-normed and rotated at the window's first position;
 also mixes window w - 1's first half of the channels). Rope rotates the last rope dims of each head in adjacent
 pairs kept in place, and is undone on the output at the query's position; the output projection is grouped.
 
-The cache keeps per token the window keys and the compressors' inputs (projections and gates); the entries of each
-row are recomputed from its own tokens, so padding and rows at different positions never shift a window."""
+The cache keeps per token the window keys and the compressors' inputs (projections and gates), and each entry at the
+slot of its window's last token. The modules recompute each row's entries from its own tokens (so padding and rows
+at different positions never shift a window) and store them; the fused decode step (moekit.infer.fast) computes
+only the entry its token completes and reads the stored ones."""
 
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ class CompressedAttention(nn.Module):
         super().__init__()
         a, d, h, hd = cfg.attention, cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.layer, self.layer_type, self.num_heads, self.head_dim = layer, a.layer_type(layer), h, hd
-        self.norm_eps, self.o_groups = cfg.norm_eps, a.o_groups
+        self.norm_eps, self.o_groups, self.window = cfg.norm_eps, a.o_groups, a.sliding_window
         self.q_a_proj = Linear(d, a.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
         self.q_b_proj = Linear(a.q_lora_rank, h * hd, bias=False)
@@ -120,15 +122,18 @@ class CompressedAttention(nn.Module):
         q = q_BTX.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         q = rope_tail(unweighted_rms_norm(q, self.norm_eps), *rope)
         cached = [rope_tail(self.kv_norm(projected[1]), *rope), *projected[2 : 2 + 2 * len(parts)]]
+        stored = []  # each compressor's entries at their windows' last slots, in the cache
         if inputs.cache is not None:
-            cached = list(inputs.cache.extend(self.layer, (1,) * len(cached), *cached))
+            entry_slots = [x_BTD.new_zeros(b, t, c.dim) for c in parts]  # written below
+            cached = list(inputs.cache.extend(self.layer, (1,) * (len(cached) + len(parts)), *cached, *entry_slots))
+            cached, stored = cached[: -len(parts) or None], cached[len(cached) - len(parts) :]
         kv_BSd, s = cached[0], cached[0].shape[1]
         mask = inputs.masks["sliding"].expand(b, 1, t, s)
         keys = kv_BSd.unsqueeze(1)
         if self.compressor is not None:
-            entries_BWd, visible_BTW = self._entries(self.compressor, cached[1], cached[2], inputs, s)
+            entries_BWd, visible_BTW = self._entries(self.compressor, cached[1], cached[2], inputs, s, stored[:1])
             if self.indexer is not None:
-                index_BWd, _ = self._entries(self.indexer.compressor, cached[3], cached[4], inputs, s)
+                index_BWd, _ = self._entries(self.indexer.compressor, cached[3], cached[4], inputs, s, stored[1:])
                 visible_BTW = index.pick(index_q[0], projected[-1], index_BWd, inputs.rope, visible_BTW)
             keys = torch.cat((keys, entries_BWd.unsqueeze(1)), dim=2)
             mask = torch.cat((mask, visible_BTW.unsqueeze(1)), dim=-1)
@@ -142,9 +147,10 @@ class CompressedAttention(nn.Module):
             return self.o_b_proj(mixed.view(b, t, -1))
         return self.o_b_proj(torch.einsum("btgi,goi->btgo", grouped, w_GOI).flatten(2))
 
-    def _entries(self, compressor: Compressor, kv_BSX, gate_BSX, inputs: AttentionInputs, s: int):
+    def _entries(self, compressor: Compressor, kv_BSX, gate_BSX, inputs: AttentionInputs, s: int, stored: list):
         """(each row's entries padded to the longest [B, W, dim], visible [B, T, W]: entry w reaches the query at
-        position p once its window is complete, w < (p + 1) // rate)."""
+        position p once its window is complete, w < (p + 1) // rate); stored: [the cache's entry slots [B, S, dim]]
+        to write them in, or []."""
         rows, keys_BS = [], inputs.key_positions_BS[:, :s]
         for i in range(kv_BSX.shape[0]):
             real = keys_BS[min(i, keys_BS.shape[0] - 1)] >= 0
@@ -157,4 +163,18 @@ class CompressedAttention(nn.Module):
         pos_BT1 = inputs.query_index_BT.expand(len(rows), -1).unsqueeze(-1)
         w = torch.arange(width, device=kv_BSX.device)
         visible = (w < (pos_BT1 + 1) // compressor.rate) & (w < counts[:, None, None])
+        for slots_BSd in stored:
+            slots_BSd.copy_(_at_last_slots(entries, keys_BS, compressor.rate))
         return entries, visible
+
+
+def _at_last_slots(entries_BWd: torch.Tensor, keys_BS: torch.Tensor, rate: int) -> torch.Tensor:
+    """[B, S, dim]: each entry at the key slot of its window's last token (position (w + 1) * rate - 1 of its row),
+    zeros elsewhere."""
+    b, width, dim = entries_BWd.shape
+    w_BS = ((keys_BS + 1) // rate - 1).expand(b, -1)
+    done_BS = (keys_BS >= 0) & ((keys_BS + 1) % rate == 0) & (w_BS < width)
+    if width == 0:
+        return entries_BWd.new_zeros(b, keys_BS.shape[1], dim)
+    picked = entries_BWd.gather(1, w_BS.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, dim))
+    return torch.where(done_BS.unsqueeze(-1), picked, 0)

@@ -53,21 +53,25 @@ class DecoderLayer(nn.Module):
             out = fused.ffn(attended_BTD)
             if out is not None:
                 return out
-        h_BTD = self.post_attention_layernorm(attended_BTD)
-        if not isinstance(self.mlp, MoEBlock):
-            return attended_BTD + self.mlp(h_BTD), None
-        y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
+        y_BTD, info = self._ffn(self.post_attention_layernorm(attended_BTD), token_ids_BT, token_mask_BT)
         return attended_BTD + y_BTD, info
+
+    def _ffn(self, h_BTD: torch.Tensor, token_ids_BT, token_mask_BT) -> tuple[torch.Tensor, MoEInfo | None]:
+        if isinstance(self.mlp, MoEBlock):
+            return self.mlp(h_BTD, token_ids_BT, token_mask_BT)
+        return self.mlp(h_BTD), None
 
     def _streams(self, x_BTnD, inputs: AttentionInputs, token_ids_BT, token_mask_BT):
         """The block pair over hyper-connected streams: each block reads its connection's collapse of them, its
-        output is spread back and the streams mixed (no plain residual: the fused steps never apply)."""
+        output is spread back and the streams mixed (no plain residual: the fused steps return the blocks' outputs
+        alone)."""
         post, comb, collapsed_BTD = self.attn_hc(x_BTnD)
-        x_BTnD = HyperConnection.mix(x_BTnD, self.self_attn(self.input_layernorm(collapsed_BTD), inputs), post, comb)
+        fused = self.fused
+        attended_BTD = fused.attention(collapsed_BTD, inputs) if fused is not None else None
+        if attended_BTD is None:
+            attended_BTD = self.self_attn(self.input_layernorm(collapsed_BTD), inputs)
+        x_BTnD = HyperConnection.mix(x_BTnD, attended_BTD, post, comb)
         post, comb, collapsed_BTD = self.ffn_hc(x_BTnD)
-        h_BTD = self.post_attention_layernorm(collapsed_BTD)
-        if isinstance(self.mlp, MoEBlock):
-            y_BTD, info = self.mlp(h_BTD, token_ids_BT, token_mask_BT)
-        else:
-            y_BTD, info = self.mlp(h_BTD), None
+        out = fused.ffn(collapsed_BTD) if fused is not None and token_mask_BT is None else None
+        y_BTD, info = out or self._ffn(self.post_attention_layernorm(collapsed_BTD), token_ids_BT, token_mask_BT)
         return HyperConnection.mix(x_BTnD, y_BTD, post, comb), info

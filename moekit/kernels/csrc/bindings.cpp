@@ -28,6 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_grads", &row_grads);
   m.def("swiglu_rows", &swiglu_rows);
   m.def("hyper_weights", &hyper_weights, nogil);
+  m.def("hyper_mix", &hyper_mix, nogil);
   m.def("swiglu_rows_backward", &swiglu_rows_backward);
   m.def("read_probe", &read_probe);
   m.def("set_row_limits", &set_row_limits);
@@ -56,6 +57,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("index_weights_weight"), py::arg("index_topk"), py::arg("index_interleave"))
       .def("__call__", &MlaDecode::forward, nogil)
       .def("rows", &MlaDecode::forward_rows, nogil);
+  py::class_<CompressedDecode, std::shared_ptr<CompressedDecode>>(m, "CompressedDecode")
+      .def(py::init<at::Tensor, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, int64_t, double, std::vector<at::Tensor>,
+                    int64_t, bool, std::vector<at::Tensor>, int64_t, int64_t, int64_t>(),
+           py::kw_only(), py::arg("norm_weight"), py::arg("norm_eps"), py::arg("q_a_weight"), py::arg("q_norm_weight"),
+           py::arg("q_b_weight"), py::arg("kv_weight"), py::arg("kv_norm_weight"), py::arg("o_a_weight"),
+           py::arg("o_b_weight"), py::arg("sinks"), py::arg("heads"), py::arg("head_dim"), py::arg("groups"),
+           py::arg("block_eps"), py::arg("window"), py::arg("scale"), py::arg("compressor"), py::arg("rate"),
+           py::arg("overlap"), py::arg("indexer"), py::arg("index_heads"), py::arg("index_dim"),
+           py::arg("index_topk"))
+      .def("__call__", &CompressedDecode::forward, nogil);
+  py::class_<HyperDecodeChain, std::shared_ptr<HyperDecodeChain>>(m, "HyperDecodeChain")
+      .def(py::init<at::Tensor, std::vector<std::shared_ptr<CompressedDecode>>, std::vector<std::shared_ptr<FfnDecode>>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<bool>, at::Tensor, double, int64_t,
+                    double, double, std::vector<at::Tensor>, at::Tensor, double, at::Tensor, at::Tensor,
+                    std::shared_ptr<QuantWeights>>(),
+           py::kw_only(), py::arg("embed_weight"), py::arg("attention"), py::arg("ffn"), py::arg("hyper"),
+           py::arg("tables"), py::arg("sliding_rope"), py::arg("sliding_inv_freq"), py::arg("sliding_factor"),
+           py::arg("sinkhorn_iters"), py::arg("hyper_eps"), py::arg("hyper_norm_eps"), py::arg("head_hyper"),
+           py::arg("norm_weight"), py::arg("norm_eps"), py::arg("head_weight"), py::arg("head_bias"),
+           py::arg("head_quant") = py::none())
+      .def("step", &HyperDecodeChain::step, nogil);
   py::class_<FfnDecode, std::shared_ptr<FfnDecode>>(m, "FfnDecode")
       .def(py::init<at::Tensor, double, bool, at::Tensor, at::Tensor, at::Tensor, int64_t, bool, int64_t, bool, double, double,
                     bool, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, bool, bool, int64_t, double, double,

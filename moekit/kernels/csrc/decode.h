@@ -121,6 +121,51 @@ class MlaDecode : public DecodeAttention {
   bool interleave_, index_interleave_;
 };
 
+// attention(norm(x)) for one token of DeepSeek-V4's attention block (decode_compressed.cpp; no residual: the
+// hyper-connections mix its output): one K = V head over a sliding window with sinks, plus the compressed entries
+// of CSA (an overlapping compressor and the indexer's pick) or HCA (all of them); q-LoRA, the grouped output
+// projection. Caches [1, capacity, width]: the window keys, each compressor's kv and gate inputs, then each one's
+// entries (entry w at the slot of its window's last token).
+class CompressedDecode {
+ public:
+  // compressor: [kv_proj, gate_proj, position_bias, norm] or none; indexer: its compressor's four, q_b_proj,
+  // weights_proj, or none (CSA's overlapping compressor first).
+  CompressedDecode(at::Tensor norm_w, double eps, at::Tensor q_a_w, at::Tensor q_norm_w, at::Tensor q_b_w,
+                   at::Tensor kv_w, at::Tensor kv_norm_w, at::Tensor o_a_w, at::Tensor o_b_w, at::Tensor sinks,
+                   int64_t heads, int64_t head_dim, int64_t groups, double block_eps, int64_t window, double scale,
+                   std::vector<at::Tensor> compressor, int64_t rate, bool overlap, std::vector<at::Tensor> indexer,
+                   int64_t index_heads, int64_t index_dim, int64_t index_topk);
+  // x [D]; cos, sin [r] at pos (each frequency twice); inv_freq [r / 2] and factor: the rotation of the entries
+  // at their windows' first positions. Writes the new token's rows at pos. Returns attention(norm(x)) [D].
+  at::Tensor forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor inv_freq, double factor,
+                     std::vector<at::Tensor> caches, int64_t pos, int64_t threads) const;
+  // The step on raw rows: y [D] = attention(norm(x)) (y may not be x).
+  void step(const float* x, float* y, const float* cos, const float* sin, int64_t r, const float* inv_freq,
+            float factor, const Caches& caches, int64_t pos, int64_t threads) const;
+  void check(const Caches& caches, int64_t pos) const;
+  int64_t d = 0;
+
+ private:
+  struct Pool {  // a compressor: every `rate` tokens' projections pooled into one entry of `dim`
+    Pool(const std::vector<at::Tensor>& parts, int64_t d, int64_t dim, int64_t rate, bool overlap);
+    void entry(const float* kv, const float* gate, int64_t w, const float* inv_freq, float factor, int64_t r,
+               float eps, float* out) const;
+    int64_t dim, width, rate;
+    bool overlap;
+    std::vector<at::Tensor> weights;
+    const float *kv_w, *gate_w, *bias, *norm_w;
+  };
+  int64_t cache_count() const;
+  std::vector<int64_t> picked(float* iq, float* iw, const Caches& caches, int64_t visible, const float* cos,
+                              const float* sin, int64_t r) const;
+
+  at::Tensor norm_w_, q_a_w_, q_norm_w_, q_b_w_, kv_w_, kv_norm_w_, o_a_w_, o_b_w_, sinks_, index_q_w_,
+      index_weights_w_;
+  std::vector<Pool> pools_;
+  int64_t heads_, head_dim_, groups_, window_, index_heads_, index_dim_, index_topk_, q_rank_ = 0, o_rank_ = 0;
+  float eps_, block_eps_, scale_;
+};
+
 enum ScoreFunction { kSoftmaxScores = 0, kSigmoidScores = 1, kSqrtSoftplusScores = 2 };
 
 // x + ffn(norm(x)) for one token, where ffn is a token-choice MoE block (router, top-k routing, the k experts, the
@@ -139,17 +184,18 @@ class FfnDecode {
             bool group_top2);
   // x [D] -> (x + ffn [D] (or ffn alone), the chosen experts [k] in selection order, tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(at::Tensor x, int64_t threads) const;
-  // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts.
-  void run(const float* x, float* y, int64_t* ids, int64_t threads) const;
+  // The step on raw rows: y [D] = x + ffn (y may be x); ids [top_k] receives the chosen experts; fixed: the
+  // experts a token table chose (DeepSeek-V4's first layers), weighted by their scores, or null.
+  void run(const float* x, float* y, int64_t* ids, int64_t threads, const int64_t* fixed = nullptr) const;
   // x [T, D] -> (x + ffn [T, D] (or ffn alone), the chosen experts [T, k], tokens per expert [E]).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_tokens(at::Tensor x, int64_t threads) const;
 
   int64_t d, experts, top_k;
 
  private:
-  void route(const float* h, int64_t* ids, float* weights) const;
+  void route(const float* h, int64_t* ids, float* weights, const int64_t* fixed = nullptr) const;
   void add_router_bias(float* logits, int64_t tokens) const;
-  void choose(const float* logits, int64_t* ids, float* weights) const;
+  void choose(const float* logits, int64_t* ids, float* weights, const int64_t* fixed = nullptr) const;
   void limit_to_groups(float* choice) const;
   // ys[j] = expert ids[j]'s matrix of `stacks` @ xs[j], each expert read from its format's stack at its slot
   void expert_products(const std::vector<std::shared_ptr<QuantWeights>>& stacks, const int64_t* ids,
@@ -168,6 +214,28 @@ class FfnDecode {
   int64_t activation_, x_rows_, f_, fs_, n_group_, topk_group_, score_function_;
 };
 
+// Rotary angles of position pos, each frequency twice as RotaryEmbedding lays them out: [f0..fn-1, f0..fn-1]
+// times factor; cos and sin get 2 * inv_freq.numel() values.
+void rope_angles(int64_t pos, const at::Tensor& inv_freq, double factor, std::vector<float>& cos,
+                 std::vector<float>& sin);
+
+// A chain step's token id, checked against the vocabulary.
+int64_t chain_token(const at::Tensor& token, int64_t vocab);
+// Whether a chain step records each layer's chosen experts in routed (int64 [layers, k >= top_k]; empty: no).
+bool keeps_routes(const at::Tensor& routed, const std::vector<std::shared_ptr<FfnDecode>>& ffn);
+
+// A decode chain's output head: logits [1, 1, rows] = head_w @ h (+ head_b), head_w fp32 or quantized.
+class OutputHead {
+ public:
+  OutputHead(at::Tensor w, at::Tensor b, std::shared_ptr<QuantWeights> q, int64_t d);
+  at::Tensor logits(const float* h, const at::TensorOptions& options, int64_t threads) const;
+
+ private:
+  at::Tensor w_, b_;
+  std::shared_ptr<QuantWeights> q_;
+  int64_t rows_;
+};
+
 // A whole decoder step for one token: embedding row, every layer's attention and FFN blocks, final RMSNorm and the
 // output head, in one call (decode_chain.cpp). Between layers nothing returns to Python: at one token of a small
 // model, the fixed costs of the calls, checks and views there (each some tens of microseconds with the caches cold
@@ -184,11 +252,40 @@ class DecodeChain {
                   std::vector<std::vector<at::Tensor>> caches, at::Tensor routed, int64_t threads) const;
 
  private:
-  at::Tensor embed_w_, norm_w_, head_w_, head_b_;
-  std::shared_ptr<QuantWeights> head_q_;  // quantized head (then head_w_ is empty)
-  int64_t head_rows_;
+  at::Tensor embed_w_, norm_w_;
+  OutputHead head_;
   std::vector<std::shared_ptr<DecodeAttention>> attention_;
   std::vector<std::shared_ptr<FfnDecode>> ffn_;
   std::vector<bool> rope_layers_;
   float eps_;
+};
+
+// A whole decoder step of a model with hyper-connected streams (DeepSeek-V4) for one token, in one call
+// (decode_hyper.cpp): the embedding row copied into every stream; per layer the attention block's weights and
+// collapse, its step, the mix, the same for the MoE block (its experts from a token table on table layers); the
+// head's collapse, the final norm and the output head.
+class HyperDecodeChain {
+ public:
+  // hyper: per layer the attention's then the FFN's connection (fn, base, scale: six tensors); tables: per layer
+  // int64 [vocab, k] or empty; sliding_rope: per layer whether it takes the sliding rotation (sliding_inv_freq,
+  // sliding_factor) instead of the main one; head_hyper: the head's (fn, base, scale).
+  HyperDecodeChain(at::Tensor embed_w, std::vector<std::shared_ptr<CompressedDecode>> attention,
+                   std::vector<std::shared_ptr<FfnDecode>> ffn, std::vector<at::Tensor> hyper,
+                   std::vector<at::Tensor> tables, std::vector<bool> sliding_rope, at::Tensor sliding_inv_freq,
+                   double sliding_factor, int64_t iters, double hyper_eps, double hyper_norm_eps,
+                   std::vector<at::Tensor> head_hyper, at::Tensor norm_w, double eps, at::Tensor head_w,
+                   at::Tensor head_b, std::shared_ptr<QuantWeights> head_quant);
+  // As DecodeChain::step; inv_freq and rope_factor: the main rotation (compressed layers, every entry).
+  at::Tensor step(at::Tensor token, int64_t pos, at::Tensor inv_freq, double rope_factor,
+                  std::vector<std::vector<at::Tensor>> caches, at::Tensor routed, int64_t threads) const;
+
+ private:
+  at::Tensor embed_w_, norm_w_, sliding_inv_freq_;
+  OutputHead head_;
+  std::vector<std::shared_ptr<CompressedDecode>> attention_;
+  std::vector<std::shared_ptr<FfnDecode>> ffn_;
+  std::vector<at::Tensor> hyper_, tables_, head_hyper_;
+  std::vector<bool> sliding_rope_;
+  int64_t streams_ = 0, iters_;
+  float sliding_factor_, hyper_eps_, hyper_norm_eps_, eps_;
 };

@@ -114,11 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> FfnDecode::forward(at::Tensor x, 
 }
 
 // The router's choice for the normed token h: ids [top_k] in selection order and their weights w [top_k].
-void FfnDecode::route(const float* h, int64_t* id, float* w) const {
+void FfnDecode::route(const float* h, int64_t* id, float* w, const int64_t* fixed) const {
   std::vector<float> logits(experts);
   run_tasks({{router_w_.data_ptr<float>(), experts, h, 0, 1, logits.data(), 0}}, d, 1);
   add_router_bias(logits.data(), 1);
-  choose(logits.data(), id, w);
+  choose(logits.data(), id, w, fixed);
 }
 
 // The router bias added to `tokens` rows of logits, which must come out finite (a NaN or inf input would route
@@ -131,8 +131,8 @@ void FfnDecode::add_router_bias(float* logits, int64_t tokens) const {
   TORCH_CHECK_VALUE(std::isfinite(total), "router input contains NaN or inf: allowed finite values only");
 }
 
-// The top-k choice and weights from one token's router logits (bias included).
-void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
+// The top-k choice (or the fixed one) and weights from one token's router logits (bias included).
+void FfnDecode::choose(const float* logits, int64_t* id, float* w, const int64_t* fixed) const {
   std::vector<float> scores(logits, logits + experts), choice(experts);
   if (score_function_ == kSigmoidScores) {
     for (float& s : scores) s = 1.f / (1.f + std::exp(-s));
@@ -144,14 +144,19 @@ void FfnDecode::choose(const float* logits, int64_t* id, float* w) const {
     for (float& s : scores) sum += (s = std::exp(s - top));
     for (float& s : scores) s /= sum;
   }
-  const float* sb = data_or_null(selection_bias_);
-  for (int64_t e = 0; e < experts; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
-  if (n_group_ > 1) limit_to_groups(choice.data());
-  std::vector<int64_t> order(experts);
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
-    return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
-  });
+  std::vector<int64_t> order;
+  if (fixed) {
+    order.assign(fixed, fixed + top_k);
+  } else {
+    const float* sb = data_or_null(selection_bias_);
+    for (int64_t e = 0; e < experts; ++e) choice[e] = scores[e] + (sb ? sb[e] : 0.f);
+    if (n_group_ > 1) limit_to_groups(choice.data());
+    order.resize(experts);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
+      return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
+    });
+  }
   for (int64_t j = 0; j < top_k; ++j) id[j] = order[j], w[j] = scores[order[j]];
   if (softmax_after_topk_) {  // over the k selected logits
     const float top = *std::max_element(w, w + top_k);
@@ -211,11 +216,11 @@ void FfnDecode::expert_products(const std::vector<std::shared_ptr<QuantWeights>>
   }
 }
 
-void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads) const {
+void FfnDecode::run(const float* x, float* y, int64_t* id, int64_t threads, const int64_t* fixed) const {
   const int64_t k = top_k, x_rows = x_rows_, f = f_, fs = fs_;
   std::vector<float> h(x, x + d), w(k);
   if (norm_w_.numel()) rms_norm(x, norm_w_.data_ptr<float>(), h.data(), d, eps_);
-  if (k) route(h.data(), id, w.data());
+  if (k) route(h.data(), id, w.data(), fixed);
 
   // up pass: the k experts' gate/up rows (and the shared expert's) against the token
   std::vector<float> inputs(apply_to_input_ ? k * d : 0), up(k * x_rows + 2 * fs), act_k(k * f + fs);

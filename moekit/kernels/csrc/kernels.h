@@ -288,8 +288,17 @@ void slot_sums(at::Tensor rows, at::Tensor slot_row, at::Tensor weights, at::Ten
 void row_grads(at::Tensor grad, at::Tensor token, at::Tensor rows, at::Tensor w_row, at::Tensor d_rows, at::Tensor d_w,
                int64_t threads);
 void swiglu_rows(at::Tensor h, at::Tensor a, int64_t threads);
+// One token of DeepSeek-V4's hyper-connections (hyper.cpp), x [n, D] the streams: a block's weights (post [n], comb
+// [n, n] and its input collapsed [D]); the streams after it (y [n, D]); the head's collapse [D].
+void hyper_token(const float* x, const float* fn, const float* base, const float* scale, int64_t n, int64_t d,
+                 int64_t iters, float eps, float norm_eps, float* post, float* comb, float* collapsed, int64_t threads);
+void hyper_mix_token(const float* x, const float* out, const float* post, const float* comb, int64_t n, int64_t d,
+                     float* y);
+void hyper_head_token(const float* x, const float* fn, const float* base, float scale, int64_t n, int64_t d,
+                      float eps, float norm_eps, float* collapsed, int64_t threads);
 void hyper_weights(at::Tensor x, at::Tensor fn, at::Tensor base, at::Tensor scale, int64_t iters, double eps,
                    double norm_eps, at::Tensor post, at::Tensor comb, at::Tensor collapsed, int64_t threads);
+void hyper_mix(at::Tensor x, at::Tensor out, at::Tensor post, at::Tensor comb, at::Tensor y, int64_t threads);
 void swiglu_rows_backward(at::Tensor h, at::Tensor da, at::Tensor dh, int64_t threads);
 void mm_tasks(std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> out,
               std::vector<at::Tensor> zero, int64_t threads);
