@@ -50,11 +50,14 @@ PUBLISHED = [
     ("glm-5", "40", "active_without_embeddings"),
     ("deepseek-v4-flash", "284", "total"),
     ("deepseek-v4-flash", "13", "active_without_input_embedding"),
+    ("deepseek-v4-pro", "1.6T", "total"),
+    ("deepseek-v4-pro", "49", "active_without_input_embedding"),
 ]
 # ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
 # published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
 TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97), ("mimo-v2-flash", 308.78)]
 TRANSFORMERS_COUNTS += [("deepseek-v3.2", 671.88), ("glm-5", 743.91), ("deepseek-v4-flash", 284.33)]
+TRANSFORMERS_COUNTS += [("deepseek-v4-pro", 1573.0)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)
@@ -64,6 +67,8 @@ def test_published_parameter_counts(name, figure, key):
     embedding), Qwen3-30B-A3B's "3.3B" is 3.35B, DeepSeek-V2-Lite's "2.4B" is 2.45B without the input embedding."""
     truncated = key.endswith("_truncated")
     count = model_stats(load_model_config(name)).params[key.removesuffix("_truncated")] / 1e9
+    if figure.endswith("T"):  # trillions, as published ("1.6T": 1.55-1.65T)
+        figure, count = figure[:-1], count / 1e3
     if truncated:
         decimals = len(figure.split(".")[1]) if "." in figure else 0
         assert math.floor(count * 10**decimals) / 10**decimals == float(figure), (name, key, count)

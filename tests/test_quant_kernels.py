@@ -21,7 +21,7 @@ from moekit.infer.fast import prepare_inference
 from moekit.kernels.build import load_kernel
 from moekit.kernels.quantized import covers, quant_gemv, quantized_activation
 from moekit.layers.quantized_linear import QuantizedLinear
-from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
+from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4, PackedFp4
 from moekit.quant.held import set_int8_activations
 
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="moekit's C++ kernels are not built here")
@@ -32,8 +32,10 @@ FORMATS = {
     "int4_asym": IntPacked(bits=4, symmetric=False),
     "int8_asym": IntPacked(bits=8, symmetric=False),
     "mxfp4": Mxfp4(),
+    "fp4": PackedFp4(),  # DeepSeek-V4's packing of the same values
     "fp8": Fp8Blocks(),
     "fp8-16x8-ue8m0": Fp8Blocks(block=(16, 8), ue8m0=True),
+    "fp8-e8m0-scales": Fp8Blocks(ue8m0=True, scale_dtype=torch.float8_e8m0fnu),  # DeepSeek-V4's scale bytes
 }
 
 
@@ -66,7 +68,7 @@ def test_dequantize_kernel_equals_torch_bit_for_bit(name, pieces):
 @pytest.mark.parametrize("d, f, pieces", [(288, 96, 2), (96, 40, 1), (64, 64, 2)])
 def test_expert_products_equal_the_dequantized_reference(name, d, f, pieces):
     fmt = FORMATS[name]
-    if name == "mxfp4" and f % 32:
+    if name in ("mxfp4", "fp4") and f % 32:
         pytest.skip("MXFP4 needs input widths that are multiples of 32")
     torch.manual_seed(0)
     q = QuantizedExperts.like(ExpertWeights(5, d, f, ExpertLayout()), fmt, gate_up_pieces=pieces)

@@ -62,6 +62,20 @@ def _int4(name, t):
     return parts, int_pack.dequantize(packed, scale, tuple(t.shape))
 
 
+def _fp8_fp4(name, t):
+    """DeepSeek-V4 as released: routed experts in packed FP4 (int8, two e2m1 per byte, UE8M0 scales per 32), the
+    other linear layers FP8 in 128 x 128 blocks with UE8M0 scales, each beside its weight as X.scale."""
+    base = name.removesuffix("weight")
+    if ".ffn.experts." in name:
+        blocks, scales = mxfp4.quantize(t)
+        deq = mxfp4.dequantize(blocks, scales)
+        return {name: blocks.flatten(-2).view(torch.int8), f"{base}scale": scales.view(torch.float8_e8m0fnu)}, deq
+    if not (name.endswith("weight") and t.dim() == 2 and (".attn.w" in name or ".shared_experts." in name)):
+        return None  # routers, norms, embeddings, the head, hyper-connections, compressors and indexer: bf16
+    q, scale = fp8_blocks.quantize(t, (128, 128), ue8m0=True)
+    return {name: q, f"{base}scale": scale.to(torch.float8_e8m0fnu)}, fp8_blocks.dequantize(q, scale, (128, 128))
+
+
 INT4_CONFIG = {
     "quant_method": "compressed-tensors",
     "format": "pack-quantized",
@@ -89,7 +103,14 @@ CASES = {
         {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
     ),
     "deepseek_v3-int4": ("deepseek_v3", {}, _int4, INT4_CONFIG),
+    "deepseek_v4-fp8-fp4": (
+        "deepseek_v4",
+        {"moe_intermediate_size": 32, "intermediate_size": 32},  # MXFP4 groups of 32
+        _fp8_fp4,
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+    ),
 }
+TOP_LEVEL = {"deepseek_v4-fp8-fp4": {"expert_dtype": "fp4"}}  # config.json fields beside quantization_config
 
 
 def _shipped(case: str, root: Path):
@@ -99,14 +120,16 @@ def _shipped(case: str, root: Path):
     hf_tiny_model(family, root / "hf", **overrides)
     quantized, dequantized = {}, {}
     for name, t in _read(root / "hf").items():
-        t = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)  # DeepSeek ships it in fp32
+        # DeepSeek ships its selection biases in fp32
+        keep = name.endswith(("e_score_correction_bias", ".gate.bias")) or not t.is_floating_point()
+        t = t if keep else t.to(torch.bfloat16)
         made = quantize(name, t.float())
         parts, deq = made if made is not None else ({name: t}, t.float())
         quantized.update(parts)
         dequantized[name] = deq
     config = json.loads((root / "hf" / "config.json").read_text())
     for directory, tensors, extra in (
-        (root / "q", quantized, {"quantization_config": qc}),
+        (root / "q", quantized, {"quantization_config": qc, **TOP_LEVEL.get(case, {})}),
         (root / "deq", dequantized, {}),
     ):
         directory.mkdir()
@@ -123,9 +146,8 @@ def test_shipped_format_loads_quantized_and_equals_the_dequantized_model(case, t
     quantized = [m for m in model.modules() if isinstance(m, (QuantizedExperts, QuantizedLinear))]
     assert quantized and any(isinstance(m, QuantizedExperts) for m in quantized)
     for m in quantized:  # the bytes as shipped: no float copy of a quantized weight anywhere
-        assert all(
-            b.dtype in (torch.uint8, torch.float8_e4m3fn, torch.int32) for n, b in m.named_buffers() if "scale" not in n
-        )
+        held = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.int32)
+        assert all(b.dtype in held for n, b in m.named_buffers() if "scale" not in n)
         assert all(n.endswith("bias") for n, _ in m.named_parameters(recurse=False))
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -144,6 +166,8 @@ def test_save_writes_the_shipped_files_back_bit_for_bit(case, tmp_path):
     model = moekit.from_pretrained(directory)  # the checkpoint's own dtypes
     moekit.save_pretrained(model, tmp_path / "again")
     before, after = _read(directory), _read(tmp_path / "again")
+    # DeepSeek-V4's release names a scale X.scale; moekit writes transformers' name, X.weight_scale_inv
+    before = {k.removesuffix("scale") + "weight_scale_inv" if k.endswith(".scale") else k: t for k, t in before.items()}
     assert sorted(after) == sorted(before)
     for name, t in before.items():
         assert after[name].dtype == t.dtype and torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name

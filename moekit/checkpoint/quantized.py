@@ -21,9 +21,10 @@ from moekit.experts.quantized import QuantizedExperts
 from moekit.experts.weights import ExpertWeights
 from moekit.layers.quantized_linear import QuantizedLinear
 from moekit.quant.choices import AUTO, CHOICES, FLOATS, module_class, parse_weights
-from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4
+from moekit.quant.formats import Format, Fp8Blocks, IntPacked, Mxfp4, PackedFp4
 
 METHODS = ("mxfp4", "fp8", "compressed-tensors")
+ROUTED_EXPERTS = r"re:.*\.experts\."  # routed experts' modules, stacked or per expert (not shared_experts)
 
 
 def _fail(field: str, value, allowed: str):
@@ -86,6 +87,8 @@ def scheme_of(hf: dict, shards: Shards | None = None) -> Scheme | None:
             _fail("weight_block_size", block, "two positive integers (rows, columns)")
         scale = _part_dtype(shards, "weight_scale_inv", torch.float32)
         fmt = Fp8Blocks(block=tuple(block), scale_dtype=scale, ue8m0=qc.get("scale_fmt") == "ue8m0")
+        if hf.get("expert_dtype") == "fp4":  # DeepSeek-V4: the routed experts in packed 4-bit floats
+            return Scheme(((PackedFp4(), (ROUTED_EXPERTS,)), (fmt, ("Linear",))))
         return Scheme(((fmt, ("Linear",)),))
     if method == "compressed-tensors":
         return _compressed_tensors(qc, shards)
@@ -122,8 +125,9 @@ def _compressed_tensors(qc: dict, shards: Shards | None) -> Scheme:
 
 
 def quantization_config(scheme: Scheme) -> dict:
-    """The quantization_config a checkpoint in `scheme` declares (the inverse of scheme_of)."""
-    fmt = scheme.groups[0][0]
+    """The quantization_config a checkpoint in `scheme` declares (the inverse of scheme_of; DeepSeek-V4's packed
+    FP4 experts are declared beside it, by expert_dtype)."""
+    fmt = scheme.groups[-1][0] if isinstance(scheme.groups[0][0], PackedFp4) else scheme.groups[0][0]
     if isinstance(fmt, Mxfp4):
         return {"quant_method": "mxfp4"}
     if isinstance(fmt, Fp8Blocks):

@@ -96,6 +96,8 @@ class DeepseekV4(Family):
             return RELEASE[stored]
         if stored.startswith("hc_head_"):
             return "model.hc_head.hc_" + stored.removeprefix("hc_head_")
+        if stored.endswith(".scale"):  # the release's quantized weights: X.weight and X.scale
+            stored = stored.removesuffix("scale") + "weight_scale_inv"
         return "model." + stored if stored.startswith("layers.") else stored
 
     def moe(self, c):

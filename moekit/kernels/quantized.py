@@ -4,8 +4,9 @@ group of 32 (scale amax / 127, round half to even) once per row; `quantized_acti
 for the dequantize-then-fp32 reference the kernel is tested against.
 
 Covered: compressed-tensors pack-quantized INT8 / INT4 (symmetric or asymmetric) with bf16 scales and group 32,
-and MXFP4, for input widths that are multiples of 32; FP8 e4m3 blocks with fp32 scales, any shape (there the
-activations stay fp32: no integer product of fp8 values exists). fp32 activations on the CPU. Elsewhere the
+and MXFP4 (also as DeepSeek-V4 packs it), for input widths that are multiples of 32; FP8 e4m3 blocks, any shape
+(there the activations stay fp32: no integer product of fp8 values exists; scales other than fp32, such as
+DeepSeek-V4's UE8M0 bytes, are read from an fp32 copy made once). fp32 activations on the CPU. Elsewhere the
 wrapper returns None and the caller dequantizes the weights it uses (backends say so once)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moekit.kernels.build import kernel_taking
-from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4
+from moekit.quant.formats import Fp8Blocks, IntPacked, Mxfp4, PackedFp4
 
 if TYPE_CHECKING:  # the quantized modules dequantize through this module
     from moekit.quant.held import QuantizedModule
@@ -37,7 +38,7 @@ def _code(module: QuantizedModule, base: str) -> int | None:
     fmt = module.fmt
     shape, pieces = module.held(base)
     if isinstance(fmt, Fp8Blocks):  # fp32 activations: any width
-        return _FP8 if fmt.scale_dtype == torch.float32 else None
+        return _FP8
     if shape[-1] % GROUP:
         return None
     if isinstance(fmt, Mxfp4):
@@ -57,7 +58,7 @@ def covers(module: QuantizedModule, base: str) -> bool:
 def quant_weights(module: QuantizedModule, base: str):
     """The kernel's QuantWeights of weight `base` of module (a linear layer's as a stack of one), or None where the
     kernel does not take it (format, shape, no kernel here); built once per module and weight (it views the
-    buffers, so in-place changes show; moving the module clears it)."""
+    buffers, so in-place changes show, but to FP8 scales that are not fp32; moving the module clears it)."""
     cache = module.kernel_cache()
     if base not in cache:
         cache[base] = _build_weights(module, base)
@@ -73,8 +74,9 @@ def _build_weights(module: QuantizedModule, base: str):
     (shape, pieces), fmt = module.held(base), module.fmt
     block, zero_points = (1, 1), None
     if code == _FP8:
-        codes, scales, block = parts[""].view(torch.uint8), parts["_scale_inv"], fmt.block
+        codes, scales, block = parts[""].view(torch.uint8), parts["_scale_inv"].float(), fmt.block
     elif code == _MXFP4:
+        parts = fmt.as_mxfp4(parts) if isinstance(fmt, PackedFp4) else parts
         codes, scales = parts["_blocks"].flatten(-2), parts["_scales"]
     else:
         codes, scales, zero_points = parts["_packed"].view(torch.uint8), parts["_scale"], parts.get("_zero_point")

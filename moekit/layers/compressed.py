@@ -21,7 +21,7 @@ from moekit.kernels.products import gather_gemv
 from moekit.layers.attention import AttentionInputs, attend
 from moekit.layers.dsa import pick_top
 from moekit.layers.hyper import unweighted_rms_norm
-from moekit.layers.linear import Linear, project
+from moekit.layers.linear import Linear, float_weight, project
 from moekit.layers.norm import RMSNorm
 
 
@@ -141,7 +141,7 @@ class CompressedAttention(nn.Module):
         cos, sin = rope
         out = rope_tail(out, cos, -sin).transpose(1, 2)  # the values' rotation undone at the query's position
         grouped = out.reshape(b, t, self.o_groups, -1)
-        w_GOI = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])
+        w_GOI = float_weight(self.o_a_proj, grouped.dtype).view(self.o_groups, -1, grouped.shape[-1])
         if b * t == 1 and not torch.is_grad_enabled():  # decode: one row per group, each group's block read once
             mixed = gather_gemv(w_GOI, list(range(self.o_groups)), grouped.view(self.o_groups, -1))
             return self.o_b_proj(mixed.view(b, t, -1))

@@ -36,6 +36,11 @@ def project(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tens
     return _row_products(linears, x)
 
 
+def float_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight [out, in] in dtype: its parameter, or a quantized layer's weight dequantized."""
+    return linear.weight.to(dtype) if isinstance(linear, nn.Linear) else linear.dequantized("weight", dtype)
+
+
 def _one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and not torch.is_grad_enabled()
 

@@ -18,6 +18,7 @@ import torch
 from moekit.quant import fp8_blocks, int_pack, mxfp4
 
 Parts = dict[str, torch.Tensor]
+E8M0 = torch.float8_e8m0fnu  # power-of-two scale bytes (UE8M0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,39 @@ class Mxfp4(Format):
     def check(self, parts, name):
         if bool((parts["_scales"] == 255).any()):
             raise ValueError(f"{name}_scales: MXFP4 scale byte 255 (NaN) found: allowed 0-254")
+
+
+@dataclass(frozen=True)
+class PackedFp4(Mxfp4):
+    """DeepSeek-V4's routed experts: MXFP4's values and scales as X int8 [..., out, in/2] (two e2m1 per byte, the
+    lower element in the low nibble) and X_scale_inv float8_e8m0fnu [..., out, in/32] (the release names it
+    X.scale)."""
+
+    name = "fp4"
+    marker = "_scale_inv"
+
+    def parts(self, shape, pieces=1):
+        blocks, scales = super().parts(shape).values()
+        return {"": ((*blocks[0][:-2], blocks[0][-2] * blocks[0][-1]), torch.int8), "_scale_inv": (scales[0], E8M0)}
+
+    def dequantize(self, parts, shape, pieces=1, name="weight"):
+        return super().dequantize(self.as_mxfp4(parts), shape, pieces, name)
+
+    def quantize(self, w, pieces=1):
+        blocks, scales = mxfp4.quantize(w)
+        return {"": blocks.flatten(-2).view(torch.int8), "_scale_inv": scales.view(E8M0)}
+
+    def check(self, parts, name):
+        super().check(self.as_mxfp4(parts), name)
+
+    @staticmethod
+    def as_mxfp4(parts: Parts) -> Parts:
+        """The same bytes as Mxfp4's parts (_blocks [..., out, in/32, 16], _scales [..., out, in/32] uint8)."""
+        codes = parts[""].view(torch.uint8)
+        return {
+            "_blocks": codes.unflatten(-1, (-1, mxfp4.GROUP // 2)),
+            "_scales": parts["_scale_inv"].view(torch.uint8),
+        }
 
 
 @dataclass(frozen=True)
