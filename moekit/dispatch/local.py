@@ -56,6 +56,10 @@ class LocalDispatcher:
         slots_TKD = slots_TKD.index_put((plan.token_ids_N, plan.slot_N), y_ND)
         return slots_TKD.sum(1)
 
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks that share the batch (expert parallelism): in one process, t itself."""
+        return t
+
     def run(self, x_TD: torch.Tensor, plan: RoutingPlan, backend: ExpertsBackend, experts: ExpertWeights):
         """The combined expert outputs [T, D] of the plan's assignments, computed by `backend`."""
         if plan.num_tokens == 1 and plan.dense:  # decode at batch 1: nothing to sort, the backend's direct path

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.dispatch.local import LocalDispatcher
 from moekit.experts.backends import is_default
 from moekit.experts.layout import ACTIVATIONS
 from moekit.experts.mixed import MixedExperts
@@ -494,7 +495,8 @@ def _block_covered(block: MoEBlock, table: bool = False) -> bool:
         return False
     shared = block.shared_experts
     return (
-        type(block.router) is (TokenTableRouter if table else TokenChoiceRouter)
+        type(block.dispatcher) is LocalDispatcher  # expert parallel: the experts are elsewhere
+        and type(block.router) is (TokenTableRouter if table else TokenChoiceRouter)
         and (shared is None or _linears_covered(shared.gate_proj, shared.up_proj, shared.down_proj))
         and spec.score_func in KERNEL_SCORES
         and spec.normalize_p == 1.0

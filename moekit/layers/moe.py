@@ -123,7 +123,8 @@ class MoEBlock(nn.Module):
             return MoEInfo(counts_E.detach(), asked, asked - kept, aux, chosen_TK)
         if plan.topk_ids_TK is not None and plan.probs_TE is not None:
             if cfg.aux_loss_coef > 0:
-                aux = aux + switch_aux_loss(plan.probs_TE, plan.topk_ids_TK, cfg.aux_loss_coef, mask_T)
+                probs_TE, ids_TK, reduce = plan.probs_TE, plan.topk_ids_TK, self.dispatcher.sum_over_ranks
+                aux = aux + switch_aux_loss(probs_TE, ids_TK, cfg.aux_loss_coef, mask_T, reduce)
             if cfg.seq_aux_loss_coef > 0:
                 k = plan.topk_ids_TK.shape[1]
                 aux = aux + sequence_aux_loss(

@@ -4,7 +4,7 @@ sequence), router z-loss, capacity with token dropping, multiplicative jitter, a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -17,20 +17,25 @@ def switch_aux_loss(
     topk_ids_TK: torch.Tensor,
     alpha: float,
     token_mask_T: torch.Tensor | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """alpha * E * sum_e f_e * P_e over the given tokens.
 
     f_e: fraction of the T*K assignments that chose e (no gradient); P_e: mean routing probability of e (carries
-    the gradient). Normalised so that perfectly uniform routing scores exactly alpha, whatever k is."""
+    the gradient). Normalised so that perfectly uniform routing scores exactly alpha, whatever k is.
+    sum_over_ranks: f from the whole batch of the ranks that share it (expert parallelism): with P from each rank's
+    share, the ranks' mean loss is the whole batch's (equal shares)."""
     num_experts = probs_TE.shape[-1]
     if token_mask_T is not None:
         keep = token_mask_T.reshape(-1).bool()
         probs_TE, topk_ids_TK = probs_TE[keep], topk_ids_TK[keep]
-    if probs_TE.shape[0] == 0:
-        return probs_TE.sum() * 0.0
     with torch.no_grad():
         counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
-        f_E = counts_E / topk_ids_TK.numel()
+        stats = torch.cat((counts_E, counts_E.new_full((1,), topk_ids_TK.numel())))
+        stats = sum_over_ranks(stats) if sum_over_ranks is not None else stats  # one collective for both
+        f_E = stats[:-1] / stats[-1].clamp_min(1)
+    if probs_TE.shape[0] == 0:
+        return probs_TE.sum() * 0.0
     p_E = probs_TE.mean(0)
     return alpha * num_experts * (f_E * p_E).sum()
 

@@ -1,0 +1,1 @@
+"""moekit.distributed: expert parallelism on torch.distributed."""
