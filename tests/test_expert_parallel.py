@@ -136,3 +136,101 @@ def test_sharded_experts_are_their_slice():
     shard = ShardedExperts(experts, 4, 2)
     assert shard.num_experts == 2 and shard.total == 8
     assert torch.equal(shard.gate_up_proj, experts.gate_up_proj[4:6])
+
+
+def _losses(run: Path) -> list[float]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] if "loss" in r else r["val_loss"] for r in rows]
+
+
+def _train_cli(run: Path, processes: int, *extra: str) -> None:
+    """moekit train on the tiny preset for 6 steps (a checkpoint and a validation at step 3), in one process or
+    under torchrun with --ep."""
+    import subprocess
+    import sys
+
+    flags = ["--out", str(run), "--steps", "6", "--save-every", "3", "--eval-every", "3", "--batch-size", "4"]
+    flags += ["--seq-len", "32", "--json", *extra]
+    launch = [sys.executable, "-m", "moekit", "train"]
+    if processes > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+        launch += [f"--master-port={_free_port()}", "-m", "moekit", "train", "--ep", str(processes)]
+    done = subprocess.run([*launch, *flags], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_train_cli_under_torchrun_resumes_at_other_ep_sizes(tmp_path):
+    """moekit train --ep 2 under torchrun: one process's losses, validation and final model; its checkpoint at
+    step 3 (gathered) resumes in one process and at --ep 4 on the same loss curve."""
+    from safetensors.torch import load_file
+
+    _train_cli(tmp_path / "one", 1)
+    _train_cli(tmp_path / "ep2", 2)
+    reference = _losses(tmp_path / "one")
+    assert _rel(torch.tensor(_losses(tmp_path / "ep2")), torch.tensor(reference)) < 1e-5
+    one, ep2 = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "ep2"))
+    assert sorted(one) == sorted(ep2) and all(_rel(ep2[k], one[k]) < 1e-5 for k in one)
+    for processes in (1, 4):
+        run = tmp_path / f"resumed{processes}"
+        (run / "checkpoints").mkdir(parents=True)
+        for f in ("run.json", "metrics.jsonl"):
+            (run / f).write_bytes((tmp_path / "ep2" / f).read_bytes())
+        step3 = tmp_path / "ep2" / "checkpoints" / "step-00000003"
+        (run / "checkpoints" / step3.name).mkdir()
+        for f in step3.iterdir():
+            (run / "checkpoints" / step3.name / f.name).write_bytes(f.read_bytes())
+        _train_cli(run, processes, "--resume")
+        assert _rel(torch.tensor(_losses(run)), torch.tensor(reference)) < 1e-5
+
+
+def _worker(torchrun_pid: int, local_rank: int) -> int:
+    """The pid of torchrun's worker of that local rank (from the workers' environment)."""
+    for child in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
+        if f"LOCAL_RANK={local_rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no worker of local rank {local_rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_stops_the_others_with_its_name(fault, tmp_path):
+    """Rank 1 killed, or stopped (hung), in the middle of training: rank 0 stops within the timeout (5 s here) plus
+    the check, and the message names rank 1 (torchrun's report for a death, moekit's one line for a hang)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
+    command += ["-m", "moekit", "train", "--ep", "2", "--out", str(run), "--steps", "100000", "--batch-size", "4"]
+    command += ["--seq-len", "32", "--json", "--dist-timeout", "5", "--save-every", "100000", "--eval-every", "100000"]
+    launched = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and launched.poll() is None, "training did not start"
+            time.sleep(0.5)
+        rank1 = _worker(launched.pid, 1)
+        os.kill(rank1, getattr(signal, fault))
+        stopped = time.monotonic()
+        if fault == "SIGKILL":
+            _, err = launched.communicate(timeout=60)
+            assert "rank      : 1" in err and "SIGKILL" in err
+        else:
+            lines = []
+            for line in launched.stderr:
+                lines.append(line)
+                if "moekit train: error" in line:
+                    break
+            assert "rank(s) 1 did not answer" in lines[-1], "".join(lines[-20:])
+        assert time.monotonic() - stopped < 30
+    finally:
+        if launched.poll() is None:  # the workers first: torchrun waits for a stopped one
+            children = Path(f"/proc/{launched.pid}/task/{launched.pid}/children").read_text().split()
+            for pid in (*map(int, children), launched.pid):
+                os.kill(pid, signal.SIGKILL)
+        launched.wait()

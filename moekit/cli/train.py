@@ -40,18 +40,38 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = init.config
     if args.resume is not None and not args.out:
         raise ValueError("--resume needs --out RUN_DIR, the run to continue")
+    if args.ep > 1 and not args.out:
+        raise ValueError(f"--ep {args.ep} needs --out RUN_DIR: every rank must name the same run")
     out = args.out or f"runs/{model_cfg.name.removeprefix('moekit-') or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
-    trainer = Trainer(model_cfg, train_cfg, out, init=init, progress=not args.json)
-    trainer.start(args.resume if args.resume is not None else False)
-    if not args.json:
-        from moekit.model.count import count_parameters
+    parallel = None
+    if args.ep > 1:
+        from moekit.distributed.launch import init_from_env
+        from moekit.distributed.training import ExpertParallelRun
 
-        cfg, n = trainer.model_cfg, count_parameters(trainer.model)
+        init_from_env(args.ep, args.dist_timeout)
+        parallel = ExpertParallelRun()
+    trainer = Trainer(model_cfg, train_cfg, out, init=init, progress=not args.json, parallel=parallel)
+    trainer.start(args.resume if args.resume is not None else False)
+    if not args.json and trainer.parallel.main:
+        cfg, n = trainer.model_cfg, trainer.parameter_counts()
         print(f"model    {cfg.name}: {n['total'] / 1e6:.2f}M parameters, {n['active'] / 1e6:.2f}M active per token")
         print(f"routing  {cfg.moe.describe() if cfg.moe else 'dense'}")
         print(f"data     {trainer.data_name} ({trainer.train_stream.ids_N.numel():,} training tokens)")
         print(f"run      {out} (from step {trainer.step} to {train_cfg.steps})", flush=True)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except RuntimeError as e:  # a collective that timed out or lost a peer (torch's DistBackendError among them)
+        if parallel is None:
+            raise
+        from moekit.distributed.launch import failure_message
+
+        raise ValueError(failure_message(e, args.dist_timeout)) from None
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not trainer.parallel.main:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -100,6 +120,16 @@ def add_parser(sub) -> None:
         help="continue the run in --out from its latest checkpoint (or from the checkpoint directory given)",
     )
     t.add_argument("--init", help="start from this model directory (e.g. made by `moekit upcycle`)")
+    t.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert parallelism over N processes started by torchrun (torchrun --nproc-per-node N -m moekit train "
+        "--ep N --out RUN ...): each holds 1/N of the experts and of every batch",
+    )
+    t.add_argument(
+        "--dist-timeout", type=float, default=60.0, help="seconds a rank waits for the others before it stops (60)"
+    )
     t.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     t.add_argument("--json", action="store_true", help="no progress bar; print the summary as JSON")
     t.set_defaults(fn=run)

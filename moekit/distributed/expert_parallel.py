@@ -6,6 +6,9 @@ gradients those of the whole batch's mean loss, as one process computes them."""
 
 from __future__ import annotations
 
+import math
+from itertools import chain
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,3 +63,88 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
     for p in model.parameters():
         if id(p) in sharded and p.grad is not None:
             p.grad.div_(world)
+
+
+def _sharded(model: nn.Module) -> dict[str, ShardedExperts]:
+    """{parameter name: its ShardedExperts} of the model's expert-parallel parameters."""
+    return {
+        f"{name}.{p}" if name else p: m
+        for name, m in model.named_modules()
+        if isinstance(m, ShardedExperts)
+        for p, _ in m.named_parameters(recurse=False)
+    }
+
+
+def _gather(t: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """The state dict one process would have: every sharded expert tensor gathered from all ranks (every rank
+    calls it; every rank gets it)."""
+    group = group or dist.group.WORLD
+    sharded = _sharded(model)
+    return {k: _gather(v, group) if k in sharded else v for k, v in model.state_dict().items()}
+
+
+def local_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A one-process state dict cut to this rank's share of each sharded expert tensor."""
+    sharded = _sharded(model)
+    out = dict(full)
+    for k, m in sharded.items():
+        if k in out:
+            out[k] = out[k][m.first : m.first + m.num_experts]
+    return out
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+
+
+def full_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, group: dist.ProcessGroup | None = None
+) -> dict:
+    """optimizer.state_dict() with the per-parameter tensors of sharded experts (Adam's moments) gathered."""
+    group = group or dist.group.WORLD
+    sharded = {id(p) for m in set(_sharded(model).values()) for p in m.parameters()}
+    state = optimizer.state_dict()
+    state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # the optimizer's own dicts otherwise
+    for index, p in enumerate(_optimizer_params(optimizer)):
+        entry = state["state"].get(index, {})
+        for key, value in entry.items():
+            if id(p) in sharded and torch.is_tensor(value) and value.shape == p.shape:
+                entry[key] = _gather(value, group)
+    return state
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, full: dict) -> dict:
+    """A one-process optimizer state dict cut to this rank's share of each sharded expert's tensors."""
+    owner = {id(p): m for m in set(_sharded(model).values()) for p in m.parameters()}
+    for index, p in enumerate(_optimizer_params(optimizer)):
+        m = owner.get(id(p))
+        for key, value in full["state"].get(index, {}).items():
+            if m is not None and torch.is_tensor(value) and value.shape[1:] == p.shape[1:] and value.dim() == p.dim():
+                full["state"][index][key] = value[m.first : m.first + m.num_experts]
+    return full
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> float:
+    """torch.nn.utils.clip_grad_norm_ over the whole model, its sharded experts' gradients counted on every rank
+    (after sync_gradients): the norm one process computes."""
+    group = group or dist.group.WORLD
+    sharded = {id(p) for m in set(_sharded(model).values()) for p in m.parameters()}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            local[int(id(p) in sharded)] += float(p.grad.double().square().sum())
+    shared = local[1:].clone()
+    dist.all_reduce(shared, group=group)
+    norm = math.sqrt(float(local[0] + shared[0]))
+    if norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm

@@ -30,8 +30,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / STATE).is_file())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -55,10 +54,16 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep_last: int
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict,
+    state: dict,
+    keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest keep_last. state: JSON-ready trainer
-    state (step, configs, ...). Returns the checkpoint directory."""
+    """Write checkpoint `step` atomically, then delete all but the newest keep_last. model and optimizer: the
+    modules, or their state dicts (an expert-parallel run's, gathered). state: JSON-ready trainer state (step,
+    configs, ...). Returns the checkpoint directory."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -67,9 +72,10 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         # clones: tied or shared storages are refused by safetensors
-        weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        held = model if isinstance(model, dict) else model.state_dict()
+        weights = {k: v.detach().clone().contiguous() for k, v in held.items()}
         save_file(weights, str(tmp / MODEL), metadata={"format": "pt"})
-        tensors, meta = _optimizer_tensors(optimizer)
+        tensors, meta = _optimizer_tensors(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / OPTIMIZER), metadata={"format": "pt"})
         (tmp / STATE).write_text(json.dumps({**state, "optimizer": meta}, indent=1))
@@ -90,9 +96,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, check=None) -> dict:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, check=None, local=None
+) -> dict:
     """Restore model (and optimizer, RNG) from a checkpoint directory; returns the trainer state. check(state, path),
-    if given, runs on the trainer state before anything is loaded (and raises to refuse the checkpoint)."""
+    if given, runs on the trainer state before anything is loaded (and raises to refuse the checkpoint). local,
+    if given, maps the stored (weights, optimizer state dict) to this process's share (expert parallelism)."""
     path = Path(path)
     for f in (MODEL, OPTIMIZER, STATE):
         if not (path / f).is_file():
@@ -108,11 +117,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         tensors = load_file(str(path / OPTIMIZER))
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"checkpoint {path} is unreadable ({e})") from None
+    optimizer_state = _optimizer_state(tensors, state.pop("optimizer"))
+    if local is not None:
+        weights, optimizer_state = local(weights, optimizer_state)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise ValueError(f"checkpoint {path} does not fit this model ({what})")
     if optimizer is not None:
-        optimizer.load_state_dict(_optimizer_state(tensors, state.pop("optimizer")))
+        optimizer.load_state_dict(optimizer_state)
     torch.set_rng_state(tensors["rng.torch"])
     return state

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from moekit.checkpoint.files import write_atomic
 from moekit.checkpoint.hf_checkpoint import save_pretrained
 from moekit.config.model import ModelConfig
+from moekit.distributed.training import OneProcess
 from moekit.model.count import count_parameters
 from moekit.model.decoder import MoEDecoder
 from moekit.routing.balancing import LossFreeBalancer
 from moekit.routing.router import warn_untrainable_router
-from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from moekit.train.checkpoint import checkpoints_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from moekit.train.config import TrainConfig, run_config_dict
 from moekit.train.data import TokenStream, load_corpus
 from moekit.train.telemetry import LoadAccumulator
@@ -75,8 +76,11 @@ class Trainer:
         run_dir: str | Path,
         init: MoEDecoder | None = None,
         progress: bool = True,
+        parallel: OneProcess | None = None,
     ):
-        self.cfg, self.run_dir, self.progress = train_cfg, Path(run_dir), progress
+        """parallel: ExpertParallelRun() to train over the processes of the default group (moekit train --ep)."""
+        self.parallel = parallel or OneProcess()
+        self.cfg, self.run_dir, self.progress = train_cfg, Path(run_dir), progress and self.parallel.main
         train_text, val_text, self.data_name = load_corpus(
             train_cfg.data, train_cfg.max_train_bytes, train_cfg.max_val_bytes
         )
@@ -95,6 +99,7 @@ class Trainer:
         self.model_cfg = self.model.config
         if self.model_cfg.moe is not None and self.model_cfg.moe_layers:
             warn_untrainable_router(self.model_cfg.moe)
+        self.parallel.prepare(self.model, train_cfg.batch_size)
         self.optimizer = _optimizer(self.model, train_cfg)
         rate = self.model_cfg.moe.bias_update_rate if self.model_cfg.moe else 0.0
         self.balancer = LossFreeBalancer(self.model.routers(), rate) if rate > 0 else None
@@ -108,8 +113,9 @@ class Trainer:
         if saved.is_file():  # a resumed run keeps its vocabulary
             return BPETokenizer.load(saved)
         tok = BPETokenizer.train(train_text, self.cfg.vocab_size)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(self.run_dir)
+        if self.parallel.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tok.save(self.run_dir)
         return tok
 
     def _autocast(self):
@@ -125,15 +131,17 @@ class Trainer:
     def start(self, resume: bool | str | Path = False) -> None:
         """Create the run directory (refusing one that already holds another run), or resume from its latest
         checkpoint (or the given checkpoint directory) after checking it was made by the same configuration."""
-        run = self.run_dir / RUN
+        run, main = self.run_dir / RUN, self.parallel.main
         if not resume:
             if (self.run_dir / METRICS).exists() or list_checkpoints(self.run_dir):
                 raise ValueError(
                     f"{self.run_dir} already holds a training run: pass --resume to continue it, or another --out"
                 )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run, self._run_state())
-            (self.run_dir / METRICS).write_text("")
+            self.parallel.barrier()  # every rank looked before rank 0 writes
+            if main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(run, self._run_state())
+                (self.run_dir / METRICS).write_text("")
             return
         if resume is True:
             found = list_checkpoints(self.run_dir)
@@ -142,10 +150,13 @@ class Trainer:
             path = found[-1]
         else:
             path = Path(resume)
-        state = load_checkpoint(path, self.model, self.optimizer, check=self._check_compatible)
+        local = self.parallel.localize(self.optimizer)
+        state = load_checkpoint(path, self.model, self.optimizer, check=self._check_compatible, local=local)
         self.step = int(state["step"])
-        _write_json(run, self._run_state())
-        _truncate_metrics(self.run_dir / METRICS, self.step)
+        self.parallel.barrier()
+        if main:
+            _write_json(run, self._run_state())
+            _truncate_metrics(self.run_dir / METRICS, self.step)
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         if "model" not in state:
@@ -161,6 +172,8 @@ class Trainer:
             raise ValueError(f"cannot resume from {path}: its training settings differ in {', '.join(fields)}")
 
     def _log(self, record: dict) -> None:
+        if not self.parallel.main:
+            return
         with open(self.run_dir / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -180,7 +193,7 @@ class Trainer:
         loads = LoadAccumulator()
         sums = {"loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         for micro in range(cfg.grad_accum):
-            ids_BT = self.train_stream.batch(cfg.batch_size, cfg.seed, self.step, micro)
+            ids_BT = self.parallel.share(self.train_stream.batch(cfg.batch_size, cfg.seed, self.step, micro))
             with self._autocast():
                 out = model(ids_BT, return_routing=True, return_mtp=self.model_cfg.mtp_layers > 0)
                 loss = lm_loss(out.logits, ids_BT)
@@ -193,7 +206,10 @@ class Trainer:
             sums["loss"] += float(loss.detach()) / cfg.grad_accum
             sums["aux_loss"] += float(out.aux_loss.detach()) / cfg.grad_accum
             loads.add({i: info for i, info in out.moe.items() if i < self.model_cfg.num_layers})
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = self.parallel.finish_gradients(model, cfg.grad_clip or float("inf"))
+        keys = sorted(sums)
+        sums = dict(zip(keys, self.parallel.mean([sums[k] for k in keys]), strict=True))
+        self.parallel.sum_loads(loads)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.balancer is not None:
@@ -216,12 +232,15 @@ class Trainer:
         loads = LoadAccumulator(coactivation=True)
         total, n = 0.0, 0
         for ids_BT in self.val_stream.windows(cfg.batch_size, cfg.eval_batches):
+            ids_BT = self.parallel.share(ids_BT)
             with self._autocast():
                 out = model(ids_BT, return_routing=True)
             total += float(lm_loss(out.logits, ids_BT)) * ids_BT.shape[0]
             n += ids_BT.shape[0]
             loads.add(out.moe)
         model.train()
+        total, n = (x * self.parallel.ranks for x in self.parallel.mean([total, n]))
+        self.parallel.sum_loads(loads)
         val_loss = total / max(n, 1)
         return {
             "step": self.step,
@@ -275,7 +294,7 @@ class Trainer:
             "final": str(final) if final else None,
             "steps": self.step,
             "data": self.data_name,
-            "params": count_parameters(self.model),
+            "params": self.parameter_counts(),
             "first_loss": first_loss,
             "last_loss": last["loss"] if last else None,
             "val_loss": val["val_loss"],
@@ -284,15 +303,30 @@ class Trainer:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
 
+    def parameter_counts(self) -> dict:
+        """count_parameters of the whole model (an expert-parallel rank holds a share of the experts)."""
+        if self.parallel.ranks == 1:
+            return count_parameters(self.model)
+        with torch.device("meta"):
+            return count_parameters(MoEDecoder(self.model_cfg))
+
     def save(self) -> Path:
         state = {"step": self.step, **self._run_state()}
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_last)
+        weights, optimizer = self.parallel.state(self.model, self.optimizer)
+        path = checkpoints_dir(self.run_dir) / f"step-{self.step:08d}"
+        if self.parallel.main:
+            path = save_checkpoint(self.run_dir, self.step, weights, optimizer, state, self.cfg.keep_last)
+        self.parallel.barrier()
+        return path
 
     def save_final(self) -> Path:
         final = self.run_dir / "final"
-        save_pretrained(self.model, final)
-        self.tokenizer.save(final)
-        _write_json(final / "moekit_run.json", {"step": self.step, **self._run_state()})
+        whole = self.parallel.full_model(self.model)
+        if self.parallel.main:
+            save_pretrained(whole, final)
+            self.tokenizer.save(final)
+            _write_json(final / "moekit_run.json", {"step": self.step, **self._run_state()})
+        self.parallel.barrier()
         return final
 
 
