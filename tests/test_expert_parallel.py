@@ -234,3 +234,65 @@ def test_a_dead_or_hung_rank_stops_the_others_with_its_name(fault, tmp_path):
             for pid in (*map(int, children), launched.pid):
                 os.kill(pid, signal.SIGKILL)
         launched.wait()
+
+
+def _namespaces(tag: str) -> list[tuple[str, str, str]] | None:
+    """Two network namespaces joined by a veth pair: [(namespace, interface, address)], or None where this
+    machine cannot make them (not root, no `ip`, no namespaces)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return None
+    hosts = [(f"moekit-{tag}-{h}", f"mk{tag}{h}", f"10.78.{os.getpid() % 250}.{i + 1}") for i, h in enumerate("ab")]
+    (a, va, _), (b, vb, _) = hosts
+    steps = [["netns", "add", a], ["netns", "add", b], ["link", "add", va, "type", "veth", "peer", "name", vb]]
+    steps += [["link", "set", va, "netns", a], ["link", "set", vb, "netns", b]]
+    for ns, dev, addr in hosts:
+        steps += [["-n", ns, "addr", "add", f"{addr}/24", "dev", dev], ["-n", ns, "link", "set", dev, "up"]]
+        steps += [["-n", ns, "link", "set", "lo", "up"]]
+    for step in steps:
+        if subprocess.run(["ip", *step], capture_output=True).returncode != 0:
+            _drop_namespaces(hosts)
+            return None
+    return hosts
+
+
+def _drop_namespaces(hosts) -> None:
+    import subprocess
+
+    for ns, _, _ in hosts:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_hosts_by_c10d_rendezvous_train_as_one_process(tmp_path):
+    """Two "hosts" (network namespaces on a veth pair), torchrun's c10d rendezvous between them, 2 x 2 processes
+    with --ep 4: one process's losses."""
+    import subprocess
+    import sys
+
+    hosts = _namespaces(str(os.getpid() % 10000))
+    if hosts is None:
+        pytest.skip("network namespaces need root and iproute2")
+    try:
+        endpoint = f"{hosts[0][2]}:{_free_port()}"
+        flags = ["--steps", "6", "--save-every", "3", "--eval-every", "3", "--batch-size", "4", "--seq-len", "32"]
+        launched = []
+        for i, (ns, dev, addr) in enumerate(hosts):
+            command = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", sys.executable, "-m"]
+            command += ["torch.distributed.run", "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d"]
+            command += [f"--rdzv-endpoint={endpoint}", "--rdzv-id=moekit", f"--rdzv-conf=is_host={i == 0}"]
+            command += [f"--local-addr={addr}", "-m", "moekit", "train", "--ep", "4", "--out", str(tmp_path / "run")]
+            launched.append(
+                subprocess.Popen(
+                    [*command, *flags, "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+            )
+        for p in launched:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        _drop_namespaces(hosts)
+    _train_cli(tmp_path / "one", 1)
+    assert _rel(torch.tensor(_losses(tmp_path / "run")), torch.tensor(_losses(tmp_path / "one"))) < 1e-5
