@@ -7,9 +7,22 @@ import argparse
 import sys
 
 import moekit
-from moekit.cli import export_gguf, generate, inspect, models, plan, probe, quantize, report, serve, train, upcycle
+from moekit.cli import (
+    export_gguf,
+    generate,
+    inspect,
+    models,
+    place,
+    plan,
+    probe,
+    quantize,
+    report,
+    serve,
+    train,
+    upcycle,
+)
 
-COMMANDS = (probe, plan, inspect, generate, serve, train, upcycle, quantize, export_gguf, report, models)
+COMMANDS = (probe, plan, inspect, generate, serve, train, upcycle, quantize, export_gguf, report, models, place)
 
 
 def build_parser() -> argparse.ArgumentParser:
