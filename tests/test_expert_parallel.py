@@ -296,3 +296,21 @@ def test_two_hosts_by_c10d_rendezvous_train_as_one_process(tmp_path):
         _drop_namespaces(hosts)
     _train_cli(tmp_path / "one", 1)
     assert _rel(torch.tensor(_losses(tmp_path / "run")), torch.tensor(_losses(tmp_path / "one"))) < 1e-5
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_gives_one_process_tokens(tmp_path):
+    """moekit generate --ep 2: the tokens of one process (greedy; each rank holds half of the experts)."""
+    import json
+    import subprocess
+    import sys
+
+    model = _model("groups+shared+bias").eval()  # random weights: a varied greedy continuation
+    moekit.save_pretrained(model, tmp_path / "model")
+    command = ["-m", "moekit", "generate", str(tmp_path / "model"), "def f(x):", "--max-new-tokens", "16", "--json"]
+    one = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
+    two = subprocess.run([*launch, *command, "--ep", "2"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    tokens = json.loads(one.stdout)["tokens"]
+    assert len(set(tokens)) > 3 and json.loads(two.stdout)["tokens"] == tokens

@@ -19,7 +19,19 @@ def run(args: argparse.Namespace) -> int:
     from moekit.kernels import load_kernel
 
     path = checkpoint_dir(args.checkpoint)
+    main = True
+    if args.ep > 1:  # every rank decodes the same sequence, each holding 1/N of the experts
+        import torch.distributed as dist
+
+        from moekit.distributed.launch import init_from_env
+
+        init_from_env(args.ep, args.dist_timeout, "generate")
+        main = dist.get_rank() == 0
     model = moekit.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
+    if args.ep > 1:
+        from moekit.distributed.expert_parallel import parallelize_experts
+
+        parallelize_experts(model)
     load_kernel()  # a first build says so and happens here, outside the speed reported below
     tokenizer = load_tokenizer(path, model.config.vocab_size)
     ids = tokenizer.encode(args.prompt)
@@ -30,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     def show(token_B: torch.Tensor) -> None:
         text = stream.push(int(token_B[0]))
-        if not args.json:
+        if not args.json and main:
             print(*pending, text, sep="", end="", flush=True)
             pending.clear()
 
@@ -52,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     result = {"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}
     if stats is not None:
         result["speculation"] = stats.as_dict()
+    if args.ep > 1:
+        dist.destroy_process_group()
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(result))
         return 0
@@ -99,5 +115,13 @@ def add_parser(sub) -> None:
         help="quantize float modules while loading, as moekit quantize --weights names them (e.g. rest=q8: a "
         "checkpoint shipped with MXFP4 experts and bf16 attention fits and decodes in fp32 + 8-bit)",
     )
+    g.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert parallelism over N processes started by torchrun (torchrun --nproc-per-node N -m moekit "
+        "generate DIR PROMPT --ep N): each holds 1/N of the experts; rank 0 prints",
+    )
+    g.add_argument("--dist-timeout", type=float, default=60.0, help="seconds a rank waits for the others (60)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(fn=run)

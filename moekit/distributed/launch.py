@@ -14,12 +14,13 @@ import torch.distributed as dist
 TIMEOUT_S = 60.0
 
 
-def init_from_env(processes: int, timeout_s: float = TIMEOUT_S) -> dist.ProcessGroup:
-    """The default process group of `processes` ranks that torchrun started (gloo on CPUs, NCCL on GPUs)."""
+def init_from_env(processes: int, timeout_s: float = TIMEOUT_S, command: str = "train") -> dist.ProcessGroup:
+    """The default process group of `processes` ranks that torchrun started (gloo on CPUs, NCCL on GPUs) for
+    `moekit command --ep processes`."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(
             f"--ep {processes} needs {processes} processes started by torchrun: allowed "
-            f"torchrun --nproc-per-node {processes} -m moekit train --ep {processes} ..."
+            f"torchrun --nproc-per-node {processes} -m moekit {command} ... --ep {processes}"
         )
     world = int(os.environ["WORLD_SIZE"])
     if world != processes:
