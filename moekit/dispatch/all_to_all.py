@@ -10,9 +10,11 @@ are those of one process on the whole batch (to the rounding of different matmul
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from moekit.dispatch.local import LocalDispatcher
 from moekit.experts.backends import ExpertsBackend
@@ -30,6 +32,9 @@ class AllToAllDispatcher(LocalDispatcher):
         if num_experts % self.world:
             raise ValueError(f"{num_experts} experts do not split over {self.world} ranks: allowed a divisor of them")
         self.local = num_experts // self.world  # experts per rank
+        # what the forward passes exchanged so far (a backward repeats it in reverse): bytes this rank sent to the
+        # other ranks, and seconds in the collectives (waits included)
+        self.sent_bytes, self.seconds = 0, 0.0
 
     def run(self, x_TD: torch.Tensor, plan: RoutingPlan, backend: ExpertsBackend, experts: ExpertWeights):
         d = self.dispatch(x_TD, plan)
@@ -41,18 +46,25 @@ class AllToAllDispatcher(LocalDispatcher):
         """The experts' outputs [S, D] of rows x_SD sorted by (global) expert, counts_E rows each, computed on the
         ranks that hold them."""
         w, local = self.world, self.local
+        start = time.perf_counter()
         counts_WL = counts_E.to(torch.long).view(w, local)
         received_WL = torch.empty_like(counts_WL)  # [source rank, local expert]
         dist.all_to_all_single(received_WL, counts_WL, group=self.group)
         sent, got = counts_WL.sum(1).tolist(), received_WL.sum(1).tolist()
-        x_RD = all_to_all_single_autograd(x_SD.contiguous(), got, sent, self.group)
+        x_RD = wait_tensor(all_to_all_single_autograd(x_SD.contiguous(), got, sent, self.group))
         # rows come [source][expert][row]; the experts take them [expert][source][row]
         expert_R = torch.arange(local, device=x_SD.device).repeat(w).repeat_interleave(received_WL.flatten())
         by_expert_R = torch.argsort(expert_R, stable=True)
+        self.seconds += time.perf_counter() - start
         y_RD = backend(x_RD.index_select(0, by_expert_R), received_WL.sum(0).tolist(), experts)
         back_R = torch.empty_like(by_expert_R)
         back_R[by_expert_R] = torch.arange(by_expert_R.numel(), device=by_expert_R.device)
-        return all_to_all_single_autograd(y_RD.index_select(0, back_R).contiguous(), sent, got, self.group)
+        start = time.perf_counter()
+        y_SD = wait_tensor(all_to_all_single_autograd(y_RD.index_select(0, back_R).contiguous(), sent, got, self.group))
+        self.seconds += time.perf_counter() - start
+        row = x_SD.shape[-1] * x_SD.element_size()
+        self.sent_bytes += (sum(sent) - sent[self.rank] + sum(got) - got[self.rank]) * row
+        return y_SD
 
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the group's ranks (no gradient): batch statistics such as the aux loss's expert counts."""

@@ -116,6 +116,16 @@ def prefill(stats: ModelStats, d: Deployment, prompt_tokens: int) -> dict:
     }
 
 
+def expert_parallel_bytes(
+    stats: ModelStats, tokens: int, ranks: int, activation_bytes: int = ACTIVATION_BYTES
+) -> float:
+    """Bytes one rank sends by all-to-all in one forward pass of `tokens` tokens spread evenly over `ranks` ranks,
+    the experts too: each MoE layer sends every token's k rows to their experts' ranks and takes them back, the
+    share routed to the rank's own experts ((1 / ranks) of them under even routing) staying put."""
+    rows = tokens / ranks * (ranks - 1) / ranks
+    return sum(2 * m.top_k * rows * stats.config.hidden_size * activation_bytes for m in stats.moe_layers)
+
+
 def collectives(stats: ModelStats, d: Deployment, tokens: int) -> dict:
     """Per forward pass over `tokens` tokens: tensor parallelism all-reduces the attention output of every layer
     within a node; expert parallelism sends each token to its k experts and back (all-to-all) across all GPUs.
@@ -128,7 +138,7 @@ def collectives(stats: ModelStats, d: Deployment, tokens: int) -> dict:
     tp = min(n, hw.gpus_per_node)
     allreduce = 2 * (tp - 1) / tp * act * cfg.num_layers if tp > 1 else 0
     top_k = [m.top_k for m in stats.moe_layers]
-    alltoall = sum(2 * k * act * (n - 1) / n for k in top_k)
+    alltoall = n * expert_parallel_bytes(stats, tokens, n)
     inter = d.nodes > 1
     link_gbs = hw.network_gbs if inter else hw.interconnect_gbs
     count = (cfg.num_layers if tp > 1 else 0) + 2 * len(top_k)
