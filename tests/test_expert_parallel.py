@@ -32,6 +32,8 @@ CASES = {  # token choice in groups with a shared expert and the loss-free bias;
         seq_aux_loss_coef=0.001,
     ),
     "top1+aux": dict(routing=RoutingSpec(num_experts=8, top_k=1), aux_loss_coef=0.01, z_loss_coef=0.001),
+    # capacity 1.0 drops a share of the assignments, by position over the whole batch
+    "capacity+drops": dict(routing=RoutingSpec(num_experts=8, top_k=2, normalize=True), capacity_factor=1.0),
 }
 
 
@@ -112,6 +114,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_ranks_train_as_one_process(case, world):
     reference = _model(case)
     history = _train(reference, _batch())
+    if "capacity" in case:  # the capacity does drop assignments
+        assert sum(i.dropped for i in reference(_batch()[:, :-1], return_routing=True).moe.values()) > 0
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank, args=(world, _free_port(), case, tmp), nprocs=world)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
@@ -314,3 +318,44 @@ def test_generate_under_torchrun_gives_one_process_tokens(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
     tokens = json.loads(one.stdout)["tokens"]
     assert len(set(tokens)) > 3 and json.loads(two.stdout)["tokens"] == tokens
+
+
+class _Shares:
+    """Ranks' shares of one batch in one process: all_gather returns every share's tensor, given in advance."""
+
+    def __init__(self, rank: int, ranks: int, gathered: list):
+        self.rank, self.ranks, self.gathered = rank, ranks, gathered
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.gathered[self.rank] = t
+        return torch.stack(self.gathered)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25])
+def test_capacity_over_shares_drops_what_one_process_drops(ranks, factor):
+    """Each rank's share of a batch keeps exactly the assignments one process keeps of the whole batch."""
+    from moekit.routing.balancing import apply_capacity
+    from moekit.routing.plan import RoutingPlan
+
+    generator = torch.Generator().manual_seed(ranks * 10 + int(factor * 4))
+    tokens, k, e = 32, 2, 8
+    scores = torch.rand(tokens, e, generator=generator) + torch.linspace(0, 1, e)  # skewed: the last experts overflow
+    ids_TK = scores.topk(k, dim=-1).indices
+    whole = apply_capacity(RoutingPlan.from_topk(ids_TK, torch.ones(tokens, k), e), factor)
+    kept = {(int(t), int(x)) for t, x in zip(whole.token_ids_N, whole.expert_ids_N, strict=True)}
+    share = tokens // ranks
+    counts = [
+        torch.bincount(
+            RoutingPlan.from_topk(ids_TK[r * share : (r + 1) * share], torch.ones(share, k), e).slot_N * e
+            + ids_TK[r * share : (r + 1) * share].flatten(),
+            minlength=k * e,
+        ).view(k, e)
+        for r in range(ranks)
+    ]
+    shared = set()
+    for r in range(ranks):
+        plan = RoutingPlan.from_topk(ids_TK[r * share : (r + 1) * share], torch.ones(share, k), e)
+        mine = apply_capacity(plan, factor, shares=_Shares(r, ranks, list(counts)))
+        shared |= {(int(t) + r * share, int(x)) for t, x in zip(mine.token_ids_N, mine.expert_ids_N, strict=True)}
+    assert shared == kept and whole.num_dropped > 0

@@ -66,6 +66,16 @@ class AllToAllDispatcher(LocalDispatcher):
         self.sent_bytes += (sum(sent) - sent[self.rank] + sum(got) - got[self.rank]) * row
         return y_SD
 
+    @property
+    def ranks(self) -> int:
+        return self.world
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[ranks, *t.shape]: every rank's t (no gradient)."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the group's ranks (no gradient): batch statistics such as the aux loss's expert counts."""
         t = t.detach().clone()

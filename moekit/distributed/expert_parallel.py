@@ -39,7 +39,7 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None
             raise ValueError("parallelize_experts: the model's experts are sharded already")
         dispatcher = AllToAllDispatcher(block.cfg.num_experts, group)
         block.experts = ShardedExperts(block.experts, dispatcher.rank * dispatcher.local, dispatcher.local)
-        block.dispatcher = dispatcher
+        block.dispatcher = block.router.shares = dispatcher  # capacity spans the ranks' shares of a batch
     model.drop_fused()
 
 

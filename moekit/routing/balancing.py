@@ -80,13 +80,17 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return math.ceil(top_k * num_tokens * capacity_factor / num_experts)
 
 
-def apply_capacity(plan: RoutingPlan, capacity_factor: float, policy: str = "position") -> RoutingPlan:
+def apply_capacity(plan: RoutingPlan, capacity_factor: float, policy: str = "position", shares=None) -> RoutingPlan:
     """Drop the assignments beyond each expert's capacity. A token that loses all its experts passes through on the
     residual only.
 
     policy 'position': first choices of all tokens before second choices, earlier tokens first within a choice
-    (GShard/Switch). policy 'score': the highest-weighted assignments first."""
+    (GShard/Switch). policy 'score': the highest-weighted assignments first. shares: the ranks holding contiguous
+    equal shares of one batch (expert parallelism: rank, ranks, all_gather), whose capacity and drops are the whole
+    batch's as one process computes them (policy 'position')."""
     check_choice("drop_policy", policy, ("position", "score"))
+    if shares is not None and shares.ranks > 1:
+        return _shared_capacity(plan, capacity_factor, policy, shares)
     capacity = expert_capacity(plan.num_tokens, plan.num_experts, plan.num_slots, capacity_factor)
     n = plan.expert_ids_N.numel()
     if policy == "position":
@@ -101,6 +105,29 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: float, policy: str = "pos
     rank = torch.arange(n, device=grouped.device) - starts_E[plan.expert_ids_N[grouped]]
     keep_N = torch.zeros(n, dtype=torch.bool, device=grouped.device)
     keep_N[grouped] = rank < capacity
+    return plan.select(keep_N)
+
+
+def _shared_capacity(plan: RoutingPlan, capacity_factor: float, policy: str, shares) -> RoutingPlan:
+    """apply_capacity over the ranks' shares: expert e keeps the capacity's worth of the whole batch's assignments
+    in position order (slot, then rank, then token): this rank's (slot j, e) assignments come after every rank's
+    earlier slots and the earlier ranks' slot j, all known from one all-gather of the counts per (slot, expert)."""
+    if policy != "position":
+        raise ValueError(f"drop_policy={policy!r} with expert parallelism is unsupported: allowed 'position'")
+    k, e, t = plan.num_slots, plan.num_experts, plan.num_tokens
+    capacity = expert_capacity(t * shares.ranks, e, k, capacity_factor)
+    group_N = plan.slot_N * e + plan.expert_ids_N  # (slot, expert)
+    counts_KE = torch.bincount(group_N, minlength=k * e).view(k, e)
+    all_WKE = shares.all_gather(counts_KE)
+    every_KE = all_WKE.sum(0)
+    before_KE = every_KE.cumsum(0) - every_KE + all_WKE[: shares.rank].sum(0)
+    allowance = (capacity - before_KE).clamp_min(0).flatten()
+    order = torch.argsort(group_N * t + plan.token_ids_N, stable=True)  # by (slot, expert), then token
+    starts = torch.cumsum(counts_KE.flatten(), 0) - counts_KE.flatten()
+    keep_N = torch.zeros_like(plan.expert_ids_N, dtype=torch.bool)
+    keep_N[order] = (
+        torch.arange(order.numel(), device=order.device) - starts[group_N[order]] < allowance[group_N[order]]
+    )
     return plan.select(keep_N)
 
 

@@ -33,7 +33,10 @@ def _check_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TokenChoiceRouter(nn.Module):
-    """weight [E, D] (+ bias [E]); selection_bias_E and its load counter load_E when the spec has a selection bias."""
+    """weight [E, D] (+ bias [E]); selection_bias_E and its load counter load_E when the spec has a selection bias.
+    shares: set by expert parallelism (moekit.distributed), the ranks whose shares of a batch capacity spans."""
+
+    shares = None
 
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
@@ -68,7 +71,7 @@ class TokenChoiceRouter(nn.Module):
             topk_ids_TK, weights_TK, self.spec.num_experts, self.spec.apply_to, probs_TE, logits_TE
         )
         if self.cfg.capacity_factor is not None:
-            plan = apply_capacity(plan, self.cfg.capacity_factor, self.cfg.drop_policy)
+            plan = apply_capacity(plan, self.cfg.capacity_factor, self.cfg.drop_policy, self.shares)
         return plan
 
 
