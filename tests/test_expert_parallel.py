@@ -16,6 +16,7 @@ import moekit
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
 from moekit.distributed.expert_parallel import ShardedExperts, parallelize_experts, sync_gradients
+from moekit.distributed.training import ExpertParallelRun
 from moekit.routing.balancing import LossFreeBalancer
 from moekit.routing.spec import RoutingSpec
 
@@ -67,15 +68,21 @@ def _batch() -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
 
 
-def _rank(rank: int, world: int, port: int, case: str, out_dir: str) -> None:
+def _rank(rank: int, world: int, port: int, case: str, out_dir: str, ep: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = _model(case)
-        parallelize_experts(model)
+        if ep == world:  # the parts alone
+            parallelize_experts(model)
+            sync = sync_gradients
+        else:  # data parallel x expert parallel, as moekit train --ep runs it
+            run = ExpertParallelRun(ep)
+            run.prepare(model, BATCH)
+            sync = lambda m: run.finish_gradients(m, float("inf"))  # noqa: E731
         share = BATCH // world
-        history = _train(model, _batch()[rank * share : (rank + 1) * share], sync_gradients)
+        history = _train(model, _batch()[rank * share : (rank + 1) * share], sync)
         dist.all_reduce(history)  # the mean over ranks: the global batch's loss
         experts = {
             f"{i}.{n}": p.detach().clone()
@@ -109,15 +116,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_train_as_one_process(case, world):
+LAYOUTS = [(c, 2, 2) for c in CASES] + [("groups+shared+bias", 4, 4), ("top1+aux", 4, 2), ("capacity+drops", 4, 2)]
+
+
+@pytest.mark.parametrize("case,world,ep", LAYOUTS)
+def test_ranks_train_as_one_process(case, world, ep):
+    """world processes, experts over ep of them (world / ep data-parallel replicas of each share)."""
     reference = _model(case)
     history = _train(reference, _batch())
     if "capacity" in case:  # the capacity does drop assignments
         assert sum(i.dropped for i in reference(_batch()[:, :-1], return_routing=True).moe.values()) > 0
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(world, _free_port(), case, tmp), nprocs=world)
+        mp.spawn(_rank, args=(world, _free_port(), case, tmp, ep), nprocs=world)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
     assert _rel(ranks[0]["history"], history) < 1e-5
     for r in ranks:
@@ -125,12 +135,13 @@ def test_ranks_train_as_one_process(case, world):
         assert _rel(r["router"], reference.layers[1].mlp.router.weight.detach()) < 1e-5
         for i, bias in r["biases"].items():
             assert _rel(bias, reference.moe_blocks()[i].router.selection_bias_E) < 1e-5
-    local = 8 // world
+    local = 8 // ep
     for r, shard in enumerate(ranks):  # each rank's experts: its slice of the one-process model's, trained alike
-        assert shard["first"] == r * local
+        first = (r % ep) * local
+        assert shard["first"] == first
         for name, p in shard["experts"].items():
             layer, param = name.split(".", 1)
-            full = getattr(reference.moe_blocks()[int(layer)].experts, param)[r * local : (r + 1) * local]
+            full = getattr(reference.moe_blocks()[int(layer)].experts, param)[first : first + local]
             assert _rel(p, full.detach()) < 1e-5, name
 
 
@@ -149,9 +160,9 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] if "loss" in r else r["val_loss"] for r in rows]
 
 
-def _train_cli(run: Path, processes: int, *extra: str) -> None:
+def _train_cli(run: Path, processes: int, *extra: str, ep: int | None = None) -> None:
     """moekit train on the tiny preset for 6 steps (a checkpoint and a validation at step 3), in one process or
-    under torchrun with --ep."""
+    under torchrun with --ep (default: every process)."""
     import subprocess
     import sys
 
@@ -160,7 +171,7 @@ def _train_cli(run: Path, processes: int, *extra: str) -> None:
     launch = [sys.executable, "-m", "moekit", "train"]
     if processes > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
-        launch += [f"--master-port={_free_port()}", "-m", "moekit", "train", "--ep", str(processes)]
+        launch += [f"--master-port={_free_port()}", "-m", "moekit", "train", "--ep", str(ep or processes)]
     done = subprocess.run([*launch, *flags], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -168,7 +179,8 @@ def _train_cli(run: Path, processes: int, *extra: str) -> None:
 @pytest.mark.slow
 def test_train_cli_under_torchrun_resumes_at_other_ep_sizes(tmp_path):
     """moekit train --ep 2 under torchrun: one process's losses, validation and final model; its checkpoint at
-    step 3 (gathered) resumes in one process and at --ep 4 on the same loss curve."""
+    step 3 (gathered) resumes in one process, at --ep 4, and at --ep 2 in 4 processes (2 data-parallel replicas)
+    on the same loss curve."""
     from safetensors.torch import load_file
 
     _train_cli(tmp_path / "one", 1)
@@ -177,8 +189,8 @@ def test_train_cli_under_torchrun_resumes_at_other_ep_sizes(tmp_path):
     assert _rel(torch.tensor(_losses(tmp_path / "ep2")), torch.tensor(reference)) < 1e-5
     one, ep2 = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "ep2"))
     assert sorted(one) == sorted(ep2) and all(_rel(ep2[k], one[k]) < 1e-5 for k in one)
-    for processes in (1, 4):
-        run = tmp_path / f"resumed{processes}"
+    for processes, ep in ((1, None), (4, 4), (4, 2)):  # 4 processes: all expert parallel, or 2 x 2 with 2 replicas
+        run = tmp_path / f"resumed{processes}-{ep}"
         (run / "checkpoints").mkdir(parents=True)
         for f in ("run.json", "metrics.jsonl"):
             (run / f).write_bytes((tmp_path / "ep2" / f).read_bytes())
@@ -186,7 +198,7 @@ def test_train_cli_under_torchrun_resumes_at_other_ep_sizes(tmp_path):
         (run / "checkpoints" / step3.name).mkdir()
         for f in step3.iterdir():
             (run / "checkpoints" / step3.name / f.name).write_bytes(f.read_bytes())
-        _train_cli(run, processes, "--resume")
+        _train_cli(run, processes, "--resume", ep=ep)
         assert _rel(torch.tensor(_losses(run)), torch.tensor(reference)) < 1e-5
 
 
@@ -315,7 +327,7 @@ def test_generate_under_torchrun_gives_one_process_tokens(tmp_path):
     one = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
     two = subprocess.run([*launch, *command, "--ep", "2"], capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-8000:]
     tokens = json.loads(one.stdout)["tokens"]
     assert len(set(tokens)) > 3 and json.loads(two.stdout)["tokens"] == tokens
 

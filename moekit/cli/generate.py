@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if stats is not None:
         result["speculation"] = stats.as_dict()
     if args.ep > 1:
-        dist.destroy_process_group()
+        from moekit.distributed.launch import finish
+
+        finish()
     if not main:
         return 0
     if args.json:

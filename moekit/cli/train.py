@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         from moekit.distributed.launch import init_from_env
         from moekit.distributed.training import ExpertParallelRun
 
-        init_from_env(args.ep, args.dist_timeout)
-        parallel = ExpertParallelRun()
+        init_from_env(args.ep, args.dist_timeout, multiple=True)
+        parallel = ExpertParallelRun(args.ep)
     trainer = Trainer(model_cfg, train_cfg, out, init=init, progress=not args.json, parallel=parallel)
     trainer.start(args.resume if args.resume is not None else False)
     if not args.json and trainer.parallel.main:
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
         raise ValueError(failure_message(e, args.dist_timeout)) from None
     if parallel is not None:
-        import torch.distributed as dist
+        from moekit.distributed.launch import finish
 
-        dist.destroy_process_group()
+        finish()
     if not trainer.parallel.main:
         return 0
     if args.json:
@@ -124,8 +124,9 @@ def add_parser(sub) -> None:
         "--ep",
         type=int,
         default=1,
-        help="expert parallelism over N processes started by torchrun (torchrun --nproc-per-node N -m moekit train "
-        "--ep N --out RUN ...): each holds 1/N of the experts and of every batch",
+        help="expert parallelism over N of the processes torchrun started (torchrun --nproc-per-node P -m moekit "
+        "train --ep N --out RUN ...; P a multiple of N, the rest data parallel): each holds 1/N of the experts and "
+        "1/P of every batch",
     )
     t.add_argument(
         "--dist-timeout", type=float, default=60.0, help="seconds a rank waits for the others before it stops (60)"

@@ -22,12 +22,34 @@ from moekit.experts.weights import ExpertWeights
 from moekit.routing.plan import RoutingPlan
 
 
+class BatchShares:
+    """The ranks that hold contiguous equal shares of one batch, in rank order (all of them, also with a
+    data-parallel dimension beside the experts'): what batch statistics (the aux loss's expert fractions, the
+    capacity's drops) are reduced over."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group or dist.group.WORLD
+        self.rank, self.ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[ranks, *t.shape]: every rank's t (no gradient)."""
+        parts = [torch.empty_like(t) for _ in range(self.ranks)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
 class AllToAllDispatcher(LocalDispatcher):
     """Dispatch and combine across the ranks of `group` (None: the default group), dropless: every row reaches its
-    expert's rank whatever the counts."""
+    expert's rank whatever the counts. shares: the ranks sharing the batch (default: those of `group`)."""
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None, shares: BatchShares | None = None):
         self.group = group or dist.group.WORLD
+        self.shares = shares or BatchShares(self.group)
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if num_experts % self.world:
             raise ValueError(f"{num_experts} experts do not split over {self.world} ranks: allowed a divisor of them")
@@ -66,18 +88,6 @@ class AllToAllDispatcher(LocalDispatcher):
         self.sent_bytes += (sum(sent) - sent[self.rank] + sum(got) - got[self.rank]) * row
         return y_SD
 
-    @property
-    def ranks(self) -> int:
-        return self.world
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """[ranks, *t.shape]: every rank's t (no gradient)."""
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.stack(parts)
-
     def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over the group's ranks (no gradient): batch statistics such as the aux loss's expert counts."""
-        t = t.detach().clone()
-        dist.all_reduce(t, group=self.group)
-        return t
+        """t summed over the ranks sharing the batch (no gradient): the aux loss's expert counts."""
+        return self.shares.sum_over_ranks(t)

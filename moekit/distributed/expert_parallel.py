@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moekit.dispatch.all_to_all import AllToAllDispatcher
+from moekit.dispatch.all_to_all import AllToAllDispatcher, BatchShares
 from moekit.experts.weights import ExpertWeights
 
 
@@ -29,25 +29,33 @@ class ShardedExperts(ExpertWeights):
                 getattr(self, name).copy_(p[first : first + count])
 
 
-def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def parallelize_experts(
+    model: nn.Module, group: dist.ProcessGroup | None = None, batch_group: dist.ProcessGroup | None = None
+) -> None:
     """Shard every MoE block's routed experts over the ranks of `group` (None: the default group; its size must
-    divide the expert count) and exchange tokens by all-to-all. Every rank must hold the same weights before (the
-    same seed, or the same checkpoint)."""
+    divide the expert count) and exchange tokens by all-to-all; batch_group: the ranks sharing each batch (default
+    `group`; the whole mesh where a data-parallel dimension sits beside the experts'). Every rank must hold the
+    same weights before (the same seed, or the same checkpoint)."""
     group = group or dist.group.WORLD
+    shares = BatchShares(batch_group or group)
     for block in model.moe_blocks().values():
         if isinstance(block.experts, ShardedExperts):
             raise ValueError("parallelize_experts: the model's experts are sharded already")
-        dispatcher = AllToAllDispatcher(block.cfg.num_experts, group)
+        dispatcher = AllToAllDispatcher(block.cfg.num_experts, group, shares)
         block.experts = ShardedExperts(block.experts, dispatcher.rank * dispatcher.local, dispatcher.local)
-        block.dispatcher = block.router.shares = dispatcher  # capacity spans the ranks' shares of a batch
+        block.dispatcher, block.router.shares = dispatcher, shares  # capacity spans the shares of a batch
     model.drop_fused()
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def sync_gradients(
+    model: nn.Module, group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None
+) -> None:
     """After backward of each rank's loss on its share of the batch: every gradient becomes that of the ranks' mean
-    loss. Replicated parameters: the mean over ranks (one all-reduce of all of them, flattened). Sharded experts
-    already hold the sum over ranks (the all-to-all's backward brought every rank's rows): divided by the ranks."""
+    loss. group: all the ranks sharing the batch (default: all). Replicated parameters: the mean over them (one
+    all-reduce of all of them, flattened). Sharded experts hold the sum over their expert-parallel group's ranks
+    (the all-to-all's backward brought every rank's rows), summed over replica_group (the ranks holding the same
+    share of the experts: the data-parallel group, None if none), then divided by the ranks."""
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     sharded = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()}
@@ -60,9 +68,14 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
         dist.all_reduce(flat, group=group)
         for p, g in zip(replicated, flat.split([p.numel() for p in replicated]), strict=True):
             p.grad.copy_(g.view_as(p.grad)).div_(world)
-    for p in model.parameters():
-        if id(p) in sharded and p.grad is not None:
-            p.grad.div_(world)
+    experts = [p for p in model.parameters() if id(p) in sharded and p.grad is not None]
+    if replica_group is not None and dist.get_world_size(replica_group) > 1 and experts:
+        flat = torch.cat([p.grad.reshape(-1) for p in experts])
+        dist.all_reduce(flat, group=replica_group)
+        for p, g in zip(experts, flat.split([p.numel() for p in experts]), strict=True):
+            p.grad.copy_(g.view_as(p.grad))
+    for p in experts:
+        p.grad.div_(world)
 
 
 def _sharded(model: nn.Module) -> dict[str, ShardedExperts]:
@@ -132,8 +145,8 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, fu
 
 @torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> float:
-    """torch.nn.utils.clip_grad_norm_ over the whole model, its sharded experts' gradients counted on every rank
-    (after sync_gradients): the norm one process computes."""
+    """torch.nn.utils.clip_grad_norm_ over the whole model after sync_gradients: the norm one process computes,
+    the sharded experts' gradients summed over `group`, the expert-parallel group (each share counted once)."""
     group = group or dist.group.WORLD
     sharded = {id(p) for m in set(_sharded(model).values()) for p in m.parameters()}
     grads = [p.grad for p in model.parameters() if p.grad is not None]

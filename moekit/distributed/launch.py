@@ -14,17 +14,20 @@ import torch.distributed as dist
 TIMEOUT_S = 60.0
 
 
-def init_from_env(processes: int, timeout_s: float = TIMEOUT_S, command: str = "train") -> dist.ProcessGroup:
-    """The default process group of `processes` ranks that torchrun started (gloo on CPUs, NCCL on GPUs) for
-    `moekit command --ep processes`."""
+def init_from_env(
+    processes: int, timeout_s: float = TIMEOUT_S, command: str = "train", multiple: bool = False
+) -> dist.ProcessGroup:
+    """The default process group of `processes` ranks (multiple: of a multiple of them) that torchrun started (gloo
+    on CPUs, NCCL on GPUs) for `moekit command --ep processes`."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(
             f"--ep {processes} needs {processes} processes started by torchrun: allowed "
             f"torchrun --nproc-per-node {processes} -m moekit {command} ... --ep {processes}"
         )
     world = int(os.environ["WORLD_SIZE"])
-    if world != processes:
-        raise ValueError(f"--ep {processes} with {world} processes: allowed as many processes as --ep")
+    if world % processes if multiple else world != processes:
+        allowed = "a multiple of --ep (the rest data parallel)" if multiple else "as many processes as --ep"
+        raise ValueError(f"--ep {processes} with {world} processes: allowed {allowed}")
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -52,6 +55,12 @@ def failure_message(error: BaseException, timeout_s: float) -> str:
             found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
             missing = f"; rank(s) {found[1].strip()} did not answer: stopped or hung" if found else ""
     return f"rank {rank}: a collective failed after up to {timeout_s:g} s ({cause}){missing}"
+
+
+def finish() -> None:
+    """Leave the process group together: no rank tears its connections down while another still uses them."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def is_main() -> bool:
