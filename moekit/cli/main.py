@@ -8,6 +8,7 @@ import sys
 
 import moekit
 from moekit.cli import (
+    cache_sim,
     export_gguf,
     generate,
     inspect,
@@ -18,11 +19,13 @@ from moekit.cli import (
     quantize,
     report,
     serve,
+    trace,
     train,
     upcycle,
 )
 
-COMMANDS = (probe, plan, inspect, generate, serve, train, upcycle, quantize, export_gguf, report, models, place)
+COMMANDS = (probe, plan, inspect, generate, serve, train, upcycle, quantize, export_gguf, report, models, place, trace)
+COMMANDS += (cache_sim,)
 
 
 def build_parser() -> argparse.ArgumentParser:

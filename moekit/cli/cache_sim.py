@@ -1,0 +1,63 @@
+"""`moekit cache-sim`: replay a routing trace against expert-cache policies and Belady's optimum."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def slots_of(budget: str, expert_bytes: int) -> int:
+    """Expert slots in a budget given as bytes with a unit (8GB, 512MiB) or as a count of experts (16)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", budget)
+    unit = m[2].lower() if m else ""
+    if not m or (unit and unit not in UNITS):
+        raise ValueError(f"--budget {budget!r} is invalid: allowed a count of experts (16) or bytes (8GB, 512MiB)")
+    if not unit:
+        return int(float(m[1]))
+    return int(float(m[1]) * UNITS[unit] // expert_bytes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moekit.infer.expert_trace import POLICIES, ExpertTrace, simulate
+
+    trace = ExpertTrace.load(Path(args.trace))
+    slots = slots_of(args.budget, trace.expert_bytes)
+    results = [simulate(trace, slots, policy, args.half_life) for policy in args.policies or POLICIES]
+    best = next((r["hit_rate"] for r in results if r["policy"] == "belady"), None)
+    for r in results:
+        r["of_belady"] = r["hit_rate"] / best if best else None
+    total = len(trace.layers) * trace.experts
+    if args.json:
+        print(json.dumps({"trace": args.trace, "slots": slots, "experts": total, "policies": results}, indent=2))
+        return 0
+    print(
+        f"trace    {args.trace}: {trace.ids.shape[0]:,} tokens, {len(trace.layers)} MoE layers x {trace.experts} "
+        f"experts, top-{trace.ids.shape[2]}"
+    )
+    print(f"budget   {slots} expert slots of {total} ({slots / total:.0%}), {trace.expert_bytes / 2**20:.2f} MiB each")
+    print("policy     hit rate  of Belady  MiB read per token")
+    for r in results:
+        of = f"{r['of_belady']:.1%}" if r["of_belady"] is not None else "-"
+        print(f"{r['policy']:<10} {r['hit_rate']:>8.1%}  {of:>9}  {r['bytes_per_token'] / 2**20:>18.2f}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache-sim",
+        help="replay a routing trace against expert-cache policies and Belady's optimum",
+        description="How often a pool of expert slots (shared by all MoE layers) already holds the experts each "
+        "token needs, under LRU, LFU, LFU with decay (recent use counts more) and Belady's optimum (the offline "
+        "best, which knows the future), from a trace written by moekit trace.",
+    )
+    p.add_argument("trace", help="a trace written by moekit trace")
+    p.add_argument("--budget", required=True, help="expert memory: bytes (8GB, 512MiB) or a count of experts (16)")
+    p.add_argument("--policies", nargs="+", choices=["lru", "lfu", "lfu-decay", "belady"], help="(all)")
+    p.add_argument("--half-life", type=float, default=64.0, help="lfu-decay: tokens for a use to count half (64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=run)
