@@ -78,9 +78,19 @@ def test_record_save_load(tmp_path):
     with torch.no_grad():
         out = model(batches[0], return_routing=True)
     assert torch.equal(trace.ids[:20, 0], out.moe[1].topk_ids_TK.int())
+    # layer 2's router on layer 1's input, one layer early
+    assert (trace.predicted[:, 0] == -1).all() and trace.predicted[:, 1].min() >= 0
+    seen = []
+    hook = model.layers[1].mlp.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(batches[0])
+        early = model.layers[2].mlp.router(seen[0].reshape(-1, 32)).topk_ids_TK
+    hook.remove()
+    assert torch.equal(trace.predicted[:20, 1], early.int())
     trace.save(tmp_path / "t.safetensors")
     again = ExpertTrace.load(tmp_path / "t.safetensors")
     assert torch.equal(again.ids, trace.ids.long()) and again.layers == [1, 2] and again.model == "tiny"
+    assert torch.equal(again.predicted, trace.predicted.long())
 
 
 def test_trace_and_cache_sim_commands(tmp_path, capsys):
@@ -95,7 +105,25 @@ def test_trace_and_cache_sim_commands(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     rates = {r["policy"]: r["hit_rate"] for r in result["policies"]}
     assert result["slots"] == 6 and set(rates) == set(POLICIES) and max(rates.values()) == rates["belady"]
+    assert main(["cache-sim", str(out), "--budget", "6", "--prefetch", "--policies", "lru", "--json"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["lru", "lru+prefetch"]
     assert main(["cache-sim", str(out), "--budget", "lots"]) == 2
     assert "--budget 'lots' is invalid" in capsys.readouterr().err
     assert main(["cache-sim", str(data), "--budget", "6"]) == 2
     assert "not a moekit trace" in capsys.readouterr().err
+
+
+def test_prefetch_reads_the_next_layer_ahead():
+    """Two layers, k = 1, 2 slots: a right prediction makes every second-layer request a hit (its expert was read
+    ahead), a wrong one costs a wasted read and leaves the request a miss."""
+    ids = [[[0], [1]], [[2], [3]], [[4], [5]]]
+    right = _trace(ids)
+    right.predicted = torch.tensor([[[-1], [1]], [[-1], [3]], [[-1], [5]]])
+    r = simulate(right, 2, "lru", prefetch=True)
+    assert (r["hits"], r["misses"], r["prefetched"], r["prefetch_wasted"]) == (3, 3, 3, 0)
+    wrong = _trace(ids)
+    wrong.predicted = torch.tensor([[[-1], [7]], [[-1], [7]], [[-1], [6]]])
+    r = simulate(wrong, 2, "lru", prefetch=True)
+    assert r["hits"] == 0 and r["prefetch_wasted"] == r["prefetched"] == 3  # expert 7 read twice: evicted between
+    assert r["bytes_read"] == (6 + 3) * 1000
+    assert right.prediction_quality() == {"precision": 1.0, "recall": 1.0}

@@ -27,7 +27,12 @@ def run(args: argparse.Namespace) -> int:
 
     trace = ExpertTrace.load(Path(args.trace))
     slots = slots_of(args.budget, trace.expert_bytes)
-    results = [simulate(trace, slots, policy, args.half_life) for policy in args.policies or POLICIES]
+    policies = args.policies or POLICIES
+    results = [simulate(trace, slots, policy, args.half_life) for policy in policies]
+    if args.prefetch:  # the online policies again, each layer's predicted experts read ahead
+        for policy in (p for p in policies if p != "belady"):
+            result = simulate(trace, slots, policy, args.half_life, prefetch=True)
+            results.append({**result, "policy": f"{policy}+prefetch"})
     best = next((r["hit_rate"] for r in results if r["policy"] == "belady"), None)
     for r in results:
         r["of_belady"] = r["hit_rate"] / best if best else None
@@ -40,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
         f"experts, top-{trace.ids.shape[2]}"
     )
     print(f"budget   {slots} expert slots of {total} ({slots / total:.0%}), {trace.expert_bytes / 2**20:.2f} MiB each")
-    print("policy     hit rate  of Belady  MiB read per token")
+    print("policy              hit rate  of Belady  MiB read per token  prefetched reads wasted")
     for r in results:
         of = f"{r['of_belady']:.1%}" if r["of_belady"] is not None else "-"
-        print(f"{r['policy']:<10} {r['hit_rate']:>8.1%}  {of:>9}  {r['bytes_per_token'] / 2**20:>18.2f}")
+        waste = f"{r['prefetch_wasted'] / max(r['prefetched'], 1):.1%}" if "prefetched" in r else "-"
+        print(f"{r['policy']:<19} {r['hit_rate']:>8.1%}  {of:>9}  {r['bytes_per_token'] / 2**20:>18.2f}  {waste:>23}")
     return 0
 
 
@@ -59,5 +65,10 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", required=True, help="expert memory: bytes (8GB, 512MiB) or a count of experts (16)")
     p.add_argument("--policies", nargs="+", choices=["lru", "lfu", "lfu-decay", "belady"], help="(all)")
     p.add_argument("--half-life", type=float, default=64.0, help="lfu-decay: tokens for a use to count half (64)")
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="also each online policy with the next layer's predicted experts read ahead (the trace's early router)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=run)

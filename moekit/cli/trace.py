@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         "experts": trace.experts,
         "top_k": trace.ids.shape[2],
         "expert_bytes": trace.expert_bytes,
+        "early_prediction": trace.prediction_quality(),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
             f"trace    {args.out}: {summary['tokens']:,} tokens of {source}, {summary['moe_layers']} MoE layers x "
             f"{trace.experts} experts (top-{summary['top_k']}, {trace.expert_bytes / 2**20:.2f} MiB each)"
         )
-        print(f"next     moekit cache-sim {args.out} --budget {len(trace.layers) * trace.experts // 2}")
+        quality = summary["early_prediction"]
+        if quality is not None and len(trace.layers) > 1:
+            print(
+                f"predict  each router on the previous MoE layer's input: precision {quality['precision']:.1%}, "
+                f"recall {quality['recall']:.1%}"
+            )
+        print(f"next     moekit cache-sim {args.out} --budget {len(trace.layers) * trace.experts // 2} --prefetch")
     return 0
 
 
