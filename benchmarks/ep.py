@@ -82,6 +82,7 @@ def worker(steps: int, out: Path) -> None:
     out.with_name(f"{out.stem}.{rank}.json").write_text(json.dumps(record))
     if ranks > 1:
         dist.destroy_process_group()
+        os._exit(0)  # past gloo's threads at interpreter exit (see moekit.distributed.launch.finish)
 
 
 def measure(processes: int, steps: int, directory: Path) -> dict:

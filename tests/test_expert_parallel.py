@@ -102,8 +102,15 @@ def _rank(rank: int, world: int, port: int, case: str, out_dir: str, ep: int) ->
             },
             Path(out_dir) / f"rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
+    dist.destroy_process_group()
+    os._exit(code)  # past gloo's threads at interpreter exit (see moekit.distributed.launch.finish)
 
 
 def _free_port() -> int:

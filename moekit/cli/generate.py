@@ -64,10 +64,6 @@ def run(args: argparse.Namespace) -> int:
     result = {"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}
     if stats is not None:
         result["speculation"] = stats.as_dict()
-    if args.ep > 1:
-        from moekit.distributed.launch import finish
-
-        finish()
     if not main:
         return 0
     if args.json:

@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():  # --ep under torchrun
+        from moekit.distributed.launch import finish
+
+        finish(code)
+    return code
 
 
 if __name__ == "__main__":

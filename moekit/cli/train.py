@@ -66,10 +66,6 @@ def run(args: argparse.Namespace) -> int:
         from moekit.distributed.launch import failure_message
 
         raise ValueError(failure_message(e, args.dist_timeout)) from None
-    if parallel is not None:
-        from moekit.distributed.launch import finish
-
-        finish()
     if not trainer.parallel.main:
         return 0
     if args.json:

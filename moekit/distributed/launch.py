@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from datetime import timedelta
 
 import torch
@@ -57,10 +58,16 @@ def failure_message(error: BaseException, timeout_s: float) -> str:
     return f"rank {rank}: a collective failed after up to {timeout_s:g} s ({cause}){missing}"
 
 
-def finish() -> None:
-    """Leave the process group together: no rank tears its connections down while another still uses them."""
-    dist.barrier()
+def finish(code: int) -> None:
+    """Leave the process group and exit with `code`: together (a barrier) when the run went well, then without the
+    interpreter's finalization, during which gloo's worker threads, still referenced by the model's process
+    groups, were seen to abort the process (SIGABRT) now and then."""
+    if code == 0:
+        dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main() -> bool:
