@@ -58,24 +58,31 @@ def sync_gradients(
     share of the experts: the data-parallel group, None if none), then divided by the ranks."""
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
-    sharded = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()}
+    sharded = _owners(model)
     replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in sharded]
     for p in replicated:  # every rank sends the same layout, also where a parameter got no gradient here
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if replicated:
-        flat = torch.cat([p.grad.reshape(-1) for p in replicated])
-        dist.all_reduce(flat, group=group)
-        for p, g in zip(replicated, flat.split([p.numel() for p in replicated]), strict=True):
-            p.grad.copy_(g.view_as(p.grad)).div_(world)
+        _all_reduce_grads(replicated, group)
     experts = [p for p in model.parameters() if id(p) in sharded and p.grad is not None]
     if replica_group is not None and dist.get_world_size(replica_group) > 1 and experts:
-        flat = torch.cat([p.grad.reshape(-1) for p in experts])
-        dist.all_reduce(flat, group=replica_group)
-        for p, g in zip(experts, flat.split([p.numel() for p in experts]), strict=True):
-            p.grad.copy_(g.view_as(p.grad))
-    for p in experts:
+        _all_reduce_grads(experts, replica_group)
+    for p in replicated + experts:
         p.grad.div_(world)
+
+
+def _owners(model: nn.Module) -> dict[int, ShardedExperts]:
+    """{id(parameter): its ShardedExperts} of the model's expert-parallel parameters."""
+    return {id(p): m for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()}
+
+
+def _all_reduce_grads(params: list[torch.Tensor], group) -> None:
+    """Sum the parameters' gradients over the group in one collective (flattened)."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(g.view_as(p.grad))
 
 
 def _sharded(model: nn.Module) -> dict[str, ShardedExperts]:
@@ -121,7 +128,7 @@ def full_optimizer_state(
 ) -> dict:
     """optimizer.state_dict() with the per-parameter tensors of sharded experts (Adam's moments) gathered."""
     group = group or dist.group.WORLD
-    sharded = {id(p) for m in set(_sharded(model).values()) for p in m.parameters()}
+    sharded = _owners(model)
     state = optimizer.state_dict()
     state["state"] = {i: dict(entry) for i, entry in state["state"].items()}  # the optimizer's own dicts otherwise
     for index, p in enumerate(_optimizer_params(optimizer)):
@@ -134,7 +141,7 @@ def full_optimizer_state(
 
 def local_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, full: dict) -> dict:
     """A one-process optimizer state dict cut to this rank's share of each sharded expert's tensors."""
-    owner = {id(p): m for m in set(_sharded(model).values()) for p in m.parameters()}
+    owner = _owners(model)
     for index, p in enumerate(_optimizer_params(optimizer)):
         m = owner.get(id(p))
         for key, value in full["state"].get(index, {}).items():
@@ -148,7 +155,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup |
     """torch.nn.utils.clip_grad_norm_ over the whole model after sync_gradients: the norm one process computes,
     the sharded experts' gradients summed over `group`, the expert-parallel group (each share counted once)."""
     group = group or dist.group.WORLD
-    sharded = {id(p) for m in set(_sharded(model).values()) for p in m.parameters()}
+    sharded = _owners(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     local = torch.zeros(2, dtype=torch.float64)
     for p in model.parameters():

@@ -21,14 +21,6 @@ static void rope_tail(float* x, int64_t n, const float* cos, const float* sin, i
   }
 }
 
-// x / rms(x) over n values, no weight (y may be x).
-static void plain_rms_norm(const float* x, float* y, int64_t n, float eps) {
-  float sum_sq = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum_sq += x[i] * x[i];
-  const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r;
-}
-
 static const float* weight_of(const at::Tensor& w, int64_t rows, int64_t cols, const char* what) {
   check_fp32(w, what);
   TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols && w.is_contiguous(), "compressed_decode: ",
@@ -201,7 +193,7 @@ void CompressedDecode::step(const float* x, float* y, const float* cp, const flo
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t hh = 0; hh < heads_; ++hh) {
     float* q_h = q.data() + hh * hd;
-    plain_rms_norm(q_h, q_h, hd, block_eps_);
+    rms_norm(q_h, nullptr, q_h, hd, block_eps_);  // no weight
     rope_tail(q_h, hd, cp, sp, r);
     const int64_t n = rows.size();
     std::vector<float> s(n);

@@ -7,13 +7,6 @@
 
 #include "kernels.h"
 
-// 1 / rms of n values.
-static float inverse_rms(const float* x, int64_t n, float eps) {
-  float sum_sq = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum_sq += x[i] * x[i];
-  return 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
-}
-
 static float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 void hyper_token(const float* x, const float* fn, const float* base, const float* scale, int64_t n, int64_t d,

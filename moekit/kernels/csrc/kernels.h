@@ -171,12 +171,16 @@ inline void axpy(float a, const float* w, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * w[i];
 }
 
-// y = x / rms(x) * w over n values (y may be x).
-inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+// 1 / rms(x) over n values.
+inline float inverse_rms(const float* x, int64_t n, float eps) {
   float sum_sq = 0.f;
   for (int64_t i = 0; i < n; ++i) sum_sq += x[i] * x[i];
-  const float r = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r * w[i];
+  return 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
+}
+// y = x / rms(x) * w over n values (y may be x; w null: no weight).
+inline void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  const float r = inverse_rms(x, n, eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w ? x[i] * r * w[i] : x[i] * r;
 }
 
 // The (experts, starts, counts) table of a segment call: every expert id below num_experts, every segment inside
