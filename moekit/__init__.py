@@ -12,13 +12,29 @@ from moekit.routing import RoutingSpec
 from moekit.version import __version__
 
 
-def from_pretrained(path, dtype=None, quantize: str | None = None) -> MoEDecoder:
+def from_pretrained(
+    path,
+    dtype=None,
+    quantize: str | None = None,
+    expert_memory: int | str | None = None,
+    expert_policy: str = "lru",
+    prefetch: bool = True,
+) -> MoEDecoder:
     """A Hugging Face model directory (config.json + safetensors, sharded or not) of a supported family; dtype None
     keeps the checkpoint's (torch.float32 / torch.bfloat16 / "float32" ...); quantize: the float modules quantized
-    while loading, as `moekit quantize --weights` names them ("rest=q8"); what the files hold quantized stays so."""
+    while loading, as `moekit quantize --weights` names them ("rest=q8"); what the files hold quantized stays so.
+    expert_memory: the model's memory budget (bytes, or "8GB"): routed experts stay in the files and are read into
+    a pool of slots in what the resident part leaves (moekit.infer.expert_cache), evicted by expert_policy (lru,
+    lfu, lfu-decay), the next layer's predicted experts read ahead when prefetch; model.expert_cache.stats counts."""
     from moekit.checkpoint.hf_checkpoint import load_pretrained
 
-    return load_pretrained(path, dtype, quantize)
+    if expert_memory is None:
+        return load_pretrained(path, dtype, quantize)
+    from moekit.infer.expert_cache import install_expert_cache
+
+    model = load_pretrained(path, dtype, quantize, experts_on_disk=True)
+    install_expert_cache(model, expert_memory, expert_policy, prefetch)
+    return model
 
 
 def save_pretrained(model: MoEDecoder, path, max_shard_bytes: int = 5 * 2**30) -> None:

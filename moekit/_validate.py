@@ -42,3 +42,18 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
     return value
+
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(field: str, value: Any, bare: str = "bytes") -> tuple[float, str]:
+    """(number, unit) of a size such as 8GB, 512MiB or a bare number; returns (bytes, '') when a unit is given,
+    (the number, bare) when not (the caller decides what a bare number counts: bytes, or experts)."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m[2].lower() if m else ""
+    if not m or (unit and unit not in SIZE_UNITS) or m[1].count(".") > 1:
+        fail(field, value, f"bytes with a unit (8GB, 512MiB) or a bare number of {bare}")
+    return (float(m[1]) * SIZE_UNITS[unit], "") if unit else (float(m[1]), bare)

@@ -108,7 +108,7 @@ def test_trace_and_cache_sim_commands(tmp_path, capsys):
     assert main(["cache-sim", str(out), "--budget", "6", "--prefetch", "--policies", "lru", "--json"]) == 0
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["lru", "lru+prefetch"]
     assert main(["cache-sim", str(out), "--budget", "lots"]) == 2
-    assert "--budget 'lots' is invalid" in capsys.readouterr().err
+    assert "--budget='lots' is invalid" in capsys.readouterr().err
     assert main(["cache-sim", str(data), "--budget", "6"]) == 2
     assert "not a moekit trace" in capsys.readouterr().err
 

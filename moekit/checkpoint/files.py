@@ -164,6 +164,12 @@ class Shards:
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         self._handles[self.files[name]].read_into(self._entry(name), dst)
 
+    def location(self, name: str) -> tuple[Path, int, int, torch.dtype, tuple[int, ...]]:
+        """(file, byte offset in it, bytes, dtype, shape) of a tensor: where a reader of its bytes finds them."""
+        handle = self._handles[self.files[name]]
+        dtype, shape, begin, end = handle.entries[self._entry(name)]
+        return handle.file, handle.data_start + begin, end - begin, dtype, shape
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._handles[self.files[name]].read_rows(self._entry(name), start, stop)
 

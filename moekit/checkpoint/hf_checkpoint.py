@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moekit.checkpoint.expert_files import expert_pieces
 from moekit.checkpoint.export import hf_family_for
 from moekit.checkpoint.files import INDEX, SINGLE, Shards, checkpoint_dir, weight_map, write_atomic
 from moekit.checkpoint.keymap import KeyMap
@@ -24,9 +25,11 @@ from moekit.config.model import ModelConfig
 from moekit.config.published import load_hf_config
 from moekit.config.serialize import config_to_dict
 from moekit.experts.mixed import MixedExperts
+from moekit.experts.on_disk import ExpertsOnDisk
 from moekit.families import FAMILIES, NATIVE, family_of, model_from_hf, tensor_names
 from moekit.model.decoder import MoEDecoder
 from moekit.model.meta import materialize, meta_model
+from moekit.quant.choices import parse_weights
 from moekit.quant.held import QuantizedModule
 from moekit.version import __version__
 
@@ -34,12 +37,17 @@ LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype | str | None = None, quantize: str | None = None
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+    experts_on_disk: bool = False,
 ) -> MoEDecoder:
     """The model in a Hugging Face directory; dtype None keeps the checkpoint's. quantize: a `moekit quantize
     --weights` spec ("rest=q8", "attention=q8,head=q4") for the float modules, quantized tensor by tensor as they
-    are read (never all held in float); what the files hold quantized stays as it is. model.load_notes lists what
-    the loader decided that a user should know (e.g. a config announcing MTP layers the files do not hold)."""
+    are read (never all held in float); what the files hold quantized stays as it is. experts_on_disk: the main
+    layers' routed experts are not read: each such layer holds an ExpertsOnDisk saying where their bytes lie (for
+    moekit.infer.expert_cache). model.load_notes lists what the loader decided that a user should know (e.g. a
+    config announcing MTP layers the files do not hold)."""
     path = checkpoint_dir(path)
     hf, files, shards, notes = open_checkpoint(path)
     cfg = model_from_hf(hf, name=path.name)
@@ -59,6 +67,8 @@ def load_pretrained(
         install(model, targets)
         held = sorted({t.fmt.name for t in targets.values()})
         notes.append(f"{len(targets)} module(s) hold {' / '.join(held)} weights, kept quantized")
+    if experts_on_disk:
+        files = _leave_experts_on_disk(model, keymap, shards, files, targets, quantize)
     on_load = load_targets(model, keymap, quantize, targets) if quantize else {}
     transposed = {p for p, t in on_load.items() if t.kind == "experts" and model.get_submodule(p).layout.transposed}
     if on_load:
@@ -72,6 +82,29 @@ def load_pretrained(
         _check_quantized(model, keymap, path)
     model.load_notes = notes
     return model.eval()
+
+
+def _leave_experts_on_disk(model, keymap: KeyMap, shards: Shards, files: dict, shipped: dict, quantize) -> dict:
+    """Swap the main layers' routed experts for ExpertsOnDisk (with where each expert's bytes lie); the files left
+    to read."""
+    cfg = model.config
+    blocks = {i: b for i, b in model.moe_blocks().items() if i < cfg.num_layers}
+    if not blocks:
+        raise ValueError("expert offloading: the model has no MoE layers")
+    quantized = sorted(t.module for t in shipped.values() if t.kind == "experts")
+    if quantized:
+        raise ValueError(f"expert offloading reads float experts; this checkpoint holds {quantized[0]} quantized")
+    if quantize and parse_weights(quantize)["experts"] != "keep":
+        raise ValueError(f"quantize={quantize!r}: experts left on disk are read as stored: allowed the other classes")
+    for block in blocks.values():
+        e = block.experts
+        block.experts = ExpertsOnDisk(e.num_experts, e.hidden_size, e.expert_hidden, e.layout, e.gate_up_proj.dtype)
+    first = next(iter(blocks.values())).experts
+    pieces = expert_pieces(shards, keymap, first.part_shapes(), {i: b.experts.num_experts for i, b in blocks.items()})
+    read_later = {p.name for found in pieces.values() for p in found}
+    for (layer, expert), found in pieces.items():
+        blocks[layer].experts.pieces[expert] = found
+    return {name: file for name, file in files.items() if name not in read_later}
 
 
 def open_checkpoint(path: Path) -> tuple[dict, dict[str, Path], Shards, list[str]]:
@@ -262,6 +295,11 @@ def _copy(dst: torch.Tensor, shards: Shards, name: str, files: dict) -> None:
 def save_pretrained(model: MoEDecoder, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and safetensors in the family's checkpoint layout (sharded above max_shard_bytes, with
     model.safetensors.index.json). Each file is written under a temporary name, fsynced, then renamed."""
+    if any(isinstance(m, ExpertsOnDisk) for m in model.modules()):
+        raise ValueError(
+            "this model reads its routed experts from its checkpoint as it runs (expert_memory): "
+            "save a model loaded without an expert memory budget"
+        )
     hf = hf_config_of(model.config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-
-UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def slots_of(budget: str, expert_bytes: int) -> int:
     """Expert slots in a budget given as bytes with a unit (8GB, 512MiB) or as a count of experts (16)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", budget)
-    unit = m[2].lower() if m else ""
-    if not m or (unit and unit not in UNITS):
-        raise ValueError(f"--budget {budget!r} is invalid: allowed a count of experts (16) or bytes (8GB, 512MiB)")
-    if not unit:
-        return int(float(m[1]))
-    return int(float(m[1]) * UNITS[unit] // expert_bytes)
+    from moekit._validate import parse_bytes
+
+    n, unit = parse_bytes("--budget", budget, "experts")
+    return int(n) if unit else int(n // expert_bytes)
 
 
 def run(args: argparse.Namespace) -> int:

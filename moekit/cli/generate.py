@@ -27,7 +27,17 @@ def run(args: argparse.Namespace) -> int:
 
         init_from_env(args.ep, args.dist_timeout, "generate")
         main = dist.get_rank() == 0
-    model = moekit.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
+    if args.expert_memory and args.ep > 1:
+        raise ValueError("--expert-memory with --ep: allowed one or the other (each rank would read its own experts)")
+    model = moekit.from_pretrained(
+        path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        expert_memory=args.expert_memory,
+        expert_policy=args.expert_policy,
+        prefetch=not args.no_prefetch,
+    )
+    cache = getattr(model, "expert_cache", None)
     if args.ep > 1:
         from moekit.distributed.expert_parallel import parallelize_experts
 
@@ -42,9 +52,27 @@ def run(args: argparse.Namespace) -> int:
 
     def show(token_B: torch.Tensor) -> None:
         text = stream.push(int(token_B[0]))
+        if args.stats:  # the live meter, on stderr (stdout keeps the text)
+            meter()
         if not args.json and main:
             print(*pending, text, sep="", end="", flush=True)
             pending.clear()
+
+    shown = {"tokens": 0, "at": time.perf_counter()}
+
+    def meter() -> None:
+        """A line on stderr at most every second: what the expert cache did so far, the speed."""
+        shown["tokens"] += 1
+        now = time.perf_counter()
+        if now - shown["at"] >= 1.0 and main:
+            shown["at"] = now
+            seconds = now - start
+            line = (
+                cache.stats.line(seconds, shown["tokens"])
+                if cache is not None
+                else f"{shown['tokens'] / seconds:.2f} tok/s"
+            )
+            print(f"\n[{line}]", file=sys.stderr, flush=True)
 
     stats = SpeculationStats() if args.speculative else None
     start = time.perf_counter()
@@ -62,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     new = out[0, len(ids) :].tolist()
     result = {"prompt": args.prompt, "text": tokenizer.decode(new), "tokens": new, "seconds": seconds}
+    if cache is not None:
+        cache.drain()
+        result["expert_cache"] = {"slots": cache.slots, "policy": cache.policy, **cache.stats.summary()}
+        if args.stats and not args.json and main:
+            print(f"\n[{cache.stats.line(seconds, len(out[0]) - len(ids))}]", end="", file=sys.stderr)
     if stats is not None:
         result["speculation"] = stats.as_dict()
     if not main:
@@ -121,5 +154,24 @@ def add_parser(sub) -> None:
         "generate DIR PROMPT --ep N): each holds 1/N of the experts; rank 0 prints",
     )
     g.add_argument("--dist-timeout", type=float, default=60.0, help="seconds a rank waits for the others (60)")
+    g.add_argument(
+        "--expert-memory",
+        metavar="SIZE",
+        help="the model's memory budget (8GB, 512MiB): routed experts stay in the files and are read into a pool "
+        "of slots in what the rest of the model leaves (the output is the resident model's)",
+    )
+    g.add_argument(
+        "--expert-policy",
+        default="lru",
+        choices=["lru", "lfu", "lfu-decay"],
+        help="which cached expert a miss evicts (default lru; lfu-decay: use counts halving every 64 tokens)",
+    )
+    g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's predicted experts ahead")
+    g.add_argument(
+        "--stats",
+        action="store_true",
+        help="a live meter on stderr: tok/s and, with --expert-memory, bytes read per token, hit rate, prefetch "
+        "precision",
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.set_defaults(fn=run)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from moekit.infer.eviction import POLICIES, Eviction
 
 
 @dataclass
@@ -131,15 +133,14 @@ def simulate(trace: ExpertTrace, slots: int, policy: str, half_life: float = 64.
     for step, needed in enumerate(requests):
         for key in needed:
             uses[key].append(step)
-    cache: OrderedDict = OrderedDict()  # key -> (count, score, last token), least recent first
+    cache = Eviction(policy, half_life)
     hits = misses = fetched = wasted = 0
-    decay = math.log(2) / half_life
 
     def bring(key: tuple[int, int], token: int, pinned: set) -> None:
         if len(cache) >= slots:
-            victims = [k for k in cache if k not in pinned]
-            cache.pop(_victim(policy, victims, cache, token, decay, uses))
-        cache[key] = (1, 1.0, token)
+            victims = (k for k in cache.entries if k not in pinned)
+            cache.remove(cache.victim(victims, token, lambda k: uses[k][0] if uses[k] else math.inf))
+        cache.add(key, token)
 
     for step, needed in enumerate(requests):
         token, layer = divmod(step, layers)
@@ -149,9 +150,7 @@ def simulate(trace: ExpertTrace, slots: int, policy: str, half_life: float = 64.
         for key in needed:
             if key in cache:
                 hits += 1
-                cache.move_to_end(key)
-                count, score, last = cache[key]
-                cache[key] = (count + 1, score * math.exp(-decay * (token - last)) + 1.0, token)
+                cache.use(key, token)
                 continue
             misses += 1
             bring(key, token, pinned)
@@ -174,17 +173,3 @@ def simulate(trace: ExpertTrace, slots: int, policy: str, half_life: float = 64.
         "bytes_read": (misses + fetched) * trace.expert_bytes,
         "bytes_per_token": (misses + fetched) * trace.expert_bytes / max(trace.ids.shape[0], 1),
     }
-
-
-POLICIES = ("lru", "lfu", "lfu-decay", "belady")
-
-
-def _victim(policy: str, victims: list, cache: OrderedDict, token: int, decay: float, uses: dict) -> tuple[int, int]:
-    """The key to evict among `victims` (in recency order, least recent first: ties go to it)."""
-    if policy == "lru":
-        return victims[0]
-    if policy == "lfu":
-        return min(victims, key=lambda k: cache[k][0])
-    if policy == "lfu-decay":
-        return min(victims, key=lambda k: cache[k][1] * math.exp(-decay * (token - cache[k][2])))
-    return max(victims, key=lambda k: uses[k][0] if uses[k] else math.inf)  # belady: needed again last
