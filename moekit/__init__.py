@@ -18,14 +18,15 @@ def from_pretrained(
     quantize: str | None = None,
     expert_memory: int | str | None = None,
     expert_policy: str = "lru",
-    prefetch: bool = True,
+    prefetch: bool | str = "auto",
 ) -> MoEDecoder:
     """A Hugging Face model directory (config.json + safetensors, sharded or not) of a supported family; dtype None
     keeps the checkpoint's (torch.float32 / torch.bfloat16 / "float32" ...); quantize: the float modules quantized
     while loading, as `moekit quantize --weights` names them ("rest=q8"); what the files hold quantized stays so.
     expert_memory: the model's memory budget (bytes, or "8GB"): routed experts stay in the files and are read into
     a pool of slots in what the resident part leaves (moekit.infer.expert_cache), evicted by expert_policy (lru,
-    lfu, lfu-decay), the next layer's predicted experts read ahead when prefetch; model.expert_cache.stats counts."""
+    lfu, lfu-decay), the next layer's predicted experts read ahead when prefetch (True, False, or "auto": while the
+    predictions are at least half right); model.expert_cache.stats counts."""
     from moekit.checkpoint.hf_checkpoint import load_pretrained
 
     if expert_memory is None:

@@ -157,3 +157,83 @@ def test_generate_command_with_an_expert_budget(tmp_path, capsys):
     assert "MiB read per token, hit rate" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "ab", "--expert-memory", "1KB"]) == 2
     assert "the smallest budget that works is" in capsys.readouterr().err
+
+
+def test_a_server_beyond_memory_answers_concurrent_requests_as_the_resident_model(tmp_path):
+    """moekit serve with an expert budget: four concurrent greedy requests through the openai client, each the
+    resident model's own continuation; /metrics shows the cache's reads."""
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_fixture import RunningServer, tiny_model_dir
+
+    from moekit.serve.model import serve_directory
+
+    path = tiny_model_dir(tmp_path)
+    resident = moekit.from_pretrained(path)
+    model = moekit.from_pretrained(path, expert_memory=_budget(path, 2))
+    settings = {"max_batch": 4, "context": 128, "max_queue": 64, "prefill_chunk": 16}
+    running = RunningServer(serve_directory(model, path, "tiny", **settings))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        prompts = ["abc", "hello there", "x = 1", "moe"]
+
+        def ask(prompt: str) -> str:
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(ask, prompts))
+        tokenizer = running.served.tokenizer
+        for prompt, text in zip(prompts, texts, strict=True):
+            ids = tokenizer.encode(prompt)
+            alone = generate(resident, torch.tensor([ids]), 8)[0, len(ids) :].tolist()
+            assert text == tokenizer.decode(alone)
+        metrics = httpx.get(f"{running.url}/metrics").text
+        assert 'moekit:expert_cache_misses_total{model_name="tiny"}' in metrics
+        slots = 2 * len(model.moe_blocks())
+        assert f'moekit:expert_cache_slots{{model_name="tiny"}} {slots:.1f}' in metrics
+    finally:
+        running.stop()
+
+
+def test_prefetch_auto_pauses_while_the_guesses_are_mostly_wrong(qwen3):
+    """prefetch="auto" reads ahead while the recent guesses were at least half right; after a run of wrong ones it
+    only guesses (and scores) until they improve."""
+    model = moekit.from_pretrained(qwen3, expert_memory=_budget(qwen3, 2), prefetch="auto")
+    cache = model.expert_cache
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(5))
+    cache.recent.extend([(2, 0)] * cache.recent.maxlen)  # a history of wrong guesses
+    assert not cache.prefetch_pays()
+    generate(model, ids, 4)
+    assert cache.stats.prefetched == 0 and cache.stats.predicted > 0  # guessed and scored, nothing read ahead
+    cache.recent.extend([(2, 2)] * cache.recent.maxlen)
+    generate(model, ids, 4)
+    assert cache.stats.prefetched > 0
+
+
+def test_a_failing_read_is_named(qwen3):
+    model = moekit.from_pretrained(qwen3, expert_memory=_budget(qwen3, 2), prefetch=False)
+    reader = model.expert_cache.reader
+    file = next(iter(reader._fds))
+    os.close(reader._fds[file])
+    reader._fds[file] = os.open(os.devnull, os.O_WRONLY)  # reads now fail (EBADF) as a failing disk's would
+    with pytest.raises(ExpertReadError, match=r"reading expert \d+ of layer \d+ failed"):
+        generate(model, torch.randint(3, 90, (1, 4)), 2)
+
+
+@pytest.mark.parametrize("case", ["gpt_oss-mxfp4", "qwen3_moe-fp8"])
+def test_experts_shipped_quantized_are_read_as_stored(case, tmp_path):
+    """gpt-oss's MXFP4 experts (stacked blocks and scales) and FP8-block experts (one weight and scale per expert
+    and projection) stay quantized in the pool: the resident quantized model's logits and tokens."""
+    from test_quant_load import _shipped
+
+    _, directory = _shipped(case, tmp_path)
+    ids = torch.randint(3, 90, (1, 8), generator=torch.Generator().manual_seed(6))
+    tokens, logits = _resident(directory, ids, 6)
+    model = moekit.from_pretrained(directory, expert_memory=_budget(directory, 2))
+    pool = model.expert_cache.pool
+    assert pool.fmt.name == moekit.from_pretrained(directory).layers[0].mlp.experts.fmt.name
+    assert torch.equal(generate(model, ids, 6), tokens)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), logits)

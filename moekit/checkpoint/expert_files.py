@@ -23,8 +23,7 @@ from moekit.checkpoint.files import Shards
 from moekit.checkpoint.keymap import KeyMap
 
 ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers every common block size)
-PARTS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.((?:gate_up_proj|down_proj)(?:_[a-z_]+)?)$")
 
 
 class ExpertReadError(RuntimeError):
@@ -47,11 +46,11 @@ class Piece:
     name: str
 
 
-def expert_pieces(shards: Shards, keymap: KeyMap, parts: dict[str, tuple[int, ...]], layers: dict[int, int]) -> dict:
+def expert_pieces(shards: Shards, keymap: KeyMap, parts: dict, layers: dict[int, int]) -> dict:
     """{(layer, expert): [Piece]} of every routed expert of the given MoE layers ({moekit layer index: experts};
-    multi-token-prediction layers are not among them). parts: {part: the shape of one expert's part} (gate_up_proj,
-    down_proj, and their biases where the layout has them). Errors name what is missing or misshapen; experts fused
-    with other tensors (DBRX) or held quantized are refused."""
+    multi-token-prediction layers are not among them). parts: {part: (shape of one expert's part, dtype)}, as
+    ExpertsOnDisk.part_specs names them. Errors name what is missing, misshapen or stored otherwise; experts fused
+    with other tensors (DBRX) are refused."""
     if any("experts" in rule.checkpoint for rule in keymap.fused):
         raise ValueError("expert offloading: this family stores its experts fused into other tensors (not supported)")
     pieces: dict[tuple[int, int], list[Piece]] = {}
@@ -59,25 +58,22 @@ def expert_pieces(shards: Shards, keymap: KeyMap, parts: dict[str, tuple[int, ..
     projection = {keymap.experts.gate: "gate", keymap.experts.up: "up", keymap.experts.down: "down"}
     for name in shards.files:
         m = per_expert.match(name) if per_expert else None
-        if m:  # one expert's gate, up or down: all of the tensor
+        if m:  # one expert's gate, up or down (or a quantized part of it): all of the tensor
             layer = _STACKED.match(keymap.to_moekit(f"{m[1]}.mlp.experts.gate_up_proj") or "")
             if layer is None or int(layer[1]) not in layers:
                 continue
-            if m[4]:
-                raise ValueError(f"{shards.files[name]}: {name}: expert offloading reads float experts, not quantized")
             which = projection[m[3]]
-            part, view = ("down_proj", "whole") if which == "down" else ("gate_up_proj", which)
-            shape = parts[part] if view == "whole" else (parts[part][0] // 2, *parts[part][1:])
+            base, view = ("down_proj", "whole") if which == "down" else ("gate_up_proj", which)
+            part = base + m[4]
             key = (int(layer[1]), int(m[2]))
-            pieces.setdefault(key, []).append(_piece(shards, name, None, part, view, shape))
+            pieces.setdefault(key, []).append(_piece(shards, name, None, part, view, parts))
             continue
         m = _STACKED.match(keymap.to_moekit(name) or "")
         if m and int(m[1]) in layers:  # all experts' part stacked: expert e is row e
-            part = m[2] + (m[3] or "")
             for e in range(shards.shape(name)[0]):
-                pieces.setdefault((int(m[1]), e), []).append(_piece(shards, name, e, part, "whole", parts[part]))
-    views = {"gate_up_proj": ("gate", "up")} if per_expert else {}
-    need = {(p, v) for p in parts for v in views.get(p, ("whole",))}
+                pieces.setdefault((int(m[1]), e), []).append(_piece(shards, name, e, m[2], "whole", parts))
+    split = ("gate", "up") if per_expert else ("whole",)
+    need = {(p, v) for p in parts for v in (split if p.startswith("gate_up_proj") and "bias" not in p else ("whole",))}
     where = next(iter(shards.files.values())).parent if shards.files else "checkpoint"
     for key in sorted({(i, e) for i, n in layers.items() for e in range(n)} | set(pieces)):
         have = [(p.part, p.view) for p in pieces.get(key, [])]
@@ -89,17 +85,22 @@ def expert_pieces(shards: Shards, keymap: KeyMap, parts: dict[str, tuple[int, ..
     return pieces
 
 
-def _piece(shards: Shards, name: str, row: int | None, part: str, view: str, shape: tuple[int, ...]) -> Piece:
+def _piece(shards: Shards, name: str, row: int | None, part: str, view: str, parts: dict) -> Piece:
     file, offset, nbytes, dtype, stored = shards.location(name)
+    if part not in parts:
+        raise ValueError(f"{file}: tensor {name!r} is no part of these experts ({', '.join(parts)})")
+    shape, held = parts[part]
+    if view != "whole":  # gate or up: one half of the part's rows
+        shape = (shape[0] // 2, *shape[1:])
     if row is not None:  # one row of a stacked tensor
         nbytes //= stored[0]
         offset, stored = offset + row * nbytes, stored[1:]
     if tuple(stored) != tuple(shape):
-        raise ValueError(
-            f"{file}: tensor {name!r} holds experts of shape {list(stored)}, the config implies {list(shape)}"
-        )
-    if not dtype.is_floating_point:
-        raise ValueError(f"{file}: tensor {name!r} is {dtype}: expert offloading reads float experts")
+        implied = list(shape)
+        raise ValueError(f"{file}: tensor {name!r} holds experts of shape {list(stored)}, the config implies {implied}")
+    floats = all(t.is_floating_point and t.itemsize > 1 for t in (dtype, held))  # quantized bytes never convert
+    if dtype != held and not floats:
+        raise ValueError(f"{file}: tensor {name!r} is {dtype}, the model holds it as {held}")
     return Piece(file, offset, nbytes, dtype, tuple(shape), part, view, name)
 
 

@@ -68,7 +68,7 @@ def load_pretrained(
         held = sorted({t.fmt.name for t in targets.values()})
         notes.append(f"{len(targets)} module(s) hold {' / '.join(held)} weights, kept quantized")
     if experts_on_disk:
-        files = _leave_experts_on_disk(model, keymap, shards, files, targets, quantize)
+        files = _leave_experts_on_disk(model, keymap, shards, files, quantize)
     on_load = load_targets(model, keymap, quantize, targets) if quantize else {}
     transposed = {p for p, t in on_load.items() if t.kind == "experts" and model.get_submodule(p).layout.transposed}
     if on_load:
@@ -84,23 +84,26 @@ def load_pretrained(
     return model.eval()
 
 
-def _leave_experts_on_disk(model, keymap: KeyMap, shards: Shards, files: dict, shipped: dict, quantize) -> dict:
-    """Swap the main layers' routed experts for ExpertsOnDisk (with where each expert's bytes lie); the files left
-    to read."""
+def _leave_experts_on_disk(model, keymap: KeyMap, shards: Shards, files: dict, quantize) -> dict:
+    """Swap the main layers' routed experts (float, or one quantized format) for ExpertsOnDisk, with where each
+    expert's bytes lie; the files left to read now."""
     cfg = model.config
     blocks = {i: b for i, b in model.moe_blocks().items() if i < cfg.num_layers}
     if not blocks:
         raise ValueError("expert offloading: the model has no MoE layers")
-    quantized = sorted(t.module for t in shipped.values() if t.kind == "experts")
-    if quantized:
-        raise ValueError(f"expert offloading reads float experts; this checkpoint holds {quantized[0]} quantized")
     if quantize and parse_weights(quantize)["experts"] != "keep":
         raise ValueError(f"quantize={quantize!r}: experts left on disk are read as stored: allowed the other classes")
-    for block in blocks.values():
-        e = block.experts
-        block.experts = ExpertsOnDisk(e.num_experts, e.hidden_size, e.expert_hidden, e.layout, e.gate_up_proj.dtype)
+    for i, block in blocks.items():
+        held = block.experts
+        if isinstance(held, MixedExperts):
+            raise ValueError(f"expert offloading: layer {i}'s experts are stored in several formats (not supported)")
+        fmt = getattr(held, "fmt", None)
+        if fmt is not None and fmt.derived(held.piece_shape("down_proj", True)):
+            raise ValueError(f"expert offloading: {fmt.name} experts (parts derived from the shape) are not supported")
+        block.experts = ExpertsOnDisk.like(held)
     first = next(iter(blocks.values())).experts
-    pieces = expert_pieces(shards, keymap, first.part_shapes(), {i: b.experts.num_experts for i, b in blocks.items()})
+    layers = {i: b.experts.num_experts for i, b in blocks.items()}
+    pieces = expert_pieces(shards, keymap, first.part_specs(), layers)
     read_later = {p.name for found in pieces.values() for p in found}
     for (layer, expert), found in pieces.items():
         blocks[layer].experts.pieces[expert] = found

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-import moekit
+from moekit.cli.loading import add_loading_arguments, load_model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,14 +29,7 @@ def run(args: argparse.Namespace) -> int:
         main = dist.get_rank() == 0
     if args.expert_memory and args.ep > 1:
         raise ValueError("--expert-memory with --ep: allowed one or the other (each rank would read its own experts)")
-    model = moekit.from_pretrained(
-        path,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        expert_memory=args.expert_memory,
-        expert_policy=args.expert_policy,
-        prefetch=not args.no_prefetch,
-    )
+    model = load_model(path, args)
     cache = getattr(model, "expert_cache", None)
     if args.ep > 1:
         from moekit.distributed.expert_parallel import parallelize_experts
@@ -134,18 +127,7 @@ def add_parser(sub) -> None:
         help="self-speculative decoding: the model's multi-token-prediction layers draft, one pass checks the "
         "drafts (same output distribution); reports the acceptance rate",
     )
-    g.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="the dtype of what the files hold in float (default float32, the fast one on CPUs)",
-    )
-    g.add_argument(
-        "--quantize",
-        metavar="SPEC",
-        help="quantize float modules while loading, as moekit quantize --weights names them (e.g. rest=q8: a "
-        "checkpoint shipped with MXFP4 experts and bf16 attention fits and decodes in fp32 + 8-bit)",
-    )
+    add_loading_arguments(g)
     g.add_argument(
         "--ep",
         type=int,
@@ -154,19 +136,6 @@ def add_parser(sub) -> None:
         "generate DIR PROMPT --ep N): each holds 1/N of the experts; rank 0 prints",
     )
     g.add_argument("--dist-timeout", type=float, default=60.0, help="seconds a rank waits for the others (60)")
-    g.add_argument(
-        "--expert-memory",
-        metavar="SIZE",
-        help="the model's memory budget (8GB, 512MiB): routed experts stay in the files and are read into a pool "
-        "of slots in what the rest of the model leaves (the output is the resident model's)",
-    )
-    g.add_argument(
-        "--expert-policy",
-        default="lru",
-        choices=["lru", "lfu", "lfu-decay"],
-        help="which cached expert a miss evicts (default lru; lfu-decay: use counts halving every 64 tokens)",
-    )
-    g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's predicted experts ahead")
     g.add_argument(
         "--stats",
         action="store_true",

@@ -6,13 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from moekit.cli.loading import add_loading_arguments, load_model
+
 
 def run(args: argparse.Namespace) -> int:
     try:
         from moekit.serve.server import run_server
     except ImportError as e:
         raise ValueError(f"moekit serve needs its extras ({e.name} is missing): pip install 'moekit[serve]'") from None
-    import moekit
     from moekit.checkpoint.files import checkpoint_dir
     from moekit.kernels import load_kernel
     from moekit.serve.model import serve_directory
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(args.checkpoint).resolve().name  # a run's name, not its final/
 
     def load():
-        model = moekit.from_pretrained(path, dtype=args.dtype, quantize=args.quantize)
+        model = load_model(path, args)
         load_kernel()  # a first build happens here, while /health says 503
         served = serve_directory(model, path, name, args.max_batch, args.context, args.max_queue, args.prefill_chunk)
         print(f"moekit serve: {name} ready on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -49,7 +50,6 @@ def add_parser(sub) -> None:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (not /health, /metrics)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get at SIGTERM")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--quantize", metavar="SPEC", help="quantize float modules while loading (as moekit generate)")
+    add_loading_arguments(s)  # --expert-memory: /metrics gains moekit:expert_cache_* series
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=run)

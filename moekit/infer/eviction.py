@@ -35,8 +35,12 @@ class Eviction:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, key: Hashable, token: float) -> None:
-        self.entries[key] = (1, 1.0, token)
+    def add(self, key: Hashable, token: float, ahead: bool = False) -> None:
+        """A key brought in; ahead: read on a guess (prefetch), not yet used: the first to go under every policy
+        (least recent, no uses) until a use makes it an ordinary entry."""
+        self.entries[key] = (0, 0.0, token) if ahead else (1, 1.0, token)
+        if ahead:
+            self.entries.move_to_end(key, last=False)
 
     def use(self, key: Hashable, token: float) -> None:
         """A hit: the key becomes the most recent, its count and decayed score grow by one."""

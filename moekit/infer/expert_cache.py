@@ -3,10 +3,11 @@ from the checkpoint's own files as tokens need experts, with an eviction policy 
 
 install_expert_cache(model, budget) takes a model loaded with its experts left on disk (load_pretrained(...,
 experts_on_disk=True); moekit.from_pretrained(..., expert_memory=...) does both). Everything that is not a routed
-expert stays resident; the routed experts of every MoE layer share one pool of slots (ExpertWeights with one
-"expert" per slot). Each MoE block gets a CachedDispatcher: the router's choice is looked up in the pool, missing
-experts are read (several at once, on reader threads), the plan's expert ids become slot ids, and the local
-dispatcher runs the block's own backend on the pool. The experts' outputs are combined in the plan's own order, so
+expert stays resident; the routed experts of every MoE layer share one pool of slots (ExpertWeights, or
+QuantizedExperts for experts the files hold quantized, with one "expert" per slot). Each MoE block gets a
+CachedDispatcher: the router's choice is looked up in the pool, missing experts are read (several at once, on
+reader threads), the plan's expert ids become slot ids, and the local dispatcher runs the block's own backend on
+the pool. The experts' outputs are combined in the plan's own order, so
 the output is exactly the resident model's on the same path (the modules; the fused decode steps decline a block
 whose experts are elsewhere, as under expert parallelism).
 
@@ -21,23 +22,24 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from moekit._validate import check_choice, check_int, parse_bytes
-from moekit.checkpoint.expert_files import ExpertReader
+from moekit.checkpoint.expert_files import ExpertReader, ExpertReadError
 from moekit.dispatch.local import LocalDispatcher
 from moekit.experts.on_disk import ExpertsOnDisk
-from moekit.experts.weights import ExpertWeights
 from moekit.infer.eviction import ONLINE, Eviction
-from moekit.model.meta import materialize
 from moekit.routing.plan import RoutingPlan
 from moekit.routing.router import TokenChoiceRouter
 
 Key = tuple[int, int]  # (layer, expert)
 DEMAND, PREFETCH = 0, 1  # read priorities: lower first
+PRECISION_WINDOW = 64  # guesses (one per MoE layer and step) prefetch="auto" judges the predictor by
 
 
 @dataclass
@@ -137,26 +139,34 @@ class _Reads:
                 future.set_exception(e)
 
     def close(self) -> None:
+        """Stop the threads and wait for them (a thread still inside torch at interpreter exit aborts it)."""
         for _ in self.threads:
             self.queue.put((2, 0, None, None))
+        for t in self.threads:
+            t.join()
 
 
 class ExpertCache:
-    """The pool of `slots` expert slots shared by the MoE layers `routers` ({layer: its router}), filled by `reader`
-    under `policy` (ONLINE); prefetch: read each next layer's predicted experts ahead. All bookkeeping is done on
-    the model's thread; reader threads only fill the slots they are given."""
+    """A pool of expert slots (`pool`: ExpertWeights or QuantizedExperts, one expert per slot) shared by the MoE
+    layers `routers` ({layer: its router}), filled by `reader` under `policy` (ONLINE). prefetch: read each next
+    layer's predicted experts ahead: True, False, or "auto" (while the last PRECISION_WINDOW predictions were at
+    least half right: a wrong guess costs one read, a right one saves one wait, so below one half prefetch costs
+    more disk time than it hides; the guesses go on, unread, so that prefetch resumes when they improve). All
+    bookkeeping is done on the model's thread; reader threads only fill the slots they are given."""
 
     def __init__(
         self,
         reader: ExpertReader,
-        pool: ExpertWeights,
+        pool: torch.nn.Module,
         routers: dict[int, torch.nn.Module],
         policy: str = "lru",
-        prefetch: bool = True,
+        prefetch: bool | str = "auto",
         half_life: float = 64.0,
         threads: int = 4,
     ):
-        self.reader, self.pool, self.policy, self.prefetch = reader, pool, policy, prefetch
+        self.reader, self.pool, self.policy = reader, pool, policy
+        self.prefetch = check_choice("prefetch", prefetch, (True, False, "auto"))
+        self.recent: deque[tuple[int, int]] = deque(maxlen=PRECISION_WINDOW)  # (predicted, right) per guess
         self.slots = pool.num_experts
         self.layers = sorted(routers)
         self.routers = routers
@@ -171,21 +181,24 @@ class ExpertCache:
         self.stats = CacheStats()
         self.clock = 0.0  # tokens seen: the policies' time
         self._reads = _Reads(threads)
-        self._parts = [(name, getattr(pool, name)) for name in self.reader_parts(pool)]
-
-    @staticmethod
-    def reader_parts(pool: ExpertWeights) -> list[str]:
-        return [
-            n
-            for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-            if getattr(pool, n) is not None
-        ]
+        self._stop = weakref.finalize(self, self._reads.close)  # at the latest at interpreter exit
+        self._parts = {name: t.detach() for name, t in pool.state_dict(keep_vars=True).items()}
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        return {name: t.data[slot] for name, t in self._parts}
+        """{part: the slot's tensor of it}, what a read fills."""
+        return {name: t[slot] for name, t in self._parts.items()}
 
     def _read(self, key: Key, slot: int) -> tuple[int, float]:
-        return self.reader.read(key, self.slot_tensors(slot))
+        done = self.reader.read(key, self.slot_tensors(slot))
+        fmt = getattr(self.pool, "fmt", None)
+        if fmt is not None:  # the format's check of the scales just read (cheap)
+            index = torch.tensor([slot])
+            for base in self.pool.held_weights():
+                try:
+                    fmt.check(self.pool.parts(base, index), base)
+                except ValueError as e:
+                    raise ExpertReadError(f"expert {key[1]} of layer {key[0]}: {e}") from None
+        return done
 
     def acquire(self, layer: int, experts: list[int], tokens: int) -> list[int]:
         """The slots holding `experts` of `layer` (read now where missing), kept until the next acquire."""
@@ -193,6 +206,7 @@ class ExpertCache:
             self.clock += tokens
             self.stats.tokens += tokens
         self._score_guess(layer, experts)
+        self._reap()
         keys = [(layer, e) for e in experts]
         self.in_use = set(keys)
         self._cancel_unneeded(layer, self.in_use)
@@ -213,28 +227,42 @@ class ExpertCache:
         """Prefetch for the MoE layer after `layer`: its router applied to this layer's input."""
         nxt = self.next_layer.get(layer)
         router = self.routers.get(nxt) if nxt is not None else None
-        if not self.prefetch or router is None or type(router) is not TokenChoiceRouter:
+        if self.prefetch is False or router is None or type(router) is not TokenChoiceRouter:
             return
         picked = router(x_TD).topk_ids_TK.unique().tolist()
         if len(picked) > self.slots // 2:  # a prompt's worth: the layer will need most experts anyway
             return
         self.guess[nxt] = set(picked)
+        if self.prefetch == "auto" and not self.prefetch_pays():
+            return
         for e in picked:
             key = (nxt, e)
             if key in self.slot_of:
                 continue
-            slot = self._place(key, self.in_use | {(nxt, p) for p in picked}, wait=False)
+            slot = self._place(key, self.in_use | {(nxt, p) for p in picked}, ahead=True)
             if slot is None:
                 return
             self.ahead.add(key)
             self.stats.prefetched += 1
             self.reading[key] = self._reads.submit(PREFETCH, lambda key=key, slot=slot: self._read(key, slot))
 
+    def _reap(self) -> None:
+        """Finish the bookkeeping of reads that are done (their slots become evictable again)."""
+        for key in [k for k, future in self.reading.items() if future.done()]:
+            self._wait(key)
+
+    def prefetch_pays(self) -> bool:
+        """Whether the recent guesses were at least half right (true until a few were scored)."""
+        predicted = sum(p for p, _ in self.recent)
+        return len(self.recent) < PRECISION_WINDOW // 4 or 2 * sum(r for _, r in self.recent) >= predicted
+
     def _score_guess(self, layer: int, experts: list[int]) -> None:
         guess = self.guess.pop(layer, None)
         if guess is not None:
+            right = len(guess & set(experts))
+            self.recent.append((len(guess), right))
             self.stats.predicted += len(guess)
-            self.stats.predicted_right += len(guess & set(experts))
+            self.stats.predicted_right += right
             self.stats.needed_after_prediction += len(experts)
 
     def _cancel_unneeded(self, layer: int, needed: set[Key]) -> None:
@@ -247,9 +275,11 @@ class ExpertCache:
                 self.free.append(self.slot_of.pop(key))
                 self.stats.prefetch_cancelled += 1
 
-    def _place(self, key: Key, pinned: set[Key], wait: bool = True) -> int | None:
+    def _place(self, key: Key, pinned: set[Key], ahead: bool = False) -> int | None:
         """A slot for `key` (registered as holding it): a free one, else the policy's victim among the experts not
-        pinned and not being read; wait: if none, wait for reads in flight (else give up: None)."""
+        pinned and not being read; if none, wait for reads in flight. ahead (a prefetch): never wait (None), and the
+        key enters as the first to evict until it is used."""
+        wait = not ahead
         while not self.free:
             candidates = [k for k in self.eviction.entries if k not in pinned and k not in self.reading]
             if candidates:
@@ -268,7 +298,7 @@ class ExpertCache:
                 self._wait(k)
         slot = self.free.pop()
         self.slot_of[key] = slot
-        self.eviction.add(key, self.clock)
+        self.eviction.add(key, self.clock, ahead)
         return slot
 
     def _wait(self, key: Key) -> int:
@@ -297,7 +327,7 @@ class ExpertCache:
 
     def close(self) -> None:
         self.drain()
-        self._reads.close()
+        self._stop()
         self.reader.close()
 
 
@@ -340,7 +370,7 @@ def install_expert_cache(
     model,
     budget,
     policy: str = "lru",
-    prefetch: bool = True,
+    prefetch: bool | str = "auto",
     half_life: float = 64.0,
     direct: bool = True,
     verify: bool = True,
@@ -352,9 +382,9 @@ def install_expert_cache(
     if not blocks:
         raise ValueError("expert cache: the model holds its experts in memory (load it with experts_on_disk=True)")
     first = next(iter(blocks.values())).experts
-    shapes = first.part_shapes()
-    if any(b.experts.part_shapes() != shapes or b.experts.dtype != first.dtype for b in blocks.values()):
-        raise ValueError("expert cache: the MoE layers' experts differ in shape or dtype (one pool needs one shape)")
+    specs = first.part_specs()
+    if any(b.experts.part_specs() != specs for b in blocks.values()):
+        raise ValueError("expert cache: the MoE layers' experts differ in shape or format (one pool needs one kind)")
     resident = resident_bytes(model)
     expert = first.expert_bytes()
     total = sum(b.experts.num_experts for b in blocks.values())
@@ -367,9 +397,7 @@ def install_expert_cache(
             f"expert_memory={budget!r} is too small: the resident part takes {_size(resident)} and one layer's "
             f"{top_k} experts {_size(top_k * expert)}; the smallest budget that works is {_size(least, up=True)}"
         )
-    with torch.device("meta"):
-        pool = ExpertWeights(slots, first.hidden_size, first.expert_hidden, first.layout)
-    pool = materialize(pool.to(first.dtype)).requires_grad_(False)
+    pool = first.pool(slots)
     pieces = {(i, e): p for i, b in blocks.items() for e, p in b.experts.pieces.items()}
     reader = ExpertReader(pieces, direct=direct, verify=verify)
     cache = ExpertCache(reader, pool, {i: b.router for i, b in blocks.items()}, policy, prefetch, half_life)

@@ -136,11 +136,11 @@ def simulate(trace: ExpertTrace, slots: int, policy: str, half_life: float = 64.
     cache = Eviction(policy, half_life)
     hits = misses = fetched = wasted = 0
 
-    def bring(key: tuple[int, int], token: int, pinned: set) -> None:
+    def bring(key: tuple[int, int], token: int, pinned: set, ahead: bool = False) -> None:
         if len(cache) >= slots:
             victims = (k for k in cache.entries if k not in pinned)
             cache.remove(cache.victim(victims, token, lambda k: uses[k][0] if uses[k] else math.inf))
-        cache.add(key, token)
+        cache.add(key, token, ahead)
 
     for step, needed in enumerate(requests):
         token, layer = divmod(step, layers)
@@ -160,7 +160,7 @@ def simulate(trace: ExpertTrace, slots: int, policy: str, half_life: float = 64.
                 if key not in cache:
                     fetched += 1
                     wasted += key not in requests[step + 1]
-                    bring(key, token, set(ahead))
+                    bring(key, token, set(ahead), ahead=True)
     total = hits + misses
     extra = {"prefetched": fetched, "prefetch_wasted": wasted} if prefetch else {}
     return {

@@ -61,6 +61,9 @@ class ServerMetrics:
         experts = {i: block.cfg.num_experts for i, block in engine.model.moe_blocks().items()}
         self.moe = MoECollector(model_name, experts)
         r.register(self.moe)
+        cache = getattr(engine.model, "expert_cache", None)
+        if cache is not None:  # a model beyond memory: what its expert cache did
+            r.register(ExpertCacheCollector(model_name, cache))
 
     def on_step(self, stats: StepStats) -> None:
         """Engine thread: what one step did."""
@@ -77,6 +80,32 @@ class ServerMetrics:
             self.ttft.observe(first - arrival)
         if admitted is not None:
             self.queue_time.observe(admitted - arrival)
+
+
+class ExpertCacheCollector:
+    """The expert cache's counters (moekit.infer.expert_cache.CacheStats), read at scrape time."""
+
+    SERIES = (
+        ("hits", "Experts a step needed that were in the pool."),
+        ("misses", "Experts a step needed that were read from disk then."),
+        ("prefetched", "Experts read ahead on the next layer's predicted routing."),
+        ("prefetch_used", "Experts read ahead that their layer then used."),
+        ("bytes_read", "Bytes of experts read from the checkpoint's files."),
+        ("stall_seconds", "Seconds the model waited for expert reads."),
+    )
+
+    def __init__(self, model_name: str, cache):
+        self.model_name, self.cache = model_name, cache
+
+    def collect(self):
+        stats = self.cache.stats
+        for field, doc in self.SERIES:
+            family = CounterMetricFamily(f"moekit:expert_cache_{field}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], getattr(stats, field))
+            yield family
+        slots = GaugeMetricFamily("moekit:expert_cache_slots", "Expert slots in the pool.", labels=["model_name"])
+        slots.add_metric([self.model_name], self.cache.slots)
+        yield slots
 
 
 class MoECollector:
