@@ -186,6 +186,23 @@ EXTRA["dots1"] = {
     "max_window_layers": 2,
 }
 EXTRA["dbrx"] = {}  # DBRX names its fields its own way: see _dbrx
+# Granite: muP's constants away from 1, so that each is tested
+GRANITE_MUP = {
+    "embedding_multiplier": 3.0,
+    "attention_multiplier": 0.2,
+    "residual_multiplier": 0.5,
+    "logits_scaling": 2.5,
+    "attention_bias": True,
+}
+EXTRA["granitemoe"] = {**GRANITE_MUP, "intermediate_size": 24}
+EXTRA["granitemoeshared"] = {**GRANITE_MUP, "intermediate_size": 24, "shared_intermediate_size": 40}
+# Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
+EXTRA["hunyuan_v1_moe"] = {
+    "num_experts_per_tok": [2, 1, 3, 2],
+    "intermediate_size": 24,
+    "attention_bias": True,
+    "rope_parameters": {"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0, "rope_theta": 10000.0},
+}
 FAMILIES = list(EXTRA)
 
 

@@ -49,6 +49,9 @@ FUSED = {
     "deepseek_v4": {"chain"},  # hyper-connections, compressed attention (CSA's pick, HCA, windows), token table
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
+    "hunyuan_v1_moe": {"ffn"},  # QK-norm after rope (the attention step norms before it), a top-k per layer
+    "granitemoe": set(),  # muP's residual multiplier: the layer steps add unscaled residuals, the modules run
+    "granitemoeshared": set(),
 }
 CASES = [(f, {}) for f in FAMILIES] + [
     ("deepseek_v3", {"n_group": 1, "topk_group": 1}),  # sigmoid, selection bias, renormalisation eps, scaling

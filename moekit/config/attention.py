@@ -8,7 +8,7 @@ from typing import Literal
 from moekit._validate import check_choice, check_float, check_int, fail
 
 ATTENTION_KINDS = ("gqa", "mla", "compressed")
-QK_NORMS = ("none", "head", "full", "l2")
+QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
 LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
@@ -92,8 +92,9 @@ class AttentionConfig:
                     layers one per heavy_compress_rate tokens; q-LoRA; output projected in o_groups groups of
                     o_lora_rank; rope on the last partial_rotary of each head).
     qkv_bias, out_bias  biases of the q/k/v projections and of the output projection.
-    qk_norm         none, head (RMSNorm per head: Qwen3), full (RMSNorm over the whole q / k projection: OLMoE),
-                    l2 (weightless L2 norm after rope, on rope layers: Llama 4).
+    qk_norm         none, head (RMSNorm per head: Qwen3), head_after_rope (the same after rope: Hunyuan), full
+                    (RMSNorm over the whole q / k projection: OLMoE), l2 (weightless L2 norm after rope, on rope
+                    layers: Llama 4).
     clip_qkv        clamp q, k, v to ±clip_qkv (OLMoE).
     sinks           a learned per-head logit that absorbs attention mass (GPT-OSS); sink_layers: on all layers or on
                     the sliding-window ones only (MiMo-V2-Flash).
@@ -106,6 +107,7 @@ class AttentionConfig:
                     1 + attn_scale·log(1 + floor((pos + 1) / floor_scale)).
     query_scale_beta  queries of every layer scaled by 1 + beta·log(1 + floor(pos / query_scale_length)) (Mistral
                     Small 4's llama_4_scaling_beta over the original context); 0: none.
+    softmax_scale   the attention logits' scale (GQA); None: 1/sqrt(head_dim) (Granite's attention_multiplier).
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -117,7 +119,7 @@ class AttentionConfig:
     kind: Literal["gqa", "mla", "compressed"] = "gqa"
     qkv_bias: bool = False
     out_bias: bool = False
-    qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    qk_norm: Literal["none", "head", "head_after_rope", "full", "l2"] = "none"
     clip_qkv: float | None = None
     sinks: bool = False
     sink_layers: Literal["all", "sliding"] = "all"
@@ -133,6 +135,7 @@ class AttentionConfig:
     floor_scale: float = 8192.0
     query_scale_beta: float = 0.0
     query_scale_length: int = 1
+    softmax_scale: float | None = None
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -173,6 +176,10 @@ class AttentionConfig:
         if self.sliding_rope_theta is not None:
             check_float("attention.sliding_rope_theta", self.sliding_rope_theta, 0.0, lo_open=True)
         check_int("attention.query_scale_length", self.query_scale_length, 1)
+        if self.softmax_scale is not None:
+            check_float("attention.softmax_scale", self.softmax_scale, 0.0, lo_open=True)
+            if self.kind != "gqa":
+                fail("attention.softmax_scale", self.softmax_scale, "None for MLA and compressed attention")
         if self.kind == "mla":
             check_int("attention.kv_lora_rank", self.kv_lora_rank, 1)
             check_int("attention.qk_nope_head_dim", self.qk_nope_head_dim, 0)
@@ -253,6 +260,8 @@ class AttentionConfig:
             extras.append(f"{self.layer_types.count('chunked')} chunked layers ({self.chunk_size})")
         if self.nope_layers:
             extras.append(f"{len(self.nope_layers)} NoPE layers")
+        if self.softmax_scale is not None:
+            extras.append(f"logits scaled by {self.softmax_scale:g}")
         if self.query_scale_beta:
             extras.append(f"queries scaled by position (beta {self.query_scale_beta:g} per {self.query_scale_length})")
         return text + (f", {', '.join(extras)}" if extras else "")

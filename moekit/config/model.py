@@ -28,7 +28,10 @@ class ModelConfig:
     token further ahead); they are not used by the plain forward pass. norm: the layer norms (see NORMS);
     lm_head_bias: a bias on the output head (Phi-3.5-MoE). hyper_streams > 1: the residual is that many streams mixed
     by hyper-connections (DeepSeek-V4; Sinkhorn iterations and eps); table_layers: MoE layers whose experts a
-    token-id table picks (DeepSeek-V4's first layers: moe.router becomes token_table there)."""
+    token-id table picks (DeepSeek-V4's first layers: moe.router becomes token_table there). layer_top_k: each
+    layer's top-k where the layers differ (Hunyuan's moe_topk list; None: moe's for all). embedding_multiplier,
+    residual_multiplier, logits_scaling: muP's constants (Granite): the embeddings are multiplied by the first,
+    each block's output by the second before its residual add, the logits divided by the third."""
 
     hidden_size: int
     num_layers: int
@@ -53,6 +56,10 @@ class ModelConfig:
     hyper_sinkhorn_iters: int = 20
     hyper_eps: float = 1e-6
     table_layers: tuple[int, ...] = ()
+    layer_top_k: tuple[int, ...] | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     family: str = "moekit"
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -95,6 +102,16 @@ class ModelConfig:
             fail("attention", self.attention, "an AttentionConfig")
         self.attention.check_layers(self.num_layers)
         check_int("hyper_streams", self.hyper_streams, 1)
+        if self.layer_top_k is not None:
+            object.__setattr__(self, "layer_top_k", tuple(self.layer_top_k))
+            if len(self.layer_top_k) != self.num_layers:
+                fail("layer_top_k", self.layer_top_k, f"one top-k per layer ({self.num_layers})")
+            for k in self.layer_top_k:
+                check_int("layer_top_k[]", k, 1, self.moe.num_experts if self.moe else 1)
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            check_float(name, getattr(self, name), 0.0, lo_open=True)
+        if self.residual_multiplier != 1.0 and self.hyper_streams > 1:
+            fail("residual_multiplier", self.residual_multiplier, "1.0 with hyper-connections")
         check_int("hyper_sinkhorn_iters", self.hyper_sinkhorn_iters, 1)
         object.__setattr__(self, "table_layers", tuple(sorted(set(self.table_layers))))
         for i in self.table_layers:
@@ -103,6 +120,11 @@ class ModelConfig:
         sliding_kv = self.attention.sliding_kv_heads
         if sliding_kv is not None and self.num_heads % sliding_kv:
             fail("attention.sliding_kv_heads", sliding_kv, f"a divisor of num_heads={self.num_heads}")
+
+    @property
+    def mup(self) -> bool:
+        """Whether muP's multipliers change anything (the fused decode steps do not apply them)."""
+        return (self.embedding_multiplier, self.residual_multiplier, self.logits_scaling) != (1.0, 1.0, 1.0)
 
     @property
     def rope_dim(self) -> int:
@@ -122,9 +144,12 @@ class ModelConfig:
         return self.attention.v_head_dim or self.head_dim
 
     def layer_moe(self, i: int) -> MoEConfig | None:
-        """The MoE config of layer i (a token-table router on table_layers), None for a dense layer."""
+        """The MoE config of layer i (a token-table router on table_layers, the layer's own top-k), None for a dense
+        layer."""
         if not self.is_moe_layer(i):
             return None
+        if self.layer_top_k is not None and self.layer_top_k[i] != self.moe.top_k:
+            return replace(self.moe, routing=replace(self.moe.routing, top_k=self.layer_top_k[i]))
         if i in self.table_layers:  # the table picks: no selection bias to balance
             routing = replace(self.moe.routing, selection_bias=False)
             table = dict(router="token_table", table_vocab=self.vocab_size, bias_update_rate=0.0)

@@ -65,6 +65,9 @@ def prepare_inference(model: nn.Module) -> dict:
     for i, layer in enumerate(layers):
         if isinstance(layer.mlp, MoEBlock) and prepare_block(layer.mlp):
             report["moe"].append(i)
+        if layer.residual_multiplier != 1.0:  # the layer steps add the residual unscaled (muP): the modules
+            steps.append((None, None))
+            continue
         attention = attention_step(layer.input_layernorm, layer.self_attn, model.rotary)
         ffn = ffn_step(layer.post_attention_layernorm, layer.mlp, residual=not layer.hyper)  # hyper: mixed instead
         steps.append((attention, ffn))
@@ -73,6 +76,8 @@ def prepare_inference(model: nn.Module) -> dict:
         report["attention"] += [i] if attention is not None else []
         report["ffn"] += [i] if ffn is not None else []
     main = steps[: len(model.layers)]
+    if model.config.mup:  # the chain's embedding and head take no multipliers
+        return report
     chain = _chain(model, main) if model.hc_head is None else _hyper_chain(model, main)
     if chain is not None:
         model.fused = _ChainStep(model, chain)

@@ -131,11 +131,12 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, kv_heads * hd, bias=a.qkv_bias)
         self.v_proj = Linear(d, kv_heads * self.v_dim, bias=a.qkv_bias)
         self.o_proj = Linear(cfg.num_heads * self.v_dim, d, bias=a.out_bias)
-        norm_width = {"head": (hd, hd), "full": (cfg.num_heads * hd, kv_heads * hd)}.get(a.qk_norm)
+        widths = {"head": (hd, hd), "head_after_rope": (hd, hd), "full": (cfg.num_heads * hd, kv_heads * hd)}
+        norm_width = widths.get(a.qk_norm)
         self.q_norm = RMSNorm(norm_width[0], cfg.norm_eps) if norm_width else None
         self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.has_sinks(layer) else None
-        self.scale = hd**-0.5
+        self.scale = a.softmax_scale if a.softmax_scale is not None else hd**-0.5
         self.window = a.sliding_window if self.layer_type == "sliding" else None
 
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -158,6 +159,8 @@ class Attention(nn.Module):
             q, k = self._rope(q, rope), self._rope(k, rope)
             if self.qk_norm == "l2":
                 q, k = _l2_norm(q, self.norm_eps), _l2_norm(k, self.norm_eps)
+        if self.qk_norm == "head_after_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.temperature is not None:
             attn_scale, floor_scale = self.temperature
             pos_B1T1 = inputs.query_index_BT.float()[:, None, :, None]

@@ -31,6 +31,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.hyper = cfg.hyper_streams > 1
+        self.residual_multiplier = cfg.residual_multiplier
         if self.hyper:
             hc = (cfg.hidden_size, cfg.hyper_streams, cfg.hyper_sinkhorn_iters, cfg.hyper_eps, cfg.norm_eps)
             self.attn_hc, self.ffn_hc = HyperConnection(*hc), HyperConnection(*hc)
@@ -48,13 +49,17 @@ class DecoderLayer(nn.Module):
         fused = self.fused
         attended_BTD = fused.attention(x_BTD, inputs) if fused is not None else None
         if attended_BTD is None:
-            attended_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), inputs)
+            attended_BTD = x_BTD + self._scaled(self.self_attn(self.input_layernorm(x_BTD), inputs))
         if fused is not None and token_mask_BT is None:
             out = fused.ffn(attended_BTD)
             if out is not None:
                 return out
         y_BTD, info = self._ffn(self.post_attention_layernorm(attended_BTD), token_ids_BT, token_mask_BT)
-        return attended_BTD + y_BTD, info
+        return attended_BTD + self._scaled(y_BTD), info
+
+    def _scaled(self, y_BTD: torch.Tensor) -> torch.Tensor:
+        """A block's output as its residual add takes it (muP's residual_multiplier)."""
+        return y_BTD if self.residual_multiplier == 1.0 else y_BTD * self.residual_multiplier
 
     def _ffn(self, h_BTD: torch.Tensor, token_ids_BT, token_mask_BT) -> tuple[torch.Tensor, MoEInfo | None]:
         if isinstance(self.mlp, MoEBlock):

@@ -186,7 +186,9 @@ class MoEDecoder(nn.Module):
     def head(self, h_BTD: torch.Tensor, mtp_depth: int | None = None) -> torch.Tensor:
         """Logits [B, T, V] of the main model, or of multi-token-prediction depth mtp_depth, from its hidden state."""
         norm = self.norm if mtp_depth is None else self.mtp[mtp_depth].norm
-        return self.lm_head(norm(h_BTD))
+        logits = self.lm_head(norm(h_BTD))
+        scaling = self.config.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling
 
     def mtp_step(
         self,
@@ -231,6 +233,8 @@ class MoEDecoder(nn.Module):
         else:
             positions_BT = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x_BTD = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x_BTD = x_BTD * self.config.embedding_multiplier
         if self.hc_head is not None:  # hyper-connections: the residual as n streams
             x_BTD = x_BTD.unsqueeze(2).expand(-1, -1, self.config.hyper_streams, -1).contiguous()
         ragged = cache is not None and cache.ragged
