@@ -196,6 +196,14 @@ GRANITE_MUP = {
 }
 EXTRA["granitemoe"] = {**GRANITE_MUP, "intermediate_size": 24}
 EXTRA["granitemoeshared"] = {**GRANITE_MUP, "intermediate_size": 24, "shared_intermediate_size": 40}
+# ERNIE 4.5: a dense first layer, MoE on every second layer after it (1 and 3), two shared experts
+EXTRA["ernie4_5_moe"] = {
+    "moe_layer_start_index": 1,
+    "moe_layer_interval": 2,
+    "moe_num_shared_experts": 2,
+    "moe_intermediate_size": 16,
+    "tie_word_embeddings": True,
+}
 # Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
 EXTRA["hunyuan_v1_moe"] = {
     "num_experts_per_tok": [2, 1, 3, 2],

@@ -49,6 +49,7 @@ FUSED = {
     "deepseek_v4": {"chain"},  # hyper-connections, compressed attention (CSA's pick, HCA, windows), token table
     "minimax_m2": {"chain"},  # full-projection QK-norm with partial rotary, sigmoid with selection bias
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
+    "ernie4_5_moe": {"ffn"},  # rope on interleaved pairs (the GQA attention step rotates split halves)
     "hunyuan_v1_moe": {"ffn"},  # QK-norm after rope (the attention step norms before it), a top-k per layer
     "granitemoe": set(),  # muP's residual multiplier: the layer steps add unscaled residuals, the modules run
     "granitemoeshared": set(),

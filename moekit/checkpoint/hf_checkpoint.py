@@ -360,6 +360,8 @@ def checkpoint_tensors(model: MoEDecoder, family: str | None = None) -> dict[str
     state = model.state_dict()
     fused: set[str] = set()
     for hf_name, pieces in keymap.fused_names().items():
+        if any(target not in state for target, _ in pieces):  # a layer without that part (a dense layer's router)
+            continue
         views = [piece_view(state[target], view) for target, view in pieces]
         out[hf_name] = torch.cat([v.reshape(-1, v.shape[-1]) for v in views])
         fused.update(target for target, _ in pieces)
