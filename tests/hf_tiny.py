@@ -204,6 +204,19 @@ EXTRA["ernie4_5_moe"] = {
     "moe_intermediate_size": 16,
     "tie_word_embeddings": True,
 }
+# Qwen3-Next: Gated DeltaNet layers (2 key heads, 4 value heads) around a gated full-attention layer, a shared
+# expert behind a sigmoid gate, rope on a quarter of each head
+EXTRA["qwen3_next"] = {
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 6,
+    "linear_conv_kernel_dim": 4,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 20,
+    "norm_topk_prob": True,
+}
 # Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
 EXTRA["hunyuan_v1_moe"] = {
     "num_experts_per_tok": [2, 1, 3, 2],

@@ -64,6 +64,10 @@ def test_each_request_gets_what_it_gets_alone(family, tmp_path_factory):
     """Greedy and seeded sampled requests arriving at different steps, fewer slots than requests (so some wait), and
     prompts longer than a prefill chunk: every continuation equals the model's own generate for that prompt alone."""
     model = _model(family, tmp_path_factory)
+    if model.config.attention.linear_layers:  # recurrent states have no slots in the engine's cache yet
+        with pytest.raises(ValueError, match="linear-attention layers is not supported yet"):
+            Engine(model)
+        return
     prompts, params = _requests(6)
     alone = [_alone(model, p, sp) for p, sp in zip(prompts, params, strict=True)]
     engine = Engine(model, max_batch=3, context=64, prefill_chunk=5)

@@ -9,7 +9,7 @@ from moekit._validate import check_choice, check_float, check_int, fail
 
 ATTENTION_KINDS = ("gqa", "mla", "compressed")
 QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
-LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed")
+LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed", "linear")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
@@ -108,6 +108,9 @@ class AttentionConfig:
     query_scale_beta  queries of every layer scaled by 1 + beta·log(1 + floor(pos / query_scale_length)) (Mistral
                     Small 4's llama_4_scaling_beta over the original context); 0: none.
     softmax_scale   the attention logits' scale (GQA); None: 1/sqrt(head_dim) (Granite's attention_multiplier).
+    output_gate     gated attention (Qwen3-Next): q_proj also yields a per-head gate whose sigmoid scales the output.
+    linear_*        the "linear" layers' Gated DeltaNet (Qwen3-Next, Qwen3.5): key and value heads and widths, and
+                    the short causal convolution's kernel over the projected q, k, v.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -136,6 +139,12 @@ class AttentionConfig:
     query_scale_beta: float = 0.0
     query_scale_length: int = 1
     softmax_scale: float | None = None
+    output_gate: bool = False
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv: int = 4
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -166,6 +175,12 @@ class AttentionConfig:
                 check_int("attention.sliding_window", self.sliding_window, 1)
             if "chunked" in self.layer_types:
                 check_int("attention.chunk_size", self.chunk_size, 1)
+            if "linear" in self.layer_types:
+                for name in ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
+                    check_int(f"attention.{name}", getattr(self, name), 1)
+                check_int("attention.linear_conv", self.linear_conv, 1)
+                if self.linear_value_heads % self.linear_key_heads:
+                    fail("attention.linear_value_heads", self.linear_value_heads, "a multiple of linear_key_heads")
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
         check_float("attention.partial_rotary", self.partial_rotary, 0.0, 1.0, lo_open=True)
         check_float("attention.query_scale_beta", self.query_scale_beta, 0.0)
@@ -216,6 +231,11 @@ class AttentionConfig:
         """full, sliding or chunked; layers past the listed ones (multi-token-prediction modules) are full."""
         return self.layer_types[i] if self.layer_types and i < len(self.layer_types) else "full"
 
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """The layers with linear attention (a recurrent state per sequence instead of a KV cache)."""
+        return tuple(i for i, t in enumerate(self.layer_types or ()) if t == "linear")
+
     def has_sinks(self, i: int) -> bool:
         return self.sinks and (self.sink_layers == "all" or self.layer_type(i) == "sliding")
 
@@ -262,6 +282,10 @@ class AttentionConfig:
             extras.append(f"{len(self.nope_layers)} NoPE layers")
         if self.softmax_scale is not None:
             extras.append(f"logits scaled by {self.softmax_scale:g}")
+        if self.output_gate:
+            extras.append("gated output")
+        if self.linear_layers:
+            extras.append(f"{len(self.linear_layers)} Gated DeltaNet layers")
         if self.query_scale_beta:
             extras.append(f"queries scaled by position (beta {self.query_scale_beta:g} per {self.query_scale_length})")
         return text + (f", {', '.join(extras)}" if extras else "")

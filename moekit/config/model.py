@@ -8,7 +8,8 @@ from moekit._validate import check_choice, check_float, check_int, fail
 from moekit.config.attention import AttentionConfig, RopeScaling
 from moekit.config.moe import MoEConfig
 
-NORMS = ("rms", "layer", "layer_nobias")  # RMSNorm; LayerNorm with or without a bias (Phi-3.5-MoE, DBRX)
+# RMSNorm; RMSNorm with its weight stored as 1 + w (Qwen3-Next); LayerNorm with or without a bias (Phi-3.5-MoE, DBRX)
+NORMS = ("rms", "rms_offset", "layer", "layer_nobias")
 
 
 def place_moe_layers(

@@ -10,7 +10,12 @@ from moekit.config.attention import AttentionConfig, RopeScaling
 from moekit.config.model import ModelConfig
 from moekit.config.moe import MoEConfig
 
-HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+HF_LAYER_TYPES = {
+    "full_attention": "full",
+    "sliding_attention": "sliding",
+    "chunked_attention": "chunked",
+    "linear_attention": "linear",
+}
 # What of a family's MoE layers moekit's fused inference steps (moekit.infer.fast) cover: the attention block of a
 # decode step, and the MoE block (at a decode step and over a batch of tokens).
 FUSED_STEPS = ("attention", "moe")

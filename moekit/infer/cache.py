@@ -1,5 +1,6 @@
 """The KV cache of a generation: per layer, what attention needs of every earlier token (keys and values for
-GQA; the normalised latent and the rotated shared key for MLA, which is why MLA's cache is small)."""
+GQA; the normalised latent and the rotated shared key for MLA, which is why MLA's cache is small); for recurrent
+layers (linear attention), a fixed-size state per sequence instead."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ class KVCache:
         self.length = 0  # tokens already cached (the same in every layer)
         self._buffers: dict[int, list[torch.Tensor]] = {}
         self._dims: dict[int, tuple[int, ...]] = {}  # each cached tensor's sequence axis
+        self._states: dict[int, tuple[torch.Tensor, ...]] = {}  # recurrent layers: their state after `length`
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """A recurrent layer's state after the cached tokens (linear attention: conv and recurrent state), or None."""
+        return self._states.get(layer)
+
+    def set_state(self, layer: int, *state: torch.Tensor) -> None:
+        self._states[layer] = state
 
     def extend(self, layer: int, dims: tuple[int, ...], *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Append the new tokens' tensors (sequence axis dims[i] of each) after the first `length` cached ones and
@@ -58,6 +67,8 @@ class KVCache:
         """Forget every token from position `length` on (rejected speculative tokens)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"length={length} is invalid: allowed [0, {self.length}]")
+        if self._states and length != self.length:
+            raise ValueError("a cache of recurrent layers (linear attention) cannot forget tokens: allowed none")
         self.length = length
 
     def nbytes(self) -> int:
@@ -66,7 +77,7 @@ class KVCache:
         for layer, buffers in self._buffers.items():
             for buf, d in zip(buffers, self._dims[layer], strict=True):
                 total += buf.numel() // buf.shape[d] * self.length * buf.element_size()
-        return total
+        return total + sum(t.numel() * t.element_size() for state in self._states.values() for t in state)
 
 
 def _with_room(t: torch.Tensor, dim: int, needed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.infer.cache import KVCache
 from moekit.layers.linear import Linear, project
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import OffsetRMSNorm, RMSNorm
 from moekit.layers.rope import apply_rope
 
 
@@ -80,6 +80,7 @@ class AttentionInputs:
     # tokens), and the rotary cos/sin at any positions [1, W]
     key_positions_BS: torch.Tensor | None = None
     rope_at: Callable | None = None
+    token_mask_BT: torch.Tensor | None = None  # the pass's real tokens where padded (linear attention zeroes padding)
 
     def rope_of(self, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary cos/sin a layer of this type uses."""
@@ -127,14 +128,16 @@ class Attention(nn.Module):
         self.query_scale = (a.query_scale_beta, a.query_scale_length) if a.query_scale_beta else None
         self.norm_eps = cfg.norm_eps
         kv_heads = self.num_kv_heads
-        self.q_proj = Linear(d, cfg.num_heads * hd, bias=a.qkv_bias)
+        self.output_gate = a.output_gate
+        self.q_proj = Linear(d, cfg.num_heads * hd * (2 if a.output_gate else 1), bias=a.qkv_bias)
         self.k_proj = Linear(d, kv_heads * hd, bias=a.qkv_bias)
         self.v_proj = Linear(d, kv_heads * self.v_dim, bias=a.qkv_bias)
         self.o_proj = Linear(cfg.num_heads * self.v_dim, d, bias=a.out_bias)
         widths = {"head": (hd, hd), "head_after_rope": (hd, hd), "full": (cfg.num_heads * hd, kv_heads * hd)}
         norm_width = widths.get(a.qk_norm)
-        self.q_norm = RMSNorm(norm_width[0], cfg.norm_eps) if norm_width else None
-        self.k_norm = RMSNorm(norm_width[1], cfg.norm_eps) if norm_width else None
+        norm = OffsetRMSNorm if cfg.norm == "rms_offset" else RMSNorm  # the q/k norms follow the model's
+        self.q_norm = norm(norm_width[0], cfg.norm_eps) if norm_width else None
+        self.k_norm = norm(norm_width[1], cfg.norm_eps) if norm_width else None
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if a.has_sinks(layer) else None
         self.scale = a.softmax_scale if a.softmax_scale is not None else hd**-0.5
         self.window = a.sliding_window if self.layer_type == "sliding" else None
@@ -142,6 +145,10 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x_BTD)
+        gate = None
+        if self.output_gate:  # per head: [query, gate], each head_dim wide
+            q, gate = q.view(b, t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(b, t, -1), gate.reshape(b, t, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -170,7 +177,8 @@ class Attention(nn.Module):
         if inputs.cache is not None:
             k, v = inputs.cache.extend(self.layer, (2, 2), k, v)
         out = attend(q, k, v, inputs.masks[self.layer_type], self.scale, self.sinks)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
 
     def _rope(self, x_BHTd: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         r = rope[0].shape[-1]

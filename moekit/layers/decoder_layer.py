@@ -10,6 +10,7 @@ from moekit.layers.attention import Attention, AttentionInputs
 from moekit.layers.compressed import CompressedAttention
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.hyper import HyperConnection
+from moekit.layers.linear_attention import GatedDeltaNet
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
@@ -24,11 +25,19 @@ class DecoderLayer(nn.Module):
 
     fused = None
 
+    @property
+    def self_attn(self) -> nn.Module:
+        """The layer's token mixer: attention, or linear attention (registered as linear_attn)."""
+        return self._modules.get("self_attn") or self._modules["linear_attn"]
+
     def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
         """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
+        if cfg.attention.layer_type(index) == "linear":  # under its checkpoints' name; self_attn reads it too
+            self.linear_attn = GatedDeltaNet(cfg, index)
+        else:
+            self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.hyper = cfg.hyper_streams > 1
         self.residual_multiplier = cfg.residual_multiplier

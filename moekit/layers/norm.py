@@ -21,8 +21,26 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose weight is stored as its offset from 1 (zero-centred: Qwen3-Next, Qwen3.5), the product taken
+    in fp32 before the cast back (not a subclass of RMSNorm: the fused steps read plain weights)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    """The block norm a ModelConfig asks for: rms, layer (LayerNorm with bias), layer_nobias."""
+    """The block norm a ModelConfig asks for: rms, rms_offset (weight stored as 1 + w), layer (LayerNorm with bias),
+    layer_nobias."""
     if kind == "rms":
         return RMSNorm(dim, eps)
+    if kind == "rms_offset":
+        return OffsetRMSNorm(dim, eps)
     return nn.LayerNorm(dim, eps=eps, bias=kind == "layer")

@@ -14,8 +14,9 @@ from torch import nn
 
 from moekit.layers.ffn import FeedForward
 from moekit.layers.hyper import HyperConnection, HyperHead
+from moekit.layers.linear_attention import GatedRMSNorm
 from moekit.layers.moe import MoEBlock
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import OffsetRMSNorm, RMSNorm
 
 PARTS = (
     "embedding",
@@ -60,11 +61,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, (HyperConnection, HyperHead)):  # DeepSeek-V4's stream mixing
             counts["hyper_connections"] += take(module.parameters())
-        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+        elif isinstance(module, (RMSNorm, OffsetRMSNorm, GatedRMSNorm, nn.LayerNorm)):
             counts["norms"] += take(module.parameters())
         elif isinstance(module, FeedForward):
             counts["dense_ffn"] += take(module.parameters())
-        elif name.endswith("self_attn"):
+        elif name.endswith(("self_attn", "linear_attn")):
             counts["attention"] += take(p for n, p in module.named_parameters() if "norm" not in n)
     other = take(model.parameters())
     if other:

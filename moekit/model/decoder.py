@@ -106,7 +106,7 @@ class MoEDecoder(nn.Module):
         query_keys_BT: each query's own key index per row, where rows differ (a ragged cache); else the queries
         are the last num_queries keys."""
         a, device = self.config.attention, positions_BT.device
-        kinds = set(a.layer_types or ()) | {"full"}
+        kinds = (set(a.layer_types or ()) - {"linear"}) | {"full"}  # linear attention takes no mask
         if a.kind == "compressed":  # every layer attends over a sliding window (and its compressed entries)
             kinds = (kinds - {"compressed", "heavily_compressed"}) | {"sliding"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}
@@ -241,6 +241,7 @@ class MoEDecoder(nn.Module):
         inputs = self.attention_inputs(
             positions_BT, attention_mask, t, past + t, x_BTD.dtype, cache, positions_BT if ragged else None
         )
+        inputs.token_mask_BT = token_mask_BT
         infos: dict[int, MoEInfo] = {}
         for i, layer in enumerate(self.layers):
             x_BTD, info = layer(x_BTD, inputs, input_ids, token_mask_BT)

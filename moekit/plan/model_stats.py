@@ -39,6 +39,7 @@ class ModelStats:
     moe_layers: tuple[MoELayerShape, ...]
     kv_layers: tuple[KVLayer, ...]
     attention_flops_per_key: int  # FLOPs per query token per cached key, in one layer
+    state_elements: int = 0  # recurrent layers' state per sequence, whatever its length (linear attention)
 
     @property
     def always_read_params(self) -> int:
@@ -51,8 +52,10 @@ class ModelStats:
         return sum(layer.elements_per_token / layer.every for layer in self.kv_layers) * kv_bytes
 
     def kv_bytes_per_sequence(self, context: int, kv_bytes: float) -> float:
-        """Cache bytes of one sequence at `context` tokens: windowed layers keep at most their window."""
-        return sum(layer.elements_per_token * layer.kept(context) for layer in self.kv_layers) * kv_bytes
+        """Cache bytes of one sequence at `context` tokens: windowed layers keep at most their window, recurrent
+        layers their fixed state."""
+        entries = sum(layer.elements_per_token * layer.kept(context) for layer in self.kv_layers)
+        return (entries + self.state_elements) * kv_bytes
 
 
 def model_stats(cfg: ModelConfig) -> ModelStats:
@@ -76,8 +79,12 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
         per_token = [cfg.kv_heads(i) * (cfg.head_dim + cfg.value_dim) for i in range(cfg.num_layers)]
         flops_per_key = 2 * cfg.num_heads * (cfg.head_dim + cfg.value_dim)
     windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
-    kv = tuple(KVLayer(per_token[i], windows[a.layer_type(i)]) for i in range(cfg.num_layers))
-    return ModelStats(cfg, params, moe, kv, flops_per_key)
+    linear = set(a.linear_layers)
+    kv = tuple(KVLayer(per_token[i], windows[a.layer_type(i)]) for i in range(cfg.num_layers) if i not in linear)
+    # Gated DeltaNet: a [value heads, key dim, value dim] state and the convolution's last kernel - 1 inputs
+    conv = 2 * a.linear_key_heads * a.linear_key_dim + a.linear_value_heads * a.linear_value_dim
+    state = a.linear_value_heads * a.linear_key_dim * a.linear_value_dim + conv * (a.linear_conv - 1)
+    return ModelStats(cfg, params, moe, kv, flops_per_key, state * len(linear))
 
 
 def _compressed_cache(cfg: ModelConfig) -> tuple[KVLayer, ...]:

@@ -78,4 +78,4 @@ def module_class(path: str, module: nn.Module) -> str | None:
         return "head"
     if ".shared_experts." in f"{path}.":
         return "shared"
-    return "attention" if ".self_attn." in f"{path}." else "dense"
+    return "attention" if ".self_attn." in f"{path}." or ".linear_attn." in f"{path}." else "dense"

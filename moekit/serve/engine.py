@@ -102,6 +102,8 @@ class Engine:
     ):
         check_int("max_batch", max_batch, 1)
         check_int("max_queue", max_queue, 0)
+        if model.config.attention.linear_layers:  # their per-sequence states have no slots in the server's cache
+            raise ValueError(f"{model.config.family}: serving models with linear-attention layers is not supported yet")
         check_int("prefill_chunk", prefill_chunk, 1)
         self.model, self.max_batch, self.context = model.eval(), max_batch, context
         self.max_queue, self.prefill_chunk, self.on_step = max_queue, prefill_chunk, on_step
