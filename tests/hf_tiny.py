@@ -217,6 +217,8 @@ EXTRA["qwen3_next"] = {
     "shared_expert_intermediate_size": 20,
     "norm_topk_prob": True,
 }
+# Qwen3.5's text model: the same stack with split DeltaNet projections
+EXTRA["qwen3_5_moe_text"] = {k: v for k, v in EXTRA["qwen3_next"].items() if k != "norm_topk_prob"}
 # Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
 EXTRA["hunyuan_v1_moe"] = {
     "num_experts_per_tok": [2, 1, 3, 2],

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{k} {count(p[k])}" for k in PARTS if p[k]) + (f", mtp {count(p['mtp'])}" if p["mtp"] else ""),
         ),
         ("bytes", ", ".join(f"{k} {gb(r['weight_bytes'][k])}" for k in ("fp32", "bf16", "fp8", "mxfp4", "q4_k_m"))),
-        ("KV cache", f"{r['kv_cache_bytes_per_token_bf16']:,} bytes per token (bf16)"),
+        ("KV cache", f"{r['kv_cache_bytes_per_token_bf16']:,} bytes per token (bf16)" + _state(r)),
     ]
     if r["stored"]:
         quantized = ", ".join(r["stored"]["quantized"]) or "none"
@@ -48,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     for label, text in rows + [("assumed", a) for a in r["assumptions"]]:
         print(f"{label:<10} {text}")
     return 0
+
+
+def _state(r: dict) -> str:
+    """The recurrent layers' state, once per sequence whatever its length."""
+    state = r["recurrent_state_bytes_per_sequence_bf16"]
+    return f" + {state:,} bytes of recurrent state per sequence" if state else ""
 
 
 def add_parser(sub) -> None:

@@ -110,7 +110,9 @@ class AttentionConfig:
     softmax_scale   the attention logits' scale (GQA); None: 1/sqrt(head_dim) (Granite's attention_multiplier).
     output_gate     gated attention (Qwen3-Next): q_proj also yields a per-head gate whose sigmoid scales the output.
     linear_*        the "linear" layers' Gated DeltaNet (Qwen3-Next, Qwen3.5): key and value heads and widths, and
-                    the short causal convolution's kernel over the projected q, k, v.
+                    the short causal convolution's kernel over the projected q, k, v; linear_projection: grouped
+                    (Qwen3-Next: in_proj_qkvz / in_proj_ba, grouped per key head) or split (Qwen3.5: in_proj_qkv,
+                    in_proj_z, in_proj_b, in_proj_a).
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -145,6 +147,7 @@ class AttentionConfig:
     linear_key_dim: int = 0
     linear_value_dim: int = 0
     linear_conv: int = 4
+    linear_projection: Literal["grouped", "split"] = "grouped"
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -179,6 +182,7 @@ class AttentionConfig:
                 for name in ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
                     check_int(f"attention.{name}", getattr(self, name), 1)
                 check_int("attention.linear_conv", self.linear_conv, 1)
+                check_choice("attention.linear_projection", self.linear_projection, ("grouped", "split"))
                 if self.linear_value_heads % self.linear_key_heads:
                     fail("attention.linear_value_heads", self.linear_value_heads, "a multiple of linear_key_heads")
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))

@@ -20,9 +20,8 @@ from moekit.config.model import ModelConfig
 from moekit.kernels.products import gather_gemv
 from moekit.layers.attention import AttentionInputs, attend
 from moekit.layers.dsa import pick_top
-from moekit.layers.hyper import unweighted_rms_norm
 from moekit.layers.linear import Linear, float_weight, project
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import RMSNorm, unweighted_rms_norm
 
 
 def rope_tail(x: torch.Tensor, cos_BTr: torch.Tensor, sin_BTr: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.kernels import kernel_taking
-
-
-def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+from moekit.layers.norm import unweighted_rms_norm
 
 
 class HyperConnection(nn.Module):

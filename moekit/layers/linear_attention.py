@@ -21,6 +21,7 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
+from moekit.layers.norm import unweighted_rms_norm
 
 CHUNK = 64  # tokens per chunk of the chunked form (flash-linear-attention's and transformers' choice)
 
@@ -98,15 +99,15 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x32.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+        normed = unweighted_rms_norm(x.float(), self.eps).to(x.dtype)
+        return (self.weight * normed * F.silu(gate.float())).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
-    """One linear-attention layer. Parameters under Qwen3-Next's names: in_proj_qkvz (per key head: q, k, then its
-    value heads' v and z), in_proj_ba (per key head: its value heads' b, then a), conv1d, dt_bias, A_log, norm,
-    out_proj."""
+    """One linear-attention layer. Parameters under the checkpoints' names: grouped projections (Qwen3-Next)
+    in_proj_qkvz (per key head: q, k, then its value heads' v and z) and in_proj_ba (per key head: its value heads'
+    b, then a), or split ones (Qwen3.5) in_proj_qkv (all q, all k, all v), in_proj_z, in_proj_b, in_proj_a; conv1d,
+    dt_bias, A_log, norm, out_proj."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -117,8 +118,15 @@ class GatedDeltaNet(nn.Module):
         self.kernel = a.linear_conv
         keys, values = self.key_heads * self.key_dim, self.value_heads * self.value_dim
         self.conv_dim = 2 * keys + values
-        self.in_proj_qkvz = Linear(d, 2 * keys + 2 * values, bias=False)
-        self.in_proj_ba = Linear(d, 2 * self.value_heads, bias=False)
+        self.grouped = a.linear_projection == "grouped"
+        if self.grouped:
+            self.in_proj_qkvz = Linear(d, 2 * keys + 2 * values, bias=False)
+            self.in_proj_ba = Linear(d, 2 * self.value_heads, bias=False)
+        else:
+            self.in_proj_qkv = Linear(d, 2 * keys + values, bias=False)
+            self.in_proj_z = Linear(d, values, bias=False)
+            self.in_proj_b = Linear(d, self.value_heads, bias=False)
+            self.in_proj_a = Linear(d, self.value_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.value_heads))
         self.A_log = nn.Parameter(torch.zeros(self.value_heads))
@@ -126,9 +134,22 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(values, d, bias=False)
 
     def _split(self, x_BTD: torch.Tensor):
-        """q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]; b, a [B, T, Hv] from the two projections' per-key-head
-        groups."""
+        """q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]; b, a [B, T, Hv] from the projections."""
         b_, t, _ = x_BTD.shape
+        if not self.grouped:
+            keys = self.key_heads * self.key_dim
+            q, k, v = self.in_proj_qkv(x_BTD).split([keys, keys, self.value_heads * self.value_dim], dim=-1)
+            shape_v = (b_, t, self.value_heads, self.value_dim)
+            key_shape = (b_, t, self.key_heads, self.key_dim)
+            z = self.in_proj_z(x_BTD).view(shape_v)
+            return (
+                q.view(key_shape),
+                k.view(key_shape),
+                v.reshape(shape_v),
+                z,
+                self.in_proj_b(x_BTD),
+                self.in_proj_a(x_BTD),
+            )
         per = self.value_heads // self.key_heads
         qkvz = self.in_proj_qkvz(x_BTD).view(b_, t, self.key_heads, -1)
         q, k, v, z = qkvz.split([self.key_dim, self.key_dim, per * self.value_dim, per * self.value_dim], dim=-1)

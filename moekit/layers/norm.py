@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last axis, the mean taken in fp32."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,9 +21,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:  # the same math in one call (decode runs hundreds)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * unweighted_rms_norm(x.float(), self.eps).to(x.dtype)
 
 
 class OffsetRMSNorm(nn.Module):
@@ -31,9 +34,7 @@ class OffsetRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return (unweighted_rms_norm(x.float(), self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:

@@ -40,6 +40,7 @@ def inspect_model(model: str | Path | ModelConfig | dict) -> dict:
         "params": p,
         "weight_bytes": {name: int(p["total"] * bits / 8) for name, bits in BITS.items()},
         "kv_cache_bytes_per_token_bf16": int(stats.kv_bytes_per_token(2)),
+        "recurrent_state_bytes_per_sequence_bf16": int(stats.state_elements * 2),
         "stored": _stored(model),
         "assumptions": assumptions,
     }
