@@ -106,6 +106,24 @@ MODELS = {
             num_hash_layers=2,
         ),
     ),
+    "qwen3.5": (
+        "qwen3.5-like hybrid (8 layers: 6 Gated DeltaNet with 8 key / 16 value heads of 128, 2 gated attention with "
+        "8/2 heads of 128; D=1024, 64 experts top-8, F=384, 1 gated shared)",
+        "qwen3_5_moe_text",
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            linear_num_key_heads=8,
+            linear_num_value_heads=16,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            num_experts=64,
+            num_experts_per_tok=8,
+            moe_intermediate_size=384,
+            shared_expert_intermediate_size=384,
+        ),
+    ),
 }
 PROMPT, NEW, PREFILL = 16, 64, 512
 

@@ -93,7 +93,7 @@ def add_parser(sub) -> None:
         "Hugging Face directory OUT/final/.",
     )
     t.add_argument("--config", help="TOML or YAML file with [model] and [train] tables (over the preset)")
-    t.add_argument("--preset", help="tiny (default), small or base")
+    t.add_argument("--preset", help="tiny (default), tiny-hybrid (linear attention, as Qwen3-Next), small or base")
     t.add_argument("--data", help="a text file or directory (default: the Python standard library's source)")
     t.add_argument("--out", help="run directory (default: runs/PRESET-DATE-TIME)")
     t.add_argument("--steps", type=int, help="optimizer steps (tiny: 300)")

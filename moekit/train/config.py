@@ -120,9 +120,27 @@ def _scaled(base: dict, hidden: int, layers: int, heads: int, experts: int, top_
     return d
 
 
+def _hybrid() -> dict:
+    """The tiny preset's MoE in Qwen3-Next's hybrid stack: three Gated DeltaNet layers, then one gated full
+    attention (per-head QK-norm, rope on a quarter of each head), RMSNorms stored as offsets from 1."""
+    attention = dict(
+        kind="gqa",
+        qk_norm="head",
+        output_gate=True,
+        partial_rotary=0.25,
+        layer_types=["linear", "linear", "linear", "full"],
+        linear_key_heads=2,
+        linear_value_heads=4,
+        linear_key_dim=32,
+        linear_value_dim=32,
+    )
+    return {**_tiny(), "num_kv_heads": 2, "head_dim": 64, "norm": "rms_offset", "attention": attention}
+
+
 # name -> (model dict, train overrides)
 PRESETS: dict[str, tuple[dict, dict]] = {
     "tiny": (_tiny(), {}),
+    "tiny-hybrid": (_hybrid(), {}),
     "small": (_scaled(_tiny(), 256, 6, 8, 32, 6, 128), {"batch_size": 16, "seq_len": 256, "lr": 2e-3, "steps": 2000}),
     "base": (_scaled(_tiny(), 512, 8, 8, 64, 6, 256), {"batch_size": 32, "seq_len": 512, "lr": 1e-3, "steps": 10000}),
 }
