@@ -219,6 +219,16 @@ EXTRA["qwen3_next"] = {
 }
 # Qwen3.5's text model: the same stack with split DeltaNet projections
 EXTRA["qwen3_5_moe_text"] = {k: v for k, v in EXTRA["qwen3_next"].items() if k != "norm_topk_prob"}
+# Jamba: Mamba and attention layers alternating, MoE on the Mamba ones, dt rank and state size of their own
+EXTRA["jamba"] = {
+    "attn_layer_period": 2,
+    "attn_layer_offset": 1,
+    "expert_layer_period": 2,
+    "expert_layer_offset": 0,
+    "mamba_d_state": 8,
+    "mamba_dt_rank": 4,
+    "intermediate_size": 24,
+}
 # Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
 EXTRA["hunyuan_v1_moe"] = {
     "num_experts_per_tok": [2, 1, 3, 2],

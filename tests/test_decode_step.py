@@ -51,6 +51,7 @@ FUSED = {
     "dots1": {"chain"},  # per-head QK-norm, sliding layers, shared expert, dense first layer
     "ernie4_5_moe": {"ffn"},  # rope on interleaved pairs (the GQA attention step rotates split halves)
     "hunyuan_v1_moe": {"ffn"},  # QK-norm after rope (the attention step norms before it), a top-k per layer
+    "jamba": {"attention", "ffn"},  # Mamba layers run the modules (no whole-step chain); attention has no rope
     "granitemoe": set(),  # muP's residual multiplier: the layer steps add unscaled residuals, the modules run
     "granitemoeshared": set(),
 }

@@ -118,3 +118,22 @@ def test_the_hybrid_preset_trains_and_generates(tmp_path, capsys):
     assert result["last_loss"] < result["first_loss"] - 0.5
     assert main(["generate", str(run), "def ", "--max-new-tokens", "8", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+
+
+@pytest.mark.parametrize("prompt", [1, 9])
+def test_jamba_s_mamba_layers_decode_from_their_states(tmp_path, prompt):
+    """Jamba (Mamba-1 layers beside attention without rope): a cached decode equals one pass over the sequence, and
+    the planner counts each Mamba layer's [inner, state] scan state and convolution tail once per sequence."""
+    hf_tiny_model("jamba", tmp_path)
+    model = moekit.from_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (2, prompt + 6), generator=torch.Generator().manual_seed(prompt))
+    with torch.no_grad():
+        whole = model(ids)
+        cache = KVCache()
+        steps = [model(ids[:, :prompt], cache=cache)]
+        steps += [model(ids[:, i : i + 1], cache=cache) for i in range(prompt, prompt + 6)]
+    assert torch.allclose(torch.cat(steps, dim=1), whole, atol=2e-5, rtol=1e-4)
+    a, cfg = model.config.attention, model.config
+    inner = a.mamba_expand * cfg.hidden_size
+    mamba_layers = a.layer_types.count("mamba")
+    assert model_stats(cfg).state_elements == mamba_layers * inner * (a.mamba_state + a.mamba_conv - 1)

@@ -56,12 +56,15 @@ PUBLISHED = [
     ("granite-3.1-1b-a400m", "0.4", "active"),
     ("qwen3.5-35b-a3b", "35", "total"),
     ("qwen3.5-35b-a3b", "3", "active_without_input_embedding"),
+    ("jamba-1.5-mini", "52", "total"),
+    ("jamba-1.5-mini", "12", "active"),
 ]
 # ../shared/model-configs/README.md: transformers' own count of the same config (billions, two decimals), where the
 # published figure is rounded beyond use (Kimi's "1T" is 1026.41B)
 TRANSFORMERS_COUNTS = [("kimi-k2.5", 1026.41), ("mistral-small-4-119b", 118.97), ("mimo-v2-flash", 308.78)]
 TRANSFORMERS_COUNTS += [("deepseek-v3.2", 671.88), ("glm-5", 743.91), ("deepseek-v4-flash", 284.33)]
 TRANSFORMERS_COUNTS += [("deepseek-v4-pro", 1573.0), ("granite-3.1-1b-a400m", 1.33), ("qwen3.5-35b-a3b", 34.66)]
+TRANSFORMERS_COUNTS += [("jamba-1.5-mini", 51.57)]
 
 
 @pytest.mark.parametrize("name,figure,key", PUBLISHED)

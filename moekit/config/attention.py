@@ -9,7 +9,8 @@ from moekit._validate import check_choice, check_float, check_int, fail
 
 ATTENTION_KINDS = ("gqa", "mla", "compressed")
 QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
-LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed", "linear")
+LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed", "linear", "mamba")
+RECURRENT = ("linear", "mamba")  # layer types with a state per sequence instead of a KV cache
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
@@ -113,6 +114,8 @@ class AttentionConfig:
                     the short causal convolution's kernel over the projected q, k, v; linear_projection: grouped
                     (Qwen3-Next: in_proj_qkvz / in_proj_ba, grouped per key head) or split (Qwen3.5: in_proj_qkv,
                     in_proj_z, in_proj_b, in_proj_a).
+    mamba_*         the "mamba" layers' Mamba-1 (Jamba): state size, convolution kernel, inner width as a multiple of
+                    the hidden size, the time step's rank, biases of the convolution and of the projections.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -148,6 +151,12 @@ class AttentionConfig:
     linear_value_dim: int = 0
     linear_conv: int = 4
     linear_projection: Literal["grouped", "split"] = "grouped"
+    mamba_state: int = 16
+    mamba_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int = 0
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -178,6 +187,9 @@ class AttentionConfig:
                 check_int("attention.sliding_window", self.sliding_window, 1)
             if "chunked" in self.layer_types:
                 check_int("attention.chunk_size", self.chunk_size, 1)
+            if "mamba" in self.layer_types:
+                for name in ("mamba_state", "mamba_conv", "mamba_expand", "mamba_dt_rank"):
+                    check_int(f"attention.{name}", getattr(self, name), 1)
             if "linear" in self.layer_types:
                 for name in ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
                     check_int(f"attention.{name}", getattr(self, name), 1)
@@ -237,8 +249,9 @@ class AttentionConfig:
 
     @property
     def linear_layers(self) -> tuple[int, ...]:
-        """The layers with linear attention (a recurrent state per sequence instead of a KV cache)."""
-        return tuple(i for i, t in enumerate(self.layer_types or ()) if t == "linear")
+        """The layers with linear attention or a state-space model (a recurrent state per sequence instead of a KV
+        cache)."""
+        return tuple(i for i, t in enumerate(self.layer_types or ()) if t in RECURRENT)
 
     def has_sinks(self, i: int) -> bool:
         return self.sinks and (self.sink_layers == "all" or self.layer_type(i) == "sliding")
@@ -288,8 +301,10 @@ class AttentionConfig:
             extras.append(f"logits scaled by {self.softmax_scale:g}")
         if self.output_gate:
             extras.append("gated output")
-        if self.linear_layers:
-            extras.append(f"{len(self.linear_layers)} Gated DeltaNet layers")
+        kinds = {"linear": "Gated DeltaNet", "mamba": "Mamba"}
+        for kind, name in kinds.items():
+            if kind in (self.layer_types or ()):
+                extras.append(f"{self.layer_types.count(kind)} {name} layers")
         if self.query_scale_beta:
             extras.append(f"queries scaled by position (beta {self.query_scale_beta:g} per {self.query_scale_length})")
         return text + (f", {', '.join(extras)}" if extras else "")

@@ -11,6 +11,7 @@ from moekit.layers.compressed import CompressedAttention
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.hyper import HyperConnection
 from moekit.layers.linear_attention import GatedDeltaNet
+from moekit.layers.mamba import MambaMixer
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
@@ -27,15 +28,19 @@ class DecoderLayer(nn.Module):
 
     @property
     def self_attn(self) -> nn.Module:
-        """The layer's token mixer: attention, or linear attention (registered as linear_attn)."""
-        return self._modules.get("self_attn") or self._modules["linear_attn"]
+        """The layer's token mixer: attention, linear attention (registered as linear_attn) or Mamba (as mamba)."""
+        modules = self._modules
+        return modules.get("self_attn") or modules.get("linear_attn") or modules["mamba"]
 
     def __init__(self, cfg: ModelConfig, index: int, moe: bool | None = None):
         """Layer `index` of cfg; moe overrides whether its FFN is an MoE block (multi-token-prediction layers)."""
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        if cfg.attention.layer_type(index) == "linear":  # under its checkpoints' name; self_attn reads it too
+        kind = cfg.attention.layer_type(index)
+        if kind == "linear":  # under its checkpoints' name; self_attn reads it too
             self.linear_attn = GatedDeltaNet(cfg, index)
+        elif kind == "mamba":
+            self.mamba = MambaMixer(cfg, index)
         else:
             self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)

@@ -65,7 +65,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             counts["norms"] += take(module.parameters())
         elif isinstance(module, FeedForward):
             counts["dense_ffn"] += take(module.parameters())
-        elif name.endswith(("self_attn", "linear_attn")):
+        elif name.endswith(("self_attn", "linear_attn", "mamba")):
             counts["attention"] += take(p for n, p in module.named_parameters() if "norm" not in n)
     other = take(model.parameters())
     if other:

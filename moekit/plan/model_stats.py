@@ -81,10 +81,18 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
     windows = {"full": None, "sliding": a.sliding_window, "chunked": a.chunk_size}
     linear = set(a.linear_layers)
     kv = tuple(KVLayer(per_token[i], windows[a.layer_type(i)]) for i in range(cfg.num_layers) if i not in linear)
-    # Gated DeltaNet: a [value heads, key dim, value dim] state and the convolution's last kernel - 1 inputs
+    return ModelStats(cfg, params, moe, kv, flops_per_key, sum(_state_elements(cfg, a.layer_type(i)) for i in linear))
+
+
+def _state_elements(cfg: ModelConfig, kind: str) -> int:
+    """A recurrent layer's state per sequence: Gated DeltaNet's [value heads, key dim, value dim] or Mamba's
+    [inner, state size], each beside its convolution's last kernel - 1 inputs."""
+    a = cfg.attention
+    if kind == "mamba":
+        inner = a.mamba_expand * cfg.hidden_size
+        return inner * a.mamba_state + inner * (a.mamba_conv - 1)
     conv = 2 * a.linear_key_heads * a.linear_key_dim + a.linear_value_heads * a.linear_value_dim
-    state = a.linear_value_heads * a.linear_key_dim * a.linear_value_dim + conv * (a.linear_conv - 1)
-    return ModelStats(cfg, params, moe, kv, flops_per_key, state * len(linear))
+    return a.linear_value_heads * a.linear_key_dim * a.linear_value_dim + conv * (a.linear_conv - 1)
 
 
 def _compressed_cache(cfg: ModelConfig) -> tuple[KVLayer, ...]:

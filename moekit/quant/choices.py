@@ -78,4 +78,5 @@ def module_class(path: str, module: nn.Module) -> str | None:
         return "head"
     if ".shared_experts." in f"{path}.":
         return "shared"
-    return "attention" if ".self_attn." in f"{path}." or ".linear_attn." in f"{path}." else "dense"
+    mixers = (".self_attn.", ".linear_attn.", ".mamba.")
+    return "attention" if any(m in f"{path}." for m in mixers) else "dense"

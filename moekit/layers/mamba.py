@@ -1,0 +1,90 @@
+"""Mamba-1's selective state-space layer as Jamba has it: a recurrent state per sequence and channel instead of a
+cache that grows per token.
+
+x, gate = in_proj(h); x passes a short causal depthwise convolution (with bias) and SiLU; dt, B, C = x_proj(x) with
+RMSNorms on each (Jamba's addition); per channel c and state dimension n, with dt = softplus(dt_proj(dt)) and
+A = -exp(A_log):
+    s_t[c, n] = exp(dt_t[c] A[c, n]) s_{t-1}[c, n] + dt_t[c] B_t[n] x_t[c]
+    y_t[c] = sum_n s_t[c, n] C_t[n] + D[c] x_t[c]
+and the output is out_proj(y * SiLU(gate)). The scan runs token by token (what transformers' reference does without
+its compiled kernels); with a cache the layer keeps (conv state [B, I, kernel - 1], scan state [B, I, N])."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config.model import ModelConfig
+from moekit.layers.linear import Linear
+from moekit.layers.norm import RMSNorm
+
+
+def selective_scan(
+    x_BIT: torch.Tensor,
+    dt_BIT: torch.Tensor,
+    A_IN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    state_BIN: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan token by token from state_BIN (fp32): (y [B, I, T] before the D skip, the last state)."""
+    decay_BITN = torch.exp(A_IN[None, :, None, :] * dt_BIT[..., None])
+    write_BITN = dt_BIT[..., None] * B_BTN[:, None, :, :] * x_BIT[..., None]
+    out = []
+    for t in range(x_BIT.shape[2]):
+        state_BIN = decay_BITN[:, :, t] * state_BIN + write_BITN[:, :, t]
+        out.append(torch.matmul(state_BIN, C_BTN[:, t, :, None])[..., 0])
+    return torch.stack(out, dim=-1), state_BIN
+
+
+class MambaMixer(nn.Module):
+    """Parameters under Jamba's names: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj and the dt / B / C
+    RMSNorms."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        a, d = cfg.attention, cfg.hidden_size
+        self.layer, self.layer_type = layer, "mamba"
+        self.inner, self.state, self.rank, self.kernel = (
+            a.mamba_expand * d,
+            a.mamba_state,
+            a.mamba_dt_rank,
+            a.mamba_conv,
+        )
+        self.in_proj = Linear(d, 2 * self.inner, bias=a.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.inner, self.inner, self.kernel, groups=self.inner, bias=a.mamba_conv_bias)
+        self.x_proj = Linear(self.inner, self.rank + 2 * self.state, bias=False)
+        self.dt_proj = Linear(self.rank, self.inner, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(self.inner, self.state))
+        self.D = nn.Parameter(torch.ones(self.inner))
+        self.out_proj = Linear(self.inner, d, bias=a.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(self.rank, cfg.norm_eps)
+        self.b_layernorm = RMSNorm(self.state, cfg.norm_eps)
+        self.c_layernorm = RMSNorm(self.state, cfg.norm_eps)
+
+    def forward(self, h_BTD: torch.Tensor, inputs) -> torch.Tensor:
+        cache = inputs.cache
+        b, t, _ = h_BTD.shape
+        saved = cache.state(self.layer) if cache is not None else None
+        mask_BT1 = inputs.token_mask_BT[:, :, None].to(h_BTD.dtype) if inputs.token_mask_BT is not None else None
+        if mask_BT1 is not None and saved is None:  # a padded prompt: padding writes nothing
+            h_BTD = h_BTD * mask_BT1
+        x_BIT, gate_BIT = self.in_proj(h_BTD).transpose(1, 2).chunk(2, dim=1)
+        history = saved[0] if saved is not None else x_BIT.new_zeros(b, self.inner, self.kernel - 1)
+        padded_BIT = torch.cat([history, x_BIT], dim=-1)
+        x_BIT = F.silu(F.conv1d(padded_BIT, self.conv1d.weight, self.conv1d.bias, groups=self.inner))
+        x_BTI = x_BIT.transpose(1, 2)
+        if mask_BT1 is not None and saved is None:
+            x_BTI = x_BTI * mask_BT1
+        dt, B, C = self.x_proj(x_BTI).split([self.rank, self.state, self.state], dim=-1)
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt_BIT = F.softplus((self.dt_proj.weight @ dt.transpose(1, 2)).float() + self.dt_proj.bias.float()[:, None])
+        A_IN = -torch.exp(self.A_log.float())
+        state = saved[1] if saved is not None else x_BTI.new_zeros(b, self.inner, self.state, dtype=torch.float32)
+        x32_BIT = x_BTI.transpose(1, 2).float()
+        y_BIT, state = selective_scan(x32_BIT, dt_BIT, A_IN, B.float(), C.float(), state)
+        if cache is not None:
+            cache.set_state(self.layer, padded_BIT[:, :, -(self.kernel - 1) :].contiguous(), state)
+        y_BIT = (y_BIT + x32_BIT * self.D.float()[None, :, None]) * F.silu(gate_BIT.float())
+        return self.out_proj(y_BIT.transpose(1, 2).to(h_BTD.dtype))
