@@ -229,6 +229,18 @@ EXTRA["jamba"] = {
     "mamba_dt_rank": 4,
     "intermediate_size": 24,
 }
+# Granite 4.0-H: Mamba-2 (4 heads in 2 groups) and NoPE attention layers, muP, a shared MLP beside the experts
+EXTRA["granitemoehybrid"] = {
+    **GRANITE_MUP,
+    "intermediate_size": 24,
+    "shared_intermediate_size": 40,
+    "layer_types": ["linear_attention", "attention", "linear_attention", "linear_attention"],
+    "mamba_n_heads": 4,
+    "mamba_n_groups": 2,
+    "mamba_d_state": 8,
+    "mamba_d_head": 16,
+    "mamba_chunk_size": 8,
+}
 # Hunyuan: a top-k per layer, NTK-alpha rope, q/k/v/o biases (QK-norm after rope is always on)
 EXTRA["hunyuan_v1_moe"] = {
     "num_experts_per_tok": [2, 1, 3, 2],

@@ -120,11 +120,13 @@ def test_the_hybrid_preset_trains_and_generates(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
 
 
+@pytest.mark.parametrize("family", ["jamba", "granitemoehybrid"])
 @pytest.mark.parametrize("prompt", [1, 9])
-def test_jamba_s_mamba_layers_decode_from_their_states(tmp_path, prompt):
-    """Jamba (Mamba-1 layers beside attention without rope): a cached decode equals one pass over the sequence, and
-    the planner counts each Mamba layer's [inner, state] scan state and convolution tail once per sequence."""
-    hf_tiny_model("jamba", tmp_path)
+def test_mamba_layers_decode_from_their_states(tmp_path, family, prompt):
+    """Jamba (Mamba-1) and Granite 4.0-H (Mamba-2, heads sharing B and C by group): a cached decode equals one pass
+    over the sequence, and the planner counts each Mamba layer's scan state and convolution tail once per
+    sequence."""
+    hf_tiny_model(family, tmp_path)
     model = moekit.from_pretrained(tmp_path)
     ids = torch.randint(3, 96, (2, prompt + 6), generator=torch.Generator().manual_seed(prompt))
     with torch.no_grad():
@@ -135,5 +137,6 @@ def test_jamba_s_mamba_layers_decode_from_their_states(tmp_path, prompt):
     assert torch.allclose(torch.cat(steps, dim=1), whole, atol=2e-5, rtol=1e-4)
     a, cfg = model.config.attention, model.config
     inner = a.mamba_expand * cfg.hidden_size
-    mamba_layers = a.layer_types.count("mamba")
-    assert model_stats(cfg).state_elements == mamba_layers * inner * (a.mamba_state + a.mamba_conv - 1)
+    conv = inner if family == "jamba" else inner + 2 * a.mamba_groups * a.mamba_state  # Mamba-2 convolves B, C too
+    layers = len(a.linear_layers)
+    assert model_stats(cfg).state_elements == layers * (inner * a.mamba_state + conv * (a.mamba_conv - 1))

@@ -9,8 +9,8 @@ from moekit._validate import check_choice, check_float, check_int, fail
 
 ATTENTION_KINDS = ("gqa", "mla", "compressed")
 QK_NORMS = ("none", "head", "head_after_rope", "full", "l2")
-LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed", "linear", "mamba")
-RECURRENT = ("linear", "mamba")  # layer types with a state per sequence instead of a KV cache
+LAYER_TYPES = ("full", "sliding", "chunked", "compressed", "heavily_compressed", "linear", "mamba", "mamba2")
+RECURRENT = ("linear", "mamba", "mamba2")  # layer types with a state per sequence instead of a KV cache
 ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 
 
@@ -114,8 +114,9 @@ class AttentionConfig:
                     the short causal convolution's kernel over the projected q, k, v; linear_projection: grouped
                     (Qwen3-Next: in_proj_qkvz / in_proj_ba, grouped per key head) or split (Qwen3.5: in_proj_qkv,
                     in_proj_z, in_proj_b, in_proj_a).
-    mamba_*         the "mamba" layers' Mamba-1 (Jamba): state size, convolution kernel, inner width as a multiple of
-                    the hidden size, the time step's rank, biases of the convolution and of the projections.
+    mamba_*         the "mamba" layers' Mamba-1 (Jamba) and "mamba2" layers' Mamba-2 (Granite 4.0-H): state size,
+                    convolution kernel, inner width as a multiple of the hidden size, the time step's rank (Mamba-1),
+                    heads and B/C groups (Mamba-2), biases of the convolution and of the projections.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -157,6 +158,8 @@ class AttentionConfig:
     mamba_dt_rank: int = 0
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    mamba_heads: int = 0
+    mamba_groups: int = 1
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None
@@ -190,6 +193,11 @@ class AttentionConfig:
             if "mamba" in self.layer_types:
                 for name in ("mamba_state", "mamba_conv", "mamba_expand", "mamba_dt_rank"):
                     check_int(f"attention.{name}", getattr(self, name), 1)
+            if "mamba2" in self.layer_types:
+                for name in ("mamba_state", "mamba_conv", "mamba_expand", "mamba_heads", "mamba_groups"):
+                    check_int(f"attention.{name}", getattr(self, name), 1)
+                if self.mamba_heads % self.mamba_groups:
+                    fail("attention.mamba_heads", self.mamba_heads, "a multiple of mamba_groups")
             if "linear" in self.layer_types:
                 for name in ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
                     check_int(f"attention.{name}", getattr(self, name), 1)
@@ -301,7 +309,7 @@ class AttentionConfig:
             extras.append(f"logits scaled by {self.softmax_scale:g}")
         if self.output_gate:
             extras.append("gated output")
-        kinds = {"linear": "Gated DeltaNet", "mamba": "Mamba"}
+        kinds = {"linear": "Gated DeltaNet", "mamba": "Mamba", "mamba2": "Mamba-2"}
         for kind, name in kinds.items():
             if kind in (self.layer_types or ()):
                 extras.append(f"{self.layer_types.count(kind)} {name} layers")

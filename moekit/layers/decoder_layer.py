@@ -11,7 +11,7 @@ from moekit.layers.compressed import CompressedAttention
 from moekit.layers.ffn import FeedForward, dense_layout
 from moekit.layers.hyper import HyperConnection
 from moekit.layers.linear_attention import GatedDeltaNet
-from moekit.layers.mamba import MambaMixer
+from moekit.layers.mamba import Mamba2Mixer, MambaMixer
 from moekit.layers.mla import LatentAttention
 from moekit.layers.moe import MoEBlock, MoEInfo
 from moekit.layers.norm import make_norm
@@ -39,8 +39,8 @@ class DecoderLayer(nn.Module):
         kind = cfg.attention.layer_type(index)
         if kind == "linear":  # under its checkpoints' name; self_attn reads it too
             self.linear_attn = GatedDeltaNet(cfg, index)
-        elif kind == "mamba":
-            self.mamba = MambaMixer(cfg, index)
+        elif kind in ("mamba", "mamba2"):
+            self.mamba = (MambaMixer if kind == "mamba" else Mamba2Mixer)(cfg, index)
         else:
             self.self_attn = ATTENTION[cfg.attention.kind](cfg, index)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)

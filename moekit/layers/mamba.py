@@ -17,7 +17,7 @@ from torch import nn
 
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
-from moekit.layers.norm import RMSNorm
+from moekit.layers.norm import RMSNorm, unweighted_rms_norm
 
 
 def selective_scan(
@@ -88,3 +88,94 @@ class MambaMixer(nn.Module):
             cache.set_state(self.layer, padded_BIT[:, :, -(self.kernel - 1) :].contiguous(), state)
         y_BIT = (y_BIT + x32_BIT * self.D.float()[None, :, None]) * F.silu(gate_BIT.float())
         return self.out_proj(y_BIT.transpose(1, 2).to(h_BTD.dtype))
+
+
+def ssd_scan(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTHN: torch.Tensor,
+    C_BTHN: torch.Tensor,
+    state_BHPN: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's scan token by token (fp32): one scalar decay per head, s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T,
+    y_t = s_t C_t; (y [B, T, H, P] before the D skip, the last state [B, H, P, N])."""
+    decay_BTH = torch.exp(dt_BTH * A_H)
+    out = []
+    for t in range(x_BTHP.shape[1]):
+        write_BHPN = (dt_BTH[:, t, :, None] * x_BTHP[:, t])[..., None] * B_BTHN[:, t, :, None, :]
+        state_BHPN = state_BHPN * decay_BTH[:, t, :, None, None] + write_BHPN
+        out.append(torch.matmul(state_BHPN, C_BTHN[:, t, :, :, None])[..., 0])
+    return torch.stack(out, dim=1), state_BHPN
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (state space duality) as Granite 4.0-H has it, under its names: in_proj (gate z, then x, B, C, then
+    dt per head), conv1d over x, B, C, dt_bias, A_log and D per head, a gated RMSNorm per group (norm), out_proj.
+    Heads share B and C within each of the groups. The scan runs token by token (transformers' chunked form is the
+    same sum reordered)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        a, d = cfg.attention, cfg.hidden_size
+        self.layer, self.layer_type = layer, "mamba2"
+        self.inner, self.heads, self.groups, self.state = (
+            a.mamba_expand * d,
+            a.mamba_heads,
+            a.mamba_groups,
+            a.mamba_state,
+        )
+        self.head_dim, self.kernel = self.inner // self.heads, a.mamba_conv
+        self.conv_dim = self.inner + 2 * self.groups * self.state
+        self.in_proj = Linear(d, self.inner + self.conv_dim + self.heads, bias=a.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=a.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.heads))
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = GroupGatedRMSNorm(self.inner, self.inner // self.groups, cfg.norm_eps)
+        self.out_proj = Linear(self.inner, d, bias=a.mamba_proj_bias)
+
+    def forward(self, h_BTD: torch.Tensor, inputs) -> torch.Tensor:
+        cache = inputs.cache
+        b, t, _ = h_BTD.shape
+        saved = cache.state(self.layer) if cache is not None else None
+        mask_BT1 = inputs.token_mask_BT[:, :, None].to(h_BTD.dtype) if inputs.token_mask_BT is not None else None
+        if mask_BT1 is not None and saved is None:  # a padded prompt: padding writes nothing
+            h_BTD = h_BTD * mask_BT1
+        gate, xbc, dt = self.in_proj(h_BTD).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        xbc_BCT = xbc.transpose(1, 2)
+        history = saved[0] if saved is not None else xbc_BCT.new_zeros(b, self.conv_dim, self.kernel - 1)
+        padded_BCT = torch.cat([history, xbc_BCT], dim=-1)
+        xbc = F.silu(F.conv1d(padded_BCT, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        if mask_BT1 is not None and saved is None:
+            xbc = xbc * mask_BT1
+        x, B, C = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], dim=-1)
+        per = self.heads // self.groups
+
+        def by_head(z: torch.Tensor) -> torch.Tensor:  # [B, T, G*N] -> [B, T, H, N] fp32, heads sharing their group's
+            return z.reshape(b, t, self.groups, self.state).float().repeat_interleave(per, dim=2)
+
+        dt_BTH = F.softplus(dt.float() + self.dt_bias.float())
+        state = saved[1] if saved is not None else h_BTD.new_zeros(b, self.heads, self.head_dim, self.state).float()
+        x_BTHP = x.reshape(b, t, self.heads, self.head_dim).float()
+        y_BTHP, state = ssd_scan(x_BTHP, dt_BTH, -torch.exp(self.A_log.float()), by_head(B), by_head(C), state)
+        if cache is not None:
+            cache.set_state(self.layer, padded_BCT[:, :, -(self.kernel - 1) :].contiguous(), state)
+        y_BTHP = y_BTHP + x_BTHP * self.D.float()[:, None]
+        y = self.norm(y_BTHP.reshape(b, t, -1).to(h_BTD.dtype), gate)
+        return self.out_proj(y.to(h_BTD.dtype))
+
+
+class GroupGatedRMSNorm(nn.Module):
+    """y * SiLU(gate), then RMS-normed within groups of group_size channels, times the weight (Mamba-2's norm)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        gated = y.float() * F.silu(gate.float())
+        grouped = gated.view(*gated.shape[:-1], -1, self.group_size)
+        normed = unweighted_rms_norm(grouped, self.eps).view(gated.shape)
+        return self.weight * normed.to(y.dtype)

@@ -15,6 +15,7 @@ from torch import nn
 from moekit.layers.ffn import FeedForward
 from moekit.layers.hyper import HyperConnection, HyperHead
 from moekit.layers.linear_attention import GatedRMSNorm
+from moekit.layers.mamba import GroupGatedRMSNorm
 from moekit.layers.moe import MoEBlock
 from moekit.layers.norm import OffsetRMSNorm, RMSNorm
 
@@ -61,7 +62,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, (HyperConnection, HyperHead)):  # DeepSeek-V4's stream mixing
             counts["hyper_connections"] += take(module.parameters())
-        elif isinstance(module, (RMSNorm, OffsetRMSNorm, GatedRMSNorm, nn.LayerNorm)):
+        elif isinstance(module, (RMSNorm, OffsetRMSNorm, GatedRMSNorm, GroupGatedRMSNorm, nn.LayerNorm)):
             counts["norms"] += take(module.parameters())
         elif isinstance(module, FeedForward):
             counts["dense_ffn"] += take(module.parameters())

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moekit._validate import check_int
+from moekit.config.attention import RECURRENT
 from moekit.config.model import ModelConfig
 from moekit.experts import huge_pages
 from moekit.infer.cache import KVCache
@@ -106,7 +107,7 @@ class MoEDecoder(nn.Module):
         query_keys_BT: each query's own key index per row, where rows differ (a ragged cache); else the queries
         are the last num_queries keys."""
         a, device = self.config.attention, positions_BT.device
-        kinds = (set(a.layer_types or ()) - {"linear", "mamba"}) | {"full"}  # recurrent layers take no mask
+        kinds = (set(a.layer_types or ()) - set(RECURRENT)) | {"full"}  # recurrent layers take no mask
         if a.kind == "compressed":  # every layer attends over a sliding window (and its compressed entries)
             kinds = (kinds - {"compressed", "heavily_compressed"}) | {"sliding"}
         limits = {"full": {}, "sliding": {"window": a.sliding_window}, "chunked": {"chunk": a.chunk_size}}

@@ -86,11 +86,13 @@ def model_stats(cfg: ModelConfig) -> ModelStats:
 
 def _state_elements(cfg: ModelConfig, kind: str) -> int:
     """A recurrent layer's state per sequence: Gated DeltaNet's [value heads, key dim, value dim] or Mamba's
-    [inner, state size], each beside its convolution's last kernel - 1 inputs."""
+    [inner, state size] (Mamba-2: heads x head dim = inner), each beside its convolution's last kernel - 1 inputs."""
     a = cfg.attention
+    inner = a.mamba_expand * cfg.hidden_size
     if kind == "mamba":
-        inner = a.mamba_expand * cfg.hidden_size
         return inner * a.mamba_state + inner * (a.mamba_conv - 1)
+    if kind == "mamba2":  # [heads, head dim, state] = [inner, state]; the convolution runs over x, B and C
+        return inner * a.mamba_state + (inner + 2 * a.mamba_groups * a.mamba_state) * (a.mamba_conv - 1)
     conv = 2 * a.linear_key_heads * a.linear_key_dim + a.linear_value_heads * a.linear_value_dim
     return a.linear_value_heads * a.linear_key_dim * a.linear_value_dim + conv * (a.linear_conv - 1)
 
