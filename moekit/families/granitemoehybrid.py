@@ -37,7 +37,7 @@ class GraniteMoeHybrid(GraniteMoeShared):
         return replace(
             super().attention(c),
             layer_types=types,
-            nope_layers=() if rope else tuple(range(n)),
+            nope_layers=() if rope else tuple(i for i, t in enumerate(types) if t == "full"),
             mamba_state=int(need(c, "mamba_d_state")),
             mamba_conv=int(c.get("mamba_d_conv") or 4),
             mamba_expand=expand,

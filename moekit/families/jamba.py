@@ -45,7 +45,7 @@ class Jamba(Family):
         rank = c.get("mamba_dt_rank", "auto")
         return AttentionConfig(
             layer_types=tuple("full" if i in attention else "mamba" for i in range(n)),
-            nope_layers=tuple(range(n)),
+            nope_layers=tuple(sorted(attention)),
             mamba_state=int(c.get("mamba_d_state") or 16),
             mamba_conv=int(c.get("mamba_d_conv") or 4),
             mamba_expand=int(c.get("mamba_expand") or 2),
