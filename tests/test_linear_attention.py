@@ -140,3 +140,21 @@ def test_mamba_layers_decode_from_their_states(tmp_path, family, prompt):
     conv = inner if family == "jamba" else inner + 2 * a.mamba_groups * a.mamba_state  # Mamba-2 convolves B, C too
     layers = len(a.linear_layers)
     assert model_stats(cfg).state_elements == layers * (inner * a.mamba_state + conv * (a.mamba_conv - 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([1, 7, 8, 9, 30]), st.sampled_from([4, 8, 16]), st.integers(0, 10_000))
+def test_mamba2_chunks_equal_its_recurrence(t, chunk, seed):
+    """Mamba-2's chunked scan (state space duality) equals the token-by-token scan: outputs and the final state,
+    across chunk boundaries and from a carried state."""
+    from moekit.layers.mamba import chunked_ssd_scan, ssd_scan
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, t, 3, 4, generator=g, dtype=torch.float64)
+    dt = torch.rand(2, t, 3, generator=g, dtype=torch.float64)
+    A = -torch.rand(3, generator=g, dtype=torch.float64) * 2
+    B, C = (torch.randn(2, t, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    state = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    y_r, s_r = ssd_scan(x, dt, A, B, C, state)
+    y_c, s_c = chunked_ssd_scan(x, dt, A, B, C, state, chunk)
+    assert torch.allclose(y_c, y_r, atol=1e-10) and torch.allclose(s_c, s_r, atol=1e-10)

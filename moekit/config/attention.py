@@ -116,7 +116,7 @@ class AttentionConfig:
                     in_proj_z, in_proj_b, in_proj_a).
     mamba_*         the "mamba" layers' Mamba-1 (Jamba) and "mamba2" layers' Mamba-2 (Granite 4.0-H): state size,
                     convolution kernel, inner width as a multiple of the hidden size, the time step's rank (Mamba-1),
-                    heads and B/C groups (Mamba-2), biases of the convolution and of the projections.
+                    heads, B/C groups and prompt chunk (Mamba-2), biases of the convolution and of the projections.
     rope_interleave rotary pairs are adjacent (x0, x1) rather than split halves (DeepSeek, Llama 4).
     partial_rotary  the fraction of each head's dimensions that rotate, the first ones (GLM-4.5: 0.5).
     q_lora_rank ... v_head_dim  the MLA shapes (q_lora_rank None: a plain q projection).
@@ -160,6 +160,7 @@ class AttentionConfig:
     mamba_proj_bias: bool = False
     mamba_heads: int = 0
     mamba_groups: int = 1
+    mamba_chunk: int = 256
     rope_interleave: bool = False
     partial_rotary: float = 1.0
     q_lora_rank: int | None = None

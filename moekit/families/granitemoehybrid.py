@@ -43,6 +43,7 @@ class GraniteMoeHybrid(GraniteMoeShared):
             mamba_expand=expand,
             mamba_heads=heads,
             mamba_groups=int(c.get("mamba_n_groups") or 1),
+            mamba_chunk=int(c.get("mamba_chunk_size") or 256),
             mamba_conv_bias=bool(c.get("mamba_conv_bias", True)),
             mamba_proj_bias=bool(c.get("mamba_proj_bias", False)),
         )

@@ -109,11 +109,47 @@ def ssd_scan(
     return torch.stack(out, dim=1), state_BHPN
 
 
+def chunked_ssd_scan(
+    x_BTHP: torch.Tensor,
+    dt_BTH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BTHN: torch.Tensor,
+    C_BTHN: torch.Tensor,
+    state_BHPN: torch.Tensor,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssd_scan `chunk` tokens at a time (state space duality): within a chunk, with cumulative log-decays c,
+    y_l = exp(c_l) S_0 C_l + sum_{m <= l} exp(c_l - c_m) (C_l . B_m) dt_m x_m, a masked matmul; the state is
+    carried from chunk to chunk."""
+    b, t, h, p = x_BTHP.shape
+    pad = (chunk - t % chunk) % chunk
+    x, B, C = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (x_BTHP, B_BTHN, C_BTHN))
+    dt = F.pad(dt_BTH, (0, 0, 0, pad))
+    n = (t + pad) // chunk
+    x, B, C = (z.reshape(b, n, chunk, h, z.shape[-1]) for z in (x, B, C))
+    dt = dt.reshape(b, n, chunk, h)
+    decay = (dt * A_H).cumsum(2)  # [B, n, L, H]
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).triu(1)
+    pair = (decay.unsqueeze(3) - decay.unsqueeze(2)).permute(0, 1, 4, 2, 3).masked_fill(future, float("-inf")).exp()
+    xdt = x * dt[..., None]
+    scores = torch.einsum("bnlhs,bnmhs->bnhlm", C, B) * pair
+    within = torch.einsum("bnhlm,bnmhp->bnlhp", scores, xdt)
+    to_end = (decay[:, :, -1:] - decay).exp()  # [B, n, L, H]
+    writes = torch.einsum("bnmh,bnmhp,bnmhs->bnhps", to_end, xdt, B)
+    chunk_decay = decay[:, :, -1].exp()  # [B, n, H]
+    out = []
+    for i in range(n):
+        carried = torch.einsum("bhps,blhs->blhp", state_BHPN, C[:, i]) * decay[:, i].exp()[..., None]
+        out.append(within[:, i] + carried)
+        state_BHPN = state_BHPN * chunk_decay[:, i, :, None, None] + writes[:, i]
+    return torch.cat(out, dim=1)[:, :t], state_BHPN
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (state space duality) as Granite 4.0-H has it, under its names: in_proj (gate z, then x, B, C, then
     dt per head), conv1d over x, B, C, dt_bias, A_log and D per head, a gated RMSNorm per group (norm), out_proj.
-    Heads share B and C within each of the groups. The scan runs token by token (transformers' chunked form is the
-    same sum reordered)."""
+    Heads share B and C within each of the groups. A prompt runs the chunked scan (mamba_chunk tokens at a time), a
+    decode step the recurrence."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -125,7 +161,7 @@ class Mamba2Mixer(nn.Module):
             a.mamba_groups,
             a.mamba_state,
         )
-        self.head_dim, self.kernel = self.inner // self.heads, a.mamba_conv
+        self.head_dim, self.kernel, self.chunk = self.inner // self.heads, a.mamba_conv, a.mamba_chunk
         self.conv_dim = self.inner + 2 * self.groups * self.state
         self.in_proj = Linear(d, self.inner + self.conv_dim + self.heads, bias=a.mamba_proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=a.mamba_conv_bias)
@@ -158,7 +194,11 @@ class Mamba2Mixer(nn.Module):
         dt_BTH = F.softplus(dt.float() + self.dt_bias.float())
         state = saved[1] if saved is not None else h_BTD.new_zeros(b, self.heads, self.head_dim, self.state).float()
         x_BTHP = x.reshape(b, t, self.heads, self.head_dim).float()
-        y_BTHP, state = ssd_scan(x_BTHP, dt_BTH, -torch.exp(self.A_log.float()), by_head(B), by_head(C), state)
+        A_H = -torch.exp(self.A_log.float())
+        if t == 1:
+            y_BTHP, state = ssd_scan(x_BTHP, dt_BTH, A_H, by_head(B), by_head(C), state)
+        else:
+            y_BTHP, state = chunked_ssd_scan(x_BTHP, dt_BTH, A_H, by_head(B), by_head(C), state, self.chunk)
         if cache is not None:
             cache.set_state(self.layer, padded_BCT[:, :, -(self.kernel - 1) :].contiguous(), state)
         y_BTHP = y_BTHP + x_BTHP * self.D.float()[:, None]
