@@ -22,6 +22,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
 from moekit.layers.norm import unweighted_rms_norm
+from moekit.layers.recurrent import prompt_padding, short_conv
 
 CHUNK = 64  # tokens per chunk of the chunked form (flash-linear-attention's and transformers' choice)
 
@@ -163,14 +164,12 @@ class GatedDeltaNet(nn.Module):
         cache = inputs.cache
         b_, t, _ = x_BTD.shape
         saved = cache.state(self.layer) if cache is not None else None
-        mask_BT = inputs.token_mask_BT
-        if mask_BT is not None and saved is None:  # a padded prompt: padding writes nothing
-            x_BTD = x_BTD * mask_BT[:, :, None].to(x_BTD.dtype)
+        padding_BT1 = prompt_padding(inputs, saved, x_BTD.dtype)
+        if padding_BT1 is not None:  # a padded prompt: padding writes nothing
+            x_BTD = x_BTD * padding_BT1
         q, k, v, z, beta_in, decay_in = self._split(x_BTD)
         mixed_BCT = torch.cat([q.reshape(b_, t, -1), k.reshape(b_, t, -1), v.reshape(b_, t, -1)], -1).transpose(1, 2)
-        history = saved[0] if saved is not None else mixed_BCT.new_zeros(b_, self.conv_dim, self.kernel - 1)
-        padded_BCT = torch.cat([history, mixed_BCT], dim=-1)
-        conv_BCT = F.silu(F.conv1d(padded_BCT, self.conv1d.weight, None, groups=self.conv_dim))
+        conv_BCT, conv_state = short_conv(mixed_BCT, self.conv1d, saved[0] if saved is not None else None)
         q, k, v = conv_BCT.transpose(1, 2).split([self.key_heads * self.key_dim] * 2 + [v.shape[2] * v.shape[3]], -1)
         per = self.value_heads // self.key_heads
 
@@ -189,7 +188,7 @@ class GatedDeltaNet(nn.Module):
         rule = recurrent_delta_rule if t == 1 else chunked_delta_rule
         out_BHTv, state = rule(q, k, v, g, beta, state)
         if cache is not None:
-            cache.set_state(self.layer, padded_BCT[:, :, -(self.kernel - 1) :].contiguous(), state)
+            cache.set_state(self.layer, conv_state, state)
         out_BTHv = out_BHTv.transpose(1, 2).to(x_BTD.dtype)
         out_BTHv = self.norm(out_BTHv, z)
         return self.out_proj(out_BTHv.reshape(b_, t, -1))

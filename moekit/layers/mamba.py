@@ -18,6 +18,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
 from moekit.layers.norm import RMSNorm, unweighted_rms_norm
+from moekit.layers.recurrent import prompt_padding, short_conv
 
 
 def selective_scan(
@@ -67,15 +68,13 @@ class MambaMixer(nn.Module):
         cache = inputs.cache
         b, t, _ = h_BTD.shape
         saved = cache.state(self.layer) if cache is not None else None
-        mask_BT1 = inputs.token_mask_BT[:, :, None].to(h_BTD.dtype) if inputs.token_mask_BT is not None else None
-        if mask_BT1 is not None and saved is None:  # a padded prompt: padding writes nothing
+        mask_BT1 = prompt_padding(inputs, saved, h_BTD.dtype)
+        if mask_BT1 is not None:  # a padded prompt: padding writes nothing
             h_BTD = h_BTD * mask_BT1
         x_BIT, gate_BIT = self.in_proj(h_BTD).transpose(1, 2).chunk(2, dim=1)
-        history = saved[0] if saved is not None else x_BIT.new_zeros(b, self.inner, self.kernel - 1)
-        padded_BIT = torch.cat([history, x_BIT], dim=-1)
-        x_BIT = F.silu(F.conv1d(padded_BIT, self.conv1d.weight, self.conv1d.bias, groups=self.inner))
+        x_BIT, conv_state = short_conv(x_BIT, self.conv1d, saved[0] if saved is not None else None)
         x_BTI = x_BIT.transpose(1, 2)
-        if mask_BT1 is not None and saved is None:
+        if mask_BT1 is not None:
             x_BTI = x_BTI * mask_BT1
         dt, B, C = self.x_proj(x_BTI).split([self.rank, self.state, self.state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
@@ -85,7 +84,7 @@ class MambaMixer(nn.Module):
         x32_BIT = x_BTI.transpose(1, 2).float()
         y_BIT, state = selective_scan(x32_BIT, dt_BIT, A_IN, B.float(), C.float(), state)
         if cache is not None:
-            cache.set_state(self.layer, padded_BIT[:, :, -(self.kernel - 1) :].contiguous(), state)
+            cache.set_state(self.layer, conv_state, state)
         y_BIT = (y_BIT + x32_BIT * self.D.float()[None, :, None]) * F.silu(gate_BIT.float())
         return self.out_proj(y_BIT.transpose(1, 2).to(h_BTD.dtype))
 
@@ -175,15 +174,13 @@ class Mamba2Mixer(nn.Module):
         cache = inputs.cache
         b, t, _ = h_BTD.shape
         saved = cache.state(self.layer) if cache is not None else None
-        mask_BT1 = inputs.token_mask_BT[:, :, None].to(h_BTD.dtype) if inputs.token_mask_BT is not None else None
-        if mask_BT1 is not None and saved is None:  # a padded prompt: padding writes nothing
+        mask_BT1 = prompt_padding(inputs, saved, h_BTD.dtype)
+        if mask_BT1 is not None:  # a padded prompt: padding writes nothing
             h_BTD = h_BTD * mask_BT1
         gate, xbc, dt = self.in_proj(h_BTD).split([self.inner, self.conv_dim, self.heads], dim=-1)
-        xbc_BCT = xbc.transpose(1, 2)
-        history = saved[0] if saved is not None else xbc_BCT.new_zeros(b, self.conv_dim, self.kernel - 1)
-        padded_BCT = torch.cat([history, xbc_BCT], dim=-1)
-        xbc = F.silu(F.conv1d(padded_BCT, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
-        if mask_BT1 is not None and saved is None:
+        xbc_BCT, conv_state = short_conv(xbc.transpose(1, 2), self.conv1d, saved[0] if saved is not None else None)
+        xbc = xbc_BCT.transpose(1, 2)
+        if mask_BT1 is not None:
             xbc = xbc * mask_BT1
         x, B, C = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], dim=-1)
         per = self.heads // self.groups
@@ -200,7 +197,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y_BTHP, state = chunked_ssd_scan(x_BTHP, dt_BTH, A_H, by_head(B), by_head(C), state, self.chunk)
         if cache is not None:
-            cache.set_state(self.layer, padded_BCT[:, :, -(self.kernel - 1) :].contiguous(), state)
+            cache.set_state(self.layer, conv_state, state)
         y_BTHP = y_BTHP + x_BTHP * self.D.float()[:, None]
         y = self.norm(y_BTHP.reshape(b, t, -1).to(h_BTD.dtype), gate)
         return self.out_proj(y.to(h_BTD.dtype))
