@@ -74,17 +74,23 @@ def test_transformers_logits_past_two_chunks(both):
     assert float((out - ref).norm() / ref.norm()) < 1e-5
 
 
+@torch.no_grad()
+def _stepwise_and_whole(model, ids: torch.Tensor, prompt: int):
+    """(logits of the first `prompt` tokens as one cached pass, then the rest one token at a time; logits of one
+    uncached pass over all of ids; the cache)."""
+    cache = KVCache()
+    steps = [model(ids[:, :prompt], cache=cache)]
+    steps += [model(ids[:, i : i + 1], cache=cache) for i in range(prompt, ids.shape[1])]
+    return torch.cat(steps, dim=1), model(ids), cache
+
+
 @pytest.mark.parametrize("prompt", [1, 60, 64, 70])
 def test_cached_decode_equals_one_pass(qwen3_next, prompt):
     """A prompt, then tokens one by one through the cache (crossing the 64-token chunk at 64): the logits of one
     pass over the whole sequence."""
     ids = torch.randint(3, 96, (2, prompt + 8), generator=torch.Generator().manual_seed(prompt))
-    with torch.no_grad():
-        whole = qwen3_next(ids)
-        cache = KVCache()
-        steps = [qwen3_next(ids[:, :prompt], cache=cache)]
-        steps += [qwen3_next(ids[:, i : i + 1], cache=cache) for i in range(prompt, prompt + 8)]
-    assert torch.allclose(torch.cat(steps, dim=1), whole, atol=2e-5, rtol=1e-4)
+    stepwise, whole, cache = _stepwise_and_whole(qwen3_next, ids, prompt)
+    assert torch.allclose(stepwise, whole, atol=2e-5, rtol=1e-4)
     assert cache.nbytes() > 0
     with pytest.raises(ValueError, match="cannot forget tokens"):
         cache.truncate(prompt)
@@ -129,12 +135,8 @@ def test_mamba_layers_decode_from_their_states(tmp_path, family, prompt):
     hf_tiny_model(family, tmp_path)
     model = moekit.from_pretrained(tmp_path)
     ids = torch.randint(3, 96, (2, prompt + 6), generator=torch.Generator().manual_seed(prompt))
-    with torch.no_grad():
-        whole = model(ids)
-        cache = KVCache()
-        steps = [model(ids[:, :prompt], cache=cache)]
-        steps += [model(ids[:, i : i + 1], cache=cache) for i in range(prompt, prompt + 6)]
-    assert torch.allclose(torch.cat(steps, dim=1), whole, atol=2e-5, rtol=1e-4)
+    stepwise, whole, _ = _stepwise_and_whole(model, ids, prompt)
+    assert torch.allclose(stepwise, whole, atol=2e-5, rtol=1e-4)
     a, cfg = model.config.attention, model.config
     inner = a.mamba_expand * cfg.hidden_size
     conv = inner if family == "jamba" else inner + 2 * a.mamba_groups * a.mamba_state  # Mamba-2 convolves B, C too

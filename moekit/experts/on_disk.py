@@ -11,7 +11,7 @@ from torch import nn
 
 from moekit.experts.layout import ExpertLayout
 from moekit.experts.quantized import QuantizedExperts
-from moekit.experts.weights import ExpertWeights, expert_part_shapes
+from moekit.experts.weights import ExpertWeights
 from moekit.model.meta import materialize
 from moekit.quant.formats import Format
 
@@ -65,9 +65,6 @@ class ExpertsOnDisk(nn.Module):
             if self.fmt is None:
                 return ExpertWeights(slots, d, f, self.layout).to(self.dtype)
             return QuantizedExperts(slots, d, f, self.layout, self.fmt, self.gate_up_pieces).to(self.dtype)
-
-    def part_shapes(self) -> dict[str, tuple[int, ...]]:
-        return expert_part_shapes(self.hidden_size, self.expert_hidden, self.layout)
 
     def extra_repr(self) -> str:
         e, d, f = self.num_experts, self.hidden_size, self.expert_hidden

@@ -345,13 +345,12 @@ class CachedDispatcher(LocalDispatcher):
             slots = cache.acquire(self.layer, needed, plan.num_tokens)
             cache.predict(self.layer, x_TD)
             return super().run(x_TD, self._on_slots(plan, needed, slots), backend, cache.pool)
-        cache.stats.tokens += plan.num_tokens if self.layer == cache.layers[0] else 0
         d = self.dispatch(x_TD, plan)
         starts = [0, *torch.tensor(d.counts).cumsum(0).tolist()]
         y_SD = d.x_SD.new_empty(d.x_SD.shape[0], x_TD.shape[1])
         for at in range(0, len(needed), cache.slots):
             group = needed[at : at + cache.slots]
-            slots = cache.acquire(self.layer, group, 0)
+            slots = cache.acquire(self.layer, group, plan.num_tokens if at == 0 else 0)  # the tokens count once
             by_slot = sorted(zip(slots, group, strict=True))
             rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for _, e in by_slot])
             counts = [0] * cache.slots

@@ -22,7 +22,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
 from moekit.layers.norm import unweighted_rms_norm
-from moekit.layers.recurrent import prompt_padding, short_conv
+from moekit.layers.recurrent import recurrent_inputs, short_conv
 
 CHUNK = 64  # tokens per chunk of the chunked form (flash-linear-attention's and transformers' choice)
 
@@ -163,13 +163,10 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x_BTD: torch.Tensor, inputs) -> torch.Tensor:
         cache = inputs.cache
         b_, t, _ = x_BTD.shape
-        saved = cache.state(self.layer) if cache is not None else None
-        padding_BT1 = prompt_padding(inputs, saved, x_BTD.dtype)
-        if padding_BT1 is not None:  # a padded prompt: padding writes nothing
-            x_BTD = x_BTD * padding_BT1
+        x_BTD, saved, _ = recurrent_inputs(inputs, self.layer, x_BTD)
         q, k, v, z, beta_in, decay_in = self._split(x_BTD)
         mixed_BCT = torch.cat([q.reshape(b_, t, -1), k.reshape(b_, t, -1), v.reshape(b_, t, -1)], -1).transpose(1, 2)
-        conv_BCT, conv_state = short_conv(mixed_BCT, self.conv1d, saved[0] if saved is not None else None)
+        conv_BCT, conv_state = short_conv(mixed_BCT, self.conv1d, saved)
         q, k, v = conv_BCT.transpose(1, 2).split([self.key_heads * self.key_dim] * 2 + [v.shape[2] * v.shape[3]], -1)
         per = self.value_heads // self.key_heads
 

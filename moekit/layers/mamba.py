@@ -18,7 +18,7 @@ from torch import nn
 from moekit.config.model import ModelConfig
 from moekit.layers.linear import Linear
 from moekit.layers.norm import RMSNorm, unweighted_rms_norm
-from moekit.layers.recurrent import prompt_padding, short_conv
+from moekit.layers.recurrent import recurrent_inputs, short_conv
 
 
 def selective_scan(
@@ -67,12 +67,9 @@ class MambaMixer(nn.Module):
     def forward(self, h_BTD: torch.Tensor, inputs) -> torch.Tensor:
         cache = inputs.cache
         b, t, _ = h_BTD.shape
-        saved = cache.state(self.layer) if cache is not None else None
-        mask_BT1 = prompt_padding(inputs, saved, h_BTD.dtype)
-        if mask_BT1 is not None:  # a padded prompt: padding writes nothing
-            h_BTD = h_BTD * mask_BT1
+        h_BTD, saved, mask_BT1 = recurrent_inputs(inputs, self.layer, h_BTD)
         x_BIT, gate_BIT = self.in_proj(h_BTD).transpose(1, 2).chunk(2, dim=1)
-        x_BIT, conv_state = short_conv(x_BIT, self.conv1d, saved[0] if saved is not None else None)
+        x_BIT, conv_state = short_conv(x_BIT, self.conv1d, saved)
         x_BTI = x_BIT.transpose(1, 2)
         if mask_BT1 is not None:
             x_BTI = x_BTI * mask_BT1
@@ -173,12 +170,9 @@ class Mamba2Mixer(nn.Module):
     def forward(self, h_BTD: torch.Tensor, inputs) -> torch.Tensor:
         cache = inputs.cache
         b, t, _ = h_BTD.shape
-        saved = cache.state(self.layer) if cache is not None else None
-        mask_BT1 = prompt_padding(inputs, saved, h_BTD.dtype)
-        if mask_BT1 is not None:  # a padded prompt: padding writes nothing
-            h_BTD = h_BTD * mask_BT1
+        h_BTD, saved, mask_BT1 = recurrent_inputs(inputs, self.layer, h_BTD)
         gate, xbc, dt = self.in_proj(h_BTD).split([self.inner, self.conv_dim, self.heads], dim=-1)
-        xbc_BCT, conv_state = short_conv(xbc.transpose(1, 2), self.conv1d, saved[0] if saved is not None else None)
+        xbc_BCT, conv_state = short_conv(xbc.transpose(1, 2), self.conv1d, saved)
         xbc = xbc_BCT.transpose(1, 2)
         if mask_BT1 is not None:
             xbc = xbc * mask_BT1
